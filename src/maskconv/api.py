@@ -1,0 +1,96 @@
+"""Everything the CLI does, as importable functions (the CLI only parses arguments and calls these)."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .models import create_model, list_models
+
+
+@dataclass
+class ModelRow:
+    name: str
+    params_m: float  # millions, with the default 1000-class head
+    gmacs: float  # multiply-accumulates / 1e9 at img_size (what the ConvNeXt papers call "FLOPs")
+    img_per_s: float | None  # measured inference throughput on this machine, None if skipped
+
+
+def count_macs(model: torch.nn.Module, img_size: int | tuple[int, int] = 224, in_chans: int = 3) -> float:
+    """Multiply-accumulates of one forward pass for a single image (conv + matmul, via FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, in_chans, h, w, device=device))
+    return counter.get_total_flops() / 2  # FlopCounterMode counts a MAC as 2 FLOPs
+
+
+def measure_throughput(model: torch.nn.Module, img_size: int = 224, batch: int = 8, seconds: float = 1.0) -> float:
+    """Images per second of ``model.eval()`` inference on CPU, after one warm-up batch."""
+    model.eval()
+    x = torch.randn(batch, 3, img_size, img_size)
+    with torch.inference_mode():
+        model(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or n == 0:
+            model(x)
+            n += 1
+        return n * batch / (time.perf_counter() - t0)
+
+
+def model_table(pattern: str = "*", img_size: int = 224, throughput_max_params_m: float = 30.0,
+                progress: bool = True) -> list[ModelRow]:
+    """Params and GMACs at ``img_size`` of every registered model matching ``pattern`` (built on the meta
+    device: no memory, no time), plus measured CPU throughput for models up to ``throughput_max_params_m``."""
+    from tqdm import tqdm
+
+    rows = []
+    names = list_models(pattern, exclude_test=True)
+    for name in tqdm(names, desc="models", disable=not progress):
+        with torch.device("meta"):
+            meta = create_model(name)
+        params = sum(p.numel() for p in meta.parameters()) / 1e6
+        macs = count_macs(meta, img_size) / 1e9
+        ips = None
+        if params <= throughput_max_params_m:
+            ips = measure_throughput(create_model(name), img_size)
+        rows.append(ModelRow(name, round(params, 2), round(macs, 2), None if ips is None else round(ips, 1)))
+    return sorted(rows, key=lambda r: (r.name.split("_")[0], r.params_m))  # family, then size
+
+
+def format_table(rows: list[ModelRow], img_size: int = 224) -> str:
+    lines = [f"| model | params (M) | GMACs @{img_size} | CPU img/s @{img_size} |", "|---|---:|---:|---:|"]
+    for r in rows:
+        ips = "—" if r.img_per_s is None else f"{r.img_per_s:.1f}"
+        lines.append(f"| {r.name} | {r.params_m:.2f} | {r.gmacs:.2f} | {ips} |")
+    return "\n".join(lines)
+
+
+def run_demo(out: str | Path = "demo_out", img_size: int = 224) -> dict[str, Path]:
+    """The demo: build every model, measure params / GMACs / CPU throughput, write a table and a figure."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    rows = model_table("convnext*", img_size)
+    table = format_table(rows, img_size)
+    print(table)
+    paths = {"table": out / "models.md"}
+    paths["table"].write_text(
+        f"# maskconv model zoo (measured on this machine, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)\n\n{table}\n"
+    )
+    (out / "models.json").write_text(__import__("json").dumps([asdict(r) for r in rows], indent=1))
+    try:
+        from .viz.models import plot_model_table
+
+        paths["figure"] = plot_model_table(rows, out / "models.png", img_size)
+    except ImportError as e:  # matplotlib is the `viz` extra
+        print(f"(figure skipped: {e}; pip install 'maskconv[viz]')")
+    for k, p in paths.items():
+        print(f"{k}: {p.resolve()}")
+    return paths

@@ -1,0 +1,10 @@
+"""Model families. Importing this package registers every model."""
+from . import convnext  # noqa: F401  (registers convnext*, convnextv2*)
+from ._helpers import CheckpointError, LoadReport, load_checkpoint, read_state_dict, save_weights
+from ._registry import create_model, is_model, list_models, register_model
+from .convnext import ConvNeXt
+
+__all__ = [
+    "CheckpointError", "ConvNeXt", "LoadReport", "create_model", "is_model", "list_models", "load_checkpoint",
+    "read_state_dict", "register_model", "save_weights",
+]

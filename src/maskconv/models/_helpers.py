@@ -1,0 +1,212 @@
+"""Checkpoint I/O for models: read any supported layout, strict loading with readable errors, atomic saving."""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CheckpointError", "LoadReport", "load_checkpoint", "read_state_dict", "save_weights", "atomic_write"]
+
+_WRAPPERS = ("model", "state_dict", "module", "model_state")  # official, timm/Lightning, DeepSpeed, misc
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read, or does not fit the model (the message lists what and why)."""
+
+
+@dataclass
+class LoadReport:
+    layout: str
+    loaded: int
+    skipped: list[str] = field(default_factory=list)  # model keys intentionally left at init (head)
+    adapted_in_chans: bool = False
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(10)
+    return len(head) == 10 and head[8:10] in (b"{\"", b"{ ")
+
+
+def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
+    """Flat ``{name: tensor}`` from a file (safetensors or torch, never unpickling code) or a dict.
+
+    Unwraps ``{'model': ...}``-style containers and strips DDP/compile prefixes.
+    """
+    if isinstance(source, dict):
+        obj = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+        try:
+            if _is_safetensors(path):
+                from safetensors.torch import load_file
+
+                obj = load_file(str(path))
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            msg = str(e)
+            if "global" in msg.lower():  # weights_only unpickler met a class/function reference
+                detail = next((ln.strip() for ln in msg.splitlines() if "global" in ln.lower()), "")
+                raise CheckpointError(
+                    f"refusing to load {path}: it contains pickled Python objects, which could run code "
+                    f"(only tensors and plain containers are accepted; {detail})"
+                ) from None
+            raise CheckpointError(f"could not read {path} as a safetensors or torch checkpoint "
+                                  f"(corrupt or truncated?): {msg.splitlines()[-1][:200]}") from None
+        except Exception as e:  # corrupt / truncated / not a checkpoint at all
+            raise CheckpointError(
+                f"could not read {path} as a safetensors or torch checkpoint (corrupt or truncated?): "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
+    for _ in range(3):  # nested containers, e.g. {'model': {'state_dict': ...}}
+        if not isinstance(obj, dict):
+            break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            "no state dict of tensors found in the checkpoint "
+            f"(looked at the top level and under {', '.join(repr(k) for k in _WRAPPERS)})"
+        )
+    out = {}
+    for k, v in obj.items():
+        for p in _PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    """Adapt a stem conv weight (O, I, kh, kw) to ``in_chans`` input channels as timm does: sum for 1 channel
+    from RGB, otherwise repeat the channels cyclically and rescale so activations keep their magnitude."""
+    cin = weight.shape[1]
+    if in_chans == cin:
+        return weight
+    if in_chans == 1 and cin == 3:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // cin)
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (cin / in_chans)
+
+
+def _fmt(keys, n=8) -> str:
+    keys = list(keys)
+    more = f" … (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_checkpoint(
+    model: nn.Module,
+    source: str | os.PathLike | dict,
+    strict: bool = True,
+    drop_mismatched_head: bool = False,
+) -> LoadReport:
+    """Load weights in any layout the model family reads (ours = timm, official FB incl. FCMAE/MinkowskiEngine,
+    HF transformers) into ``model``; the layout is detected.
+
+    Strict by default: any missing, unexpected or mis-shaped key raises ``CheckpointError`` listing them, so a
+    GRN can never silently stay at its zero init. Two deliberate exceptions, each reported with a warning:
+    a backbone-only checkpoint (no ``head.*`` at all, e.g. FCMAE) leaves the head at init, and with
+    ``drop_mismatched_head`` a classifier of another class count is dropped (fine-tuning).
+    A stem made for another channel count is adapted to the model's ``in_chans``.
+    """
+    sd = read_state_dict(source)
+    family = sys.modules[type(model).__module__]
+    filter_fn = getattr(family, "checkpoint_filter_fn", None)
+    layout = "native"
+    if filter_fn is not None:
+        try:
+            sd, layout = filter_fn(sd, model)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    target = model.state_dict()
+    report = LoadReport(layout=layout, loaded=0)
+
+    first = getattr(model, "first_conv", None)
+    wkey = f"{first}.weight" if first else None
+    if wkey in sd and wkey in target and sd[wkey].ndim == 4 and sd[wkey].shape[1] != target[wkey].shape[1]:
+        sd[wkey] = adapt_input_conv(target[wkey].shape[1], sd[wkey])
+        report.adapted_in_chans = True
+
+    had_head = any(k.startswith("head.") for k in sd)
+    if drop_mismatched_head:
+        for k in [k for k in sd if k.startswith("head.fc.")]:
+            if k not in target or sd[k].shape != target[k].shape:
+                warnings.warn(f"checkpoint classifier {k} {tuple(sd[k].shape)} does not fit the model: left at init")
+                del sd[k]
+                report.skipped.append(k)
+
+    missing = [k for k in target if k not in sd and k not in report.skipped]
+    unexpected = [k for k in sd if k not in target]
+    shape_bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+                 for k in sd if k in target and sd[k].shape != target[k].shape]
+    if not had_head and any(k.startswith("head.") for k in missing):
+        head = [k for k in missing if k.startswith("head.")]
+        warnings.warn(f"backbone-only checkpoint: {_fmt(head)} left at init")
+        report.skipped += head
+        missing = [k for k in missing if k not in head]
+    if shape_bad:
+        raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: shape mismatch for "
+                              f"{_fmt(shape_bad)}")
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_fmt(unexpected)}")
+        raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: " + "; ".join(parts))
+    model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
+    report.loaded = sum(k in target for k in sd)
+    return report
+
+
+def atomic_write(path: str | os.PathLike, write_fn) -> Path:
+    """Call ``write_fn(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_weights(model: nn.Module | dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict atomically: safetensors (default, by suffix ``.safetensors``) or torch (``.pt/.pth``).
+
+    The keys are timm's, so the file loads strict into timm's same-named model.
+    """
+    sd = model.state_dict() if isinstance(model, nn.Module) else model
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    meta = {"format": "pt"}
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture") if isinstance(model, nn.Module) else None
+    if arch:
+        meta["architecture"] = arch
+    meta.update(metadata or {})
+    if Path(path).suffix in (".pt", ".pth", ".bin"):
+        return atomic_write(path, lambda tmp: torch.save({"state_dict": sd, "metadata": meta}, tmp))
+    from safetensors.torch import save_file
+
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))

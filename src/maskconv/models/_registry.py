@@ -1,0 +1,72 @@
+"""Model registry: ``register_model``, ``create_model``, ``list_models`` (timm's names and behaviour)."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Callable
+
+import torch.nn as nn
+
+# name -> constructor. Filled at import time by @register_model in each family file (the only registry state).
+_MODEL_FNS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register a model constructor under its function name."""
+    name = fn.__name__
+    if name in _MODEL_FNS:
+        raise ValueError(f"model {name!r} registered twice")
+    _MODEL_FNS[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "*", exclude_test: bool = False) -> list[str]:
+    """Sorted registered names matching a shell pattern (``'convnextv2_*'``)."""
+    names = sorted(n for n in _MODEL_FNS if fnmatch.fnmatch(n, pattern))
+    if exclude_test:
+        names = [n for n in names if not n.startswith("test_")]
+    return names
+
+
+def is_model(name: str) -> bool:
+    return name.split(".", 1)[0] in _MODEL_FNS
+
+
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    arch = name.split(".", 1)[0]  # timm-style 'arch.tag': the tag names pretrained weights only
+    if arch not in _MODEL_FNS:
+        close = difflib.get_close_matches(arch, list(_MODEL_FNS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} See maskconv.list_models() or `maskconv models`.")
+    return _MODEL_FNS[arch]
+
+
+def create_model(
+    name: str,
+    pretrained: bool | str = False,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    drop_path_rate: float | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered model; ``pretrained`` is a checkpoint path (any layout ``load_checkpoint`` reads).
+
+    ``num_classes=0`` gives the encoder only (``forward`` returns pooled, normed features). When the
+    checkpoint's classifier does not fit ``num_classes`` it is dropped and the new head keeps its init.
+    """
+    fn = model_entrypoint(name)
+    for key, value in (("num_classes", num_classes), ("in_chans", in_chans), ("drop_path_rate", drop_path_rate)):
+        if value is not None:
+            kwargs[key] = value
+    if pretrained is True:
+        raise ValueError(
+            "maskconv never downloads weights: pass pretrained=<path to a checkpoint file> "
+            "(timm, official FB / FCMAE, HF transformers and maskconv layouts are all read)."
+        )
+    model = fn(**kwargs)
+    model.pretrained_cfg = {"architecture": name.split(".", 1)[0]}  # as timm: lets saved weights name their model
+    if pretrained:
+        from ._helpers import load_checkpoint
+
+        load_checkpoint(model, pretrained, strict=True, drop_mismatched_head=True)
+    return model

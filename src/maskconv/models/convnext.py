@@ -1,0 +1,539 @@
+"""ConvNeXt V1 and V2.
+
+Papers: "A ConvNet for the 2020s" (Liu et al., 2022, arXiv:2201.03545) and "ConvNeXt V2: Co-designing and
+Scaling ConvNets with Masked Autoencoders" (Woo et al., 2023, arXiv:2301.00808).
+Origin: facebookresearch/ConvNeXt and facebookresearch/ConvNeXt-V2 (MIT-licensed code; official weights are
+CC-BY-NC-4.0). Parameter names and shapes follow timm's ``convnext.py`` so a state dict is interchangeable with
+timm's same-named model; ``checkpoint_filter_fn`` also reads the official FB (incl. MinkowskiEngine FCMAE) and
+HF transformers layouts.
+
+Activations are kept in ``torch.channels_last`` memory, so the NCHW <-> NHWC permutes around the per-pixel
+LayerNorm/MLP are free views instead of copies. Atto..nano store their MLP weights as 1x1 convs (timm's
+``conv_mlp`` layout) but still compute them as a Linear on channels-last data.
+"""
+from __future__ import annotations
+
+import math
+import re
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
+
+from ..layers import GlobalResponseNorm, LayerNorm, LayerNorm2d
+from ._registry import register_model
+
+__all__ = ["ConvNeXt", "ConvNeXtBlock", "checkpoint_filter_fn"]
+
+
+def _pointwise(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Apply a Linear or 1x1 Conv2d as a Linear over the last dim of ``(..., C)``."""
+    w = layer.weight
+    return F.linear(x, w.flatten(1) if w.ndim == 4 else w, layer.bias)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> [GRN] -> fc2 over the last dim. ``conv_mlp`` only changes the weights' stored shape."""
+
+    def __init__(self, dim: int, hidden: int, use_grn: bool = False, conv_mlp: bool = False):
+        super().__init__()
+        make = (lambda i, o: nn.Conv2d(i, o, 1)) if conv_mlp else nn.Linear
+        self.fc1 = make(dim, hidden)
+        self.act = nn.GELU()
+        self.grn = GlobalResponseNorm(hidden) if use_grn else None
+        self.fc2 = make(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        x = self.act(_pointwise(x, self.fc1))  # (B, H, W, 4C)
+        if self.grn is not None:
+            x = self.grn(x)
+        return _pointwise(x, self.fc2)  # (B, H, W, C)
+
+
+class ConvNeXtBlock(nn.Module):
+    """dwconv k×k -> LN -> Linear 4C -> GELU -> [GRN] -> Linear C -> [layer scale] -> drop path + residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int = 7,
+        mlp_ratio: float = 4.0,
+        ls_init_value: float | None = 1e-6,
+        use_grn: bool = False,
+        conv_mlp: bool = False,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), use_grn=use_grn, conv_mlp=conv_mlp)
+        self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value else None
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        shortcut = x
+        x = self.conv_dw(x).permute(0, 2, 3, 1)  # (B, H, W, C): a view for channels_last memory
+        x = self.mlp(self.norm(x))
+        if self.gamma is not None:
+            x = x * self.gamma
+        x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
+        return shortcut + self.drop_path(x)
+
+
+class ConvNeXtStage(nn.Module):
+    def __init__(self, in_chs: int, out_chs: int, depth: int, downsample: bool, dp_rates, **block_kw):
+        super().__init__()
+        if downsample:
+            self.downsample = nn.Sequential(LayerNorm2d(in_chs), nn.Conv2d(in_chs, out_chs, 2, stride=2))
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(out_chs, drop_path=dp_rates[j], **block_kw) for j in range(depth)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool -> LayerNorm -> dropout -> Linear (timm's ``head.norm`` / ``head.fc`` keys)."""
+
+    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.norm = LayerNorm(in_features)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # (B, C, H, W)
+        x = self.norm(x.mean((2, 3)))  # (B, C)
+        if pre_logits:
+            return x
+        return self.fc(self.drop(x))  # (B, num_classes)
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt V1 (``ls_init_value``, no GRN) and V2 (``use_grn=True``, ``ls_init_value=None``)."""
+
+    first_conv = "stem.0"  # adapted when loading weights made for another ``in_chans``
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: tuple[int, ...] = (3, 3, 9, 3),
+        dims: tuple[int, ...] = (96, 192, 384, 768),
+        kernel_size: int = 7,
+        ls_init_value: float | None = 1e-6,
+        use_grn: bool = False,
+        conv_mlp: bool = False,
+        patch_size: int = 4,
+        head_init_scale: float = 1.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+    ):
+        super().__init__()
+        if global_pool != "avg":
+            raise ValueError(f"global_pool={global_pool!r} is not supported; ConvNeXt uses 'avg'")
+        if len(depths) != len(dims):
+            raise ValueError(f"depths {depths} and dims {dims} must have the same length")
+        if in_chans < 1 or patch_size < 1:
+            raise ValueError(f"in_chans ({in_chans}) and patch_size ({patch_size}) must be >= 1")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.drop_rate = drop_rate
+        self.stride = patch_size * 2 ** (len(depths) - 1)  # total stride: the patch size of FCMAE
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], patch_size, stride=patch_size), LayerNorm2d(dims[0]))
+
+        dp = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: works under a meta device
+        stages, prev, cursor = [], dims[0], 0
+        self.feature_info = []
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            stages.append(
+                ConvNeXtStage(
+                    prev, dim, depth, downsample=i > 0, dp_rates=dp[cursor : cursor + depth],
+                    kernel_size=kernel_size, ls_init_value=ls_init_value, use_grn=use_grn, conv_mlp=conv_mlp,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2**i, module=f"stages.{i}"))
+            prev, cursor = dim, cursor + depth
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        self.apply(_init_weights)
+        if head_init_scale != 1.0 and isinstance(self.head.fc, nn.Linear):
+            with torch.no_grad():
+                self.head.fc.weight.mul_(head_init_scale)
+                self.head.fc.bias.mul_(head_init_scale)
+
+    # ---- timm model contract -------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the problem if ``x`` is not a (B, in_chans, H, W) tensor the strides allow."""
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"input has {x.shape[1]} channels but the model was built with in_chans={self.in_chans} "
+                f"(create_model(..., in_chans={x.shape[1]}) adapts pretrained weights)"
+            )
+        h, w = x.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise ValueError(
+                f"input size {h}x{w} is not divisible by the model's total stride {self.stride}; "
+                f"resize or pad to a multiple of {self.stride} (e.g. {max(1, round(h / self.stride)) * self.stride}"
+                f"x{max(1, round(w / self.stride)) * self.stride})"
+            )
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        # channels_last once here: every later permute to NHWC is then a view (see module docstring).
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_chans, H, W) -> (B, C, H/s, W/s)
+        return self.stages(self._stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Stage outputs (timm's signature). ``indices``: last n stages (int) or stage indices (list).
+
+        Returns ``(final_features, [stage maps])``, or only the list with ``intermediates_only``.
+        ``norm`` is accepted for timm compatibility: ConvNeXt has no pre-head norm on feature maps.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
+        take = _feature_indices(indices, len(self.stages))
+        out = []
+        x = self._stem(x)
+        last = max(take) if (stop_early or intermediates_only) else len(self.stages) - 1
+        for i, stage in enumerate(self.stages[: last + 1]):
+            x = stage(x)
+            if i in take:
+                out.append(x)
+        return out if intermediates_only else (x, out)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r} is not supported; ConvNeXt uses 'avg'")
+        self.num_classes = num_classes
+        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head.fc)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """GRN gamma/beta and layer scales: the official fine-tuning recipe never decays them."""
+        return {n for n, _ in self.named_parameters() if ".grn." in n or n.endswith(".gamma")}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            ],
+        )
+
+    def num_lr_layers(self, scheme: str = "single") -> int:
+        """Largest layer id for layer-wise lr decay; a parameter's lr scale is ``decay ** (max - id)``."""
+        if scheme == "single":
+            return sum(self.depths) + 1
+        if scheme == "group":
+            return 13
+        raise ValueError(f"unknown layer-decay scheme {scheme!r}: use 'single' or 'group'")
+
+    def layer_id(self, name: str, scheme: str = "single") -> int:
+        """Layer id of a parameter, as the official ConvNeXt(-V2) ``optim_factory`` (``single``/``group``).
+
+        Our ``stem`` is their ``downsample_layers.0``, ``stages.i.downsample`` their ``downsample_layers.i``,
+        ``stages.i.blocks.j`` their ``stages.i.j``; anything else (head) gets the top id.
+        """
+        top = self.num_lr_layers(scheme)
+        m_ds = re.match(r"stages\.(\d+)\.downsample\.", name)
+        m_bl = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", name)
+        if name.startswith("stem."):
+            stage, block, is_ds = 0, None, True
+        elif m_ds:
+            stage, block, is_ds = int(m_ds.group(1)), None, True
+        elif m_bl:
+            stage, block, is_ds = int(m_bl.group(1)), int(m_bl.group(2)), False
+        else:
+            return top
+        if scheme == "single":
+            base = sum(self.depths[:stage])
+            return base + 1 if is_ds else base + block + 1
+        if len(self.depths) != 4:
+            raise ValueError("the 'group' layer-decay scheme is defined for 4-stage ConvNeXts only")
+        if is_ds:
+            return {0: 0, 1: 2, 2: 3, 3: 12}[stage]
+        if stage < 2:
+            return stage + 1
+        return 3 + block // 3 if stage == 2 else 12
+
+
+def _feature_indices(indices, n: int) -> list[int]:
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: the model has {n} stages")
+        return list(range(n - indices, n))
+    idx = [i % n if -n <= i < n else None for i in indices]
+    if None in idx:
+        raise ValueError(f"indices {list(indices)} out of range for {n} stages")
+    return sorted(set(idx))
+
+
+def _init_weights(m: nn.Module) -> None:
+    """trunc_normal(std .02, bounds ±2) weights and zero biases for every conv and linear (official + timm)."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# ---- checkpoint layouts -----------------------------------------------------------------------------------
+_FCMAE_DECODER = ("decoder", "mask_token", "proj.", "pred.")
+
+
+def detect_layout(sd: dict) -> str:
+    """Name the layout of a ConvNeXt state dict: 'timm', 'fb', 'fb-sparse' (MinkowskiEngine FCMAE) or 'hf'."""
+    keys = list(sd)
+    if any(k.startswith("stem.") or (k.startswith("stages.") and ".blocks." in k) for k in keys):
+        return "timm"
+    if any(k.startswith(("convnextv2.", "convnext.", "embeddings.patch_embeddings")) for k in keys):
+        return "hf"
+    if any(k.endswith(".kernel") or ".linear." in k or ".ln." in k for k in keys):
+        return "fb-sparse"
+    if any(k.startswith(("downsample_layers.", "encoder.downsample_layers.")) for k in keys):
+        return "fb"
+    raise ValueError(
+        "unrecognised checkpoint layout: expected ConvNeXt keys in timm/maskconv ('stem.0.weight'), official FB "
+        f"('downsample_layers.0.0.weight') or HF transformers layout; first keys are {keys[:5]}"
+    )
+
+
+def _me_kernel_to_conv(v: torch.Tensor) -> torch.Tensor:
+    """MinkowskiEngine kernel -> Conv2d weight. ME enumerates offsets with the first spatial axis fastest, hence
+    the final transpose (official ``remap_checkpoint_keys``)."""
+    if v.ndim == 3:  # (kv, in, out)
+        kv, cin, cout = v.shape
+        ks = math.isqrt(kv)
+        return v.permute(2, 1, 0).reshape(cout, cin, ks, ks).transpose(3, 2)
+    kv, c = v.shape  # depthwise (kv, C)
+    ks = math.isqrt(kv)
+    return v.permute(1, 0).reshape(c, 1, ks, ks).transpose(3, 2)
+
+
+def _fb_to_timm(sd: dict, sparse: bool) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("encoder."):
+            k = k[len("encoder."):]
+        if any(k.startswith(p) or f".{p}" in k for p in _FCMAE_DECODER):
+            continue  # FCMAE decoder / mask token: not part of the backbone
+        if sparse:
+            if k.endswith(".kernel"):
+                k, v = k[: -len("kernel")] + "weight", _me_kernel_to_conv(v)
+            k = k.replace(".ln.", ".").replace(".linear.", ".")
+            if k.endswith("bias") and v.ndim == 2:  # ME biases are (1, C)
+                v = v.flatten()
+        k = re.sub(r"^downsample_layers\.0\.", "stem.", k)
+        k = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", k)
+        k = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", k)
+        k = k.replace(".dwconv.", ".conv_dw.").replace(".pwconv1.", ".mlp.fc1.").replace(".pwconv2.", ".mlp.fc2.")
+        k = k.replace(".grn.gamma", ".mlp.grn.weight").replace(".grn.beta", ".mlp.grn.bias")
+        if k.startswith("head."):
+            k = "head.fc." + k[len("head."):]
+        elif k.startswith("norm."):
+            k = "head." + k
+        out[k] = v
+    return out
+
+
+def _hf_to_timm(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^convnext(v2)?\.", "", k)
+        if k.startswith("classifier."):
+            k = "head.fc." + k[len("classifier."):]
+        elif k.startswith("layernorm."):
+            k = "head.norm." + k[len("layernorm."):]
+        elif k.startswith("pooler."):
+            continue
+        k = k.replace("embeddings.patch_embeddings.", "stem.0.").replace("embeddings.layernorm.", "stem.1.")
+        k = re.sub(r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample.", k)
+        k = re.sub(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.blocks.\2.", k)
+        k = k.replace(".dwconv.", ".conv_dw.").replace(".layernorm.", ".norm.")
+        k = k.replace(".pwconv1.", ".mlp.fc1.").replace(".pwconv2.", ".mlp.fc2.").replace(".grn.", ".mlp.grn.")
+        k = k.replace(".layer_scale_parameter", ".gamma")
+        out[k] = v
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict, model: ConvNeXt) -> tuple[dict, str]:
+    """Map a ConvNeXt state dict in any known layout to ours; reshape tensors whose layout differs only in
+    shape (GRN (1,1,1,C) / (1,C) -> (C,), Linear <-> 1x1 conv). Returns ``(state_dict, layout)``."""
+    layout = detect_layout(state_dict)
+    if layout == "timm":
+        sd = dict(state_dict)
+    elif layout == "hf":
+        sd = _hf_to_timm(state_dict)
+    else:
+        sd = _fb_to_timm(state_dict, sparse=layout == "fb-sparse")
+    target = model.state_dict()
+    for k, v in sd.items():
+        if k in target and v.shape != target[k].shape and v.numel() == target[k].numel():
+            sd[k] = v.reshape(target[k].shape)
+    return sd, layout
+
+
+# ---- configs and registered variants (shapes from OFFICIAL.md §1.1, §2.1 and timm) --------------------------
+_V1 = dict(ls_init_value=1e-6)
+_V2 = dict(use_grn=True, ls_init_value=None)
+_SIZES = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320), True),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384), True),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512), True),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640), True),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768), False),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768), False),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024), False),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536), False),
+    "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048), False),
+    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816), False),
+}
+
+
+def _create(size: str, version: dict, **kwargs) -> ConvNeXt:
+    depths, dims, conv_mlp = _SIZES[size]
+    return ConvNeXt(depths=depths, dims=dims, conv_mlp=conv_mlp, **{**version, **kwargs})
+
+
+@register_model
+def convnext_atto(**kw) -> ConvNeXt:
+    return _create("atto", _V1, **kw)
+
+
+@register_model
+def convnext_femto(**kw) -> ConvNeXt:
+    return _create("femto", _V1, **kw)
+
+
+@register_model
+def convnext_pico(**kw) -> ConvNeXt:
+    return _create("pico", _V1, **kw)
+
+
+@register_model
+def convnext_nano(**kw) -> ConvNeXt:
+    return _create("nano", _V1, **kw)
+
+
+@register_model
+def convnext_tiny(**kw) -> ConvNeXt:
+    return _create("tiny", _V1, **kw)
+
+
+@register_model
+def convnext_small(**kw) -> ConvNeXt:
+    return _create("small", _V1, **kw)
+
+
+@register_model
+def convnext_base(**kw) -> ConvNeXt:
+    return _create("base", _V1, **kw)
+
+
+@register_model
+def convnext_large(**kw) -> ConvNeXt:
+    return _create("large", _V1, **kw)
+
+
+@register_model
+def convnext_xlarge(**kw) -> ConvNeXt:
+    return _create("xlarge", _V1, **kw)
+
+
+@register_model
+def convnextv2_atto(**kw) -> ConvNeXt:
+    return _create("atto", _V2, **kw)
+
+
+@register_model
+def convnextv2_femto(**kw) -> ConvNeXt:
+    return _create("femto", _V2, **kw)
+
+
+@register_model
+def convnextv2_pico(**kw) -> ConvNeXt:
+    return _create("pico", _V2, **kw)
+
+
+@register_model
+def convnextv2_nano(**kw) -> ConvNeXt:
+    return _create("nano", _V2, **kw)
+
+
+@register_model
+def convnextv2_tiny(**kw) -> ConvNeXt:
+    return _create("tiny", _V2, **kw)
+
+
+@register_model
+def convnextv2_small(**kw) -> ConvNeXt:
+    """timm-only size (no official weights)."""
+    return _create("small", _V2, **kw)
+
+
+@register_model
+def convnextv2_base(**kw) -> ConvNeXt:
+    return _create("base", _V2, **kw)
+
+
+@register_model
+def convnextv2_large(**kw) -> ConvNeXt:
+    return _create("large", _V2, **kw)
+
+
+@register_model
+def convnextv2_huge(**kw) -> ConvNeXt:
+    return _create("huge", _V2, **kw)
+
+
+# ---- tiny variants for fast tests (not published architectures) -------------------------------------------
+@register_model
+def test_convnext(**kw) -> ConvNeXt:
+    """4 stages, 1 block each, widths 8..64; V1 blocks."""
+    return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), **{**_V1, **kw})
+
+
+@register_model
+def test_convnextv2(**kw) -> ConvNeXt:
+    """4 stages, depths 1/1/2/1, widths 8..64; V2 blocks with 1x1-conv MLP weights (timm's conv_mlp layout)."""
+    return ConvNeXt(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), conv_mlp=True, **{**_V2, **kw})
+

@@ -1,0 +1,1 @@
+"""Pictures. matplotlib is imported lazily inside each function (the `viz` extra)."""

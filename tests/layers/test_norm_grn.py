@@ -1,0 +1,60 @@
+"""LayerNorm2d / GRN: formulas from OFFICIAL.md §1.1 and §2.2, and fp16 safety."""
+import torch
+
+from maskconv.layers import GlobalResponseNorm, LayerNorm, LayerNorm2d
+
+
+def test_layernorm2d_normalises_over_channels_per_position():
+    ln = LayerNorm2d(6)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-1, 1)
+    x = torch.randn(2, 6, 5, 7)
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)  # biased variance over C only (not C,H,W: ConvNeXt#112)
+    ref = (x - u) / torch.sqrt(s + 1e-6) * ln.weight[:, None, None] + ln.bias[:, None, None]
+    torch.testing.assert_close(ln(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ln(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_grn_matches_official_dense_formula():
+    grn = GlobalResponseNorm(8)
+    with torch.no_grad():
+        grn.weight.normal_()
+        grn.bias.normal_()
+    x = torch.randn(3, 5, 4, 8)  # (B, H, W, C)
+    gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)  # per sample and channel
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+    ref = grn.weight * (x * nx) + grn.bias + x
+    torch.testing.assert_close(grn(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_grn_is_identity_at_init_and_per_sample():
+    grn = GlobalResponseNorm(4)
+    x = torch.randn(2, 3, 3, 4)
+    assert torch.equal(grn(x), x)
+    with torch.no_grad():
+        grn.weight.fill_(1.0)
+    y = grn(x)
+    x2 = x.clone()
+    x2[1] *= 100  # another sample's scale must not change sample 0 (per-sample statistics)
+    assert torch.allclose(grn(x2)[0], y[0])
+
+
+def test_fp16_does_not_overflow_where_fp32_does_not():
+    # Sum of squares over 64x64 positions of activations ~ 50 is ~1e7: overflows fp16 (max 65504) if computed
+    # in fp16, which is the upstream fp16 ConvNeXt V2 failure (ConvNeXt-V2#66).
+    grn = GlobalResponseNorm(16)
+    with torch.no_grad():
+        grn.weight.fill_(0.5)
+    x = 50 * torch.randn(2, 64, 64, 16)
+    ref = grn(x)
+    half = grn.half()(x.half())
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), ref, rtol=1e-2, atol=0.5)  # fp16 has ~3 decimal digits
+
+    ln = LayerNorm(16)
+    y = 300 * torch.randn(4, 16)  # variance ~9e4 > fp16 max
+    out = ln.half()(y.half())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), LayerNorm(16)(y), rtol=1e-2, atol=1e-2)

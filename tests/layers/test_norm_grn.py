@@ -58,3 +58,23 @@ def test_fp16_does_not_overflow_where_fp32_does_not():
     out = ln.half()(y.half())
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), LayerNorm(16)(y), rtol=1e-2, atol=1e-2)
+
+
+def test_grn_gradient_finite_for_all_zero_channel():
+    grn = GlobalResponseNorm(4)
+    with torch.no_grad():
+        grn.weight.fill_(1.0)
+    x = torch.randn(2, 3, 3, 4)
+    x[:, :, :, 1] = 0  # e.g. a channel that is zero at every visible position
+    x.requires_grad_(True)
+    grn(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(grn.weight.grad).all()
+
+
+def test_spatial_l2_chunked_equals_vector_norm():
+    from maskconv.layers.grn import spatial_l2
+
+    x = torch.randn(5, 6, 7, 3)
+    ref = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(spatial_l2(x, chunk_elems=100), ref)  # 2 samples per chunk -> 3 chunks
+    torch.testing.assert_close(spatial_l2(x), ref)

@@ -12,9 +12,24 @@ import torch
 import torch.nn as nn
 
 
+def spatial_l2(x: torch.Tensor, chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """||x[b, :, :, c]||_2 as (B, 1, 1, C) float32, for channels-last ``x`` (B, H, W, C).
+
+    Square-and-sum in batch chunks of at most ``chunk_elems`` elements: on CPU this is 2-40x faster than
+    ``torch.linalg.vector_norm`` over dims (1, 2) (which parallelises badly over small H*W), and chunking bounds
+    the temporary so large maps do not pay for a fresh page-faulting allocation. The clamp keeps the gradient
+    finite for an all-zero channel (vector_norm's convention: zero gradient there); it changes no value above
+    1e-15.
+    """
+    per = max(1, chunk_elems // max(1, x[0].numel()))
+    chunks = [c.float().square().sum((1, 2), keepdim=True) for c in x.split(per)]
+    sq = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return sq.clamp_min(1e-30).sqrt()
+
+
 def grn_nx(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Divisive-normalised response ``Nx`` (B, 1, 1, C) of a channels-last ``x`` (B, H, W, C), float32."""
-    gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+    gx = spatial_l2(x)  # (B, 1, 1, C)
     return gx / (gx.mean(dim=-1, keepdim=True) + eps)
 
 
@@ -28,5 +43,8 @@ class GlobalResponseNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))  # beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        nx = grn_nx(x, self.eps).to(x.dtype)
-        return torch.addcmul(self.bias, self.weight, x * nx) + x
+        # weight * (x * Nx) + bias + x == bias + x * (1 + weight * Nx): one pass over the big tensor instead of
+        # three (~2x faster forward+backward on CPU); the (B, 1, 1, C) factor is formed in float32.
+        factor = torch.addcmul(torch.ones_like(self.weight, dtype=torch.float32), self.weight.float(),
+                               grn_nx(x, self.eps))  # (B, 1, 1, C)
+        return torch.addcmul(self.bias, x, factor.to(x.dtype))

@@ -152,6 +152,10 @@ def load_checkpoint(
                 warnings.warn(f"checkpoint classifier {k} {tuple(sd[k].shape)} does not fit the model: left at init")
                 del sd[k]
                 report.skipped.append(k)
+        absent = [k for k in target if k.startswith("head.fc.") and k not in sd and k not in report.skipped]
+        if absent:  # encoder-only checkpoint (num_classes=0) into a classifier
+            warnings.warn(f"checkpoint has no classifier ({_fmt(absent)}): left at init")
+            report.skipped += absent
 
     missing = [k for k in target if k not in sd and k not in report.skipped]
     unexpected = [k for k in sd if k not in target]

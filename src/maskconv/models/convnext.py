@@ -398,6 +398,8 @@ def _hf_to_timm(sd: dict) -> dict:
 def checkpoint_filter_fn(state_dict: dict, model: ConvNeXt) -> tuple[dict, str]:
     """Map a ConvNeXt state dict in any known layout to ours; reshape tensors whose layout differs only in
     shape (GRN (1,1,1,C) / (1,C) -> (C,), Linear <-> 1x1 conv). Returns ``(state_dict, layout)``."""
+    if any(k.startswith("encoder.stem.") for k in state_dict):  # a maskconv pretraining objective's state
+        state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
     layout = detect_layout(state_dict)
     if layout == "timm":
         sd = dict(state_dict)

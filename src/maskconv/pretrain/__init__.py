@@ -1,0 +1,35 @@
+"""Pretraining objectives. Each wraps a backbone and returns an output with ``.loss``.
+
+``create_objective("fcmae", model="convnextv2_atto", mask_ratio=0.6, ...)`` or ``encoder=<module>``.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .fcmae import FCMAE, FCMAEOutput
+from .masking import random_mask
+from .targets import patchify, unpatchify
+
+_OBJECTIVES = {"fcmae": FCMAE}
+
+
+def list_objectives() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def create_objective(name: str, model: str | None = None, encoder: nn.Module | None = None,
+                     model_kwargs: dict | None = None, **kwargs) -> nn.Module:
+    """Build objective ``name`` around ``encoder``, or around ``create_model(model, num_classes=0,
+    **model_kwargs)`` (e.g. ``model_kwargs=dict(in_chans=1, patch_size=2)``)."""
+    if name not in _OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; available: {', '.join(list_objectives())}")
+    if (model is None) == (encoder is None):
+        raise ValueError("pass exactly one of model=<registered name> or encoder=<module>")
+    if encoder is None:
+        from ..models import create_model
+
+        encoder = create_model(model, num_classes=0, **(model_kwargs or {}))
+    return _OBJECTIVES[name](encoder, **kwargs)
+
+
+__all__ = ["FCMAE", "FCMAEOutput", "create_objective", "list_objectives", "patchify", "random_mask", "unpatchify"]

@@ -1,0 +1,210 @@
+"""FCMAE: ConvNeXt V2's fully convolutional masked autoencoder, in pure PyTorch.
+
+Paper: Woo et al., "ConvNeXt V2" (arXiv:2301.00808), §3; official code facebookresearch/ConvNeXt-V2
+(models/fcmae.py, MinkowskiEngine encoder). Facts: shared/reference/OFFICIAL.md §2.3.
+
+The encoder is a plain ``ConvNeXt`` from ``maskconv.models`` (same weights, same keys); this module runs it
+under a mask with one of two implementations of the same (submanifold sparse conv) semantics:
+
+* ``sparse="dense"`` — the reference, as the JAX recipe the released models were trained with: dense compute,
+  masked positions zeroed after the stem, after every spatial op and at every block output; GRN statistics
+  over visible positions only, per sample.
+* ``sparse="gather"`` (default) — pointwise work (LayerNorm, MLP, GRN, residual: most of the FLOPs) runs only
+  on the visible positions, gathered as (N_vis, C); the spatial ops (depthwise k×k, 2×2 downsample) see a
+  map whose masked positions are zero, so visible outputs equal the sparse convolution's.
+
+The mask never lives in module state: it is an argument of each call. Masks align with the total stride, so
+a 2×2/s2 downsample never mixes visible and masked cells and the paths agree exactly (up to float order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..layers import layer_norm_fp32
+from ..models.convnext import ConvNeXt, ConvNeXtBlock, _init_weights, _pointwise
+from .masking import check_mask, random_mask, upsample_mask, visible_index
+from .targets import patch_stats, patchify
+
+
+@dataclass
+class FCMAEOutput:
+    loss: torch.Tensor  # scalar, mean over masked patches only
+    pred: torch.Tensor  # (B, L, p*p*C), normalised-pixel space when norm_pix_loss
+    mask: torch.Tensor  # (B, h, w) bool, True = masked
+
+
+# ---- dense-masked reference path ---------------------------------------------------------------------------
+def _block_dense(blk: ConvNeXtBlock, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) zero at masked cells; ``hidden`` (B, 1, H, W) bool."""
+    y = blk.conv_dw(x).masked_fill(hidden, 0).permute(0, 2, 3, 1)  # (B, H, W, C)
+    y = blk.norm(y)
+    mlp = blk.mlp
+    h = mlp.act(_pointwise(y, mlp.fc1))  # (B, H, W, 4C)
+    if mlp.grn is not None:  # statistics over visible cells only: zero the rest first
+        h = mlp.grn(h.masked_fill(hidden.permute(0, 2, 3, 1), 0))
+    y = _pointwise(h, mlp.fc2)
+    if blk.gamma is not None:
+        y = y * blk.gamma
+    y = y.permute(0, 3, 1, 2).masked_fill(hidden, 0)
+    return x + blk.drop_path(y)
+
+
+def encode_dense(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reference masked encoder: (B, C_in, H, W), mask (B, h, w) -> (B, C, h, w), zero at masked cells."""
+    scale = 2 ** (len(enc.stages) - 1)
+    hidden = upsample_mask(mask, scale).unsqueeze(1)  # (B, 1, H0, W0)
+    y = enc.stem(x.contiguous(memory_format=torch.channels_last)).masked_fill(hidden, 0)
+    for i, stage in enumerate(enc.stages):
+        if i > 0:
+            ln, conv = stage.downsample
+            y = conv(ln(y).masked_fill(hidden, 0))  # LN(0) = bias: re-zero before the spatial op
+            scale //= 2
+            hidden = upsample_mask(mask, scale).unsqueeze(1)
+            y = y.masked_fill(hidden, 0)
+        for blk in stage.blocks:
+            y = _block_dense(blk, y, hidden)
+    return y
+
+
+# ---- gathered sparse path ----------------------------------------------------------------------------------
+def _gather(nhwc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (N_vis, C) rows at flat indices ``idx``."""
+    return nhwc.reshape(-1, nhwc.shape[-1]).index_select(0, idx)
+
+
+def _scatter(tokens: torch.Tensor, idx: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """(N_vis, C) -> (B, C, H, W) channels_last map, zero at masked cells."""
+    c = tokens.shape[-1]
+    full = tokens.new_zeros(b * h * w, c).index_copy(0, idx, tokens)
+    return full.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _block_gather(blk: ConvNeXtBlock, t: torch.Tensor, idx: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """``t`` (N_vis, C) visible tokens, sample-major. Only the depthwise conv sees the full map."""
+    n, c = t.shape
+    y = blk.conv_dw(_scatter(t, idx, b, h, w))  # (B, C, H, W)
+    # (B, L, 1, C): per-sample view so GRN pools over this sample's visible cells (dims 1, 2)
+    y = _gather(y.permute(0, 2, 3, 1), idx).view(b, n // b, 1, c)
+    y = blk.mlp(blk.norm(y))
+    if blk.gamma is not None:
+        y = y * blk.gamma
+    return t + blk.drop_path(y).view(n, c)
+
+
+def _ln_tokens(t: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    return layer_norm_fp32(t, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def encode_gather(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sparse masked encoder: same result as ``encode_dense``; pointwise work on visible cells only."""
+    b = x.shape[0]
+    scale = 2 ** (len(enc.stages) - 1)
+    y = enc.stem[0](x.contiguous(memory_format=torch.channels_last))  # patchify conv: no overlap, no leak
+    h, w = y.shape[-2:]
+    idx = visible_index(upsample_mask(mask, scale))
+    t = _ln_tokens(_gather(y.permute(0, 2, 3, 1), idx), enc.stem[1])  # (N_vis, C0)
+    for i, stage in enumerate(enc.stages):
+        if i > 0:
+            ln, conv = stage.downsample
+            y = conv(_scatter(_ln_tokens(t, ln), idx, b, h, w))
+            h, w = y.shape[-2:]
+            scale //= 2
+            idx = visible_index(upsample_mask(mask, scale))
+            t = _gather(y.permute(0, 2, 3, 1), idx)
+        for blk in stage.blocks:
+            t = _block_gather(blk, t, idx, b, h, w)
+    return _scatter(t, idx, b, h, w)
+
+
+# ---- objective ---------------------------------------------------------------------------------------------
+class FCMAE(nn.Module):
+    """Masked autoencoder around a ConvNeXt encoder: sparse encoder -> 1x1 proj -> mask tokens -> ConvNeXt V2
+    decoder block(s) -> 1x1 pixel head; loss on masked patches only.
+
+    Init: trunc_normal std .02 everywhere (the official FCMAE re-inits convs/linears with std 1.0, which looks
+    unintended: the released weights came from JAX training); mask token normal std .02.
+    """
+
+    def __init__(self, encoder: ConvNeXt, mask_ratio: float = 0.6, decoder_dim: int = 512, decoder_depth: int = 1,
+                 norm_pix_loss: bool = True, sparse: str = "gather"):
+        super().__init__()
+        if not isinstance(encoder, ConvNeXt):
+            raise TypeError(f"FCMAE needs a maskconv ConvNeXt encoder, got {type(encoder).__name__}")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if sparse not in ("gather", "dense"):
+            raise ValueError(f"sparse must be 'gather' or 'dense', got {sparse!r}")
+        if decoder_depth < 0 or decoder_dim < 1:
+            raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0 and decoder_dim ({decoder_dim}) >= 1")
+        self.encoder = encoder
+        # The classifier head is not used in pretraining; freezing it keeps DDP from waiting for its gradients.
+        encoder.reset_classifier(0)
+        encoder.head.requires_grad_(False)
+        self.mask_ratio, self.norm_pix_loss, self.sparse = mask_ratio, norm_pix_loss, sparse
+        self.patch_size, self.in_chans = encoder.stride, encoder.in_chans
+        self.proj = nn.Conv2d(encoder.num_features, decoder_dim, 1)
+        self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
+        self.decoder = nn.Sequential(*[ConvNeXtBlock(decoder_dim, ls_init_value=None, use_grn=True)
+                                       for _ in range(decoder_depth)])
+        self.pred = nn.Conv2d(decoder_dim, self.patch_size**2 * self.in_chans, 1)
+        for m in (self.proj, self.decoder, self.pred):
+            m.apply(_init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        p = self.patch_size
+        h, w = images.shape[-2:]
+        if images.ndim != 4 or h % p or w % p:
+            raise ValueError(f"images must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
+                             f"{p} (the encoder's total stride); got {tuple(images.shape)}")
+        return h // p, w // p
+
+    def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        h, w = self.grid(images)
+        return random_mask(images.shape[0], h, w, self.mask_ratio, images.device, generator)
+
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W), mask (B, h, w) -> encoder map (B, C, h, w), exactly zero at masked positions."""
+        self.encoder.check_input(images)
+        h, w = self.grid(images)
+        check_mask(mask, images.shape[0], h, w)
+        mask = mask.to(images.device)
+        return (encode_gather if self.sparse == "gather" else encode_dense)(self.encoder, images, mask)
+
+    def forward_decoder(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> predictions (B, L, p*p*C_in)."""
+        x = self.proj(z)
+        x = torch.where(mask.unsqueeze(1), self.mask_token.to(x.dtype), x)
+        x = self.decoder(x.contiguous(memory_format=torch.channels_last))
+        return self.pred(x).flatten(2).transpose(1, 2)
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        t = patchify(images.float(), self.patch_size)
+        if self.norm_pix_loss:
+            mean, std = patch_stats(t)
+            t = (t - mean) / std
+        return t
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        per_patch = (pred.float() - self.target(images)).pow(2).mean(dim=-1)  # (B, L)
+        m = mask.flatten(1).to(per_patch.dtype)
+        return (per_patch * m).sum() / m.sum().clamp_min(1)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> FCMAEOutput:
+        if mask is None:
+            mask = self.make_mask(images)
+        z = self.forward_encoder(images, mask)
+        pred = self.forward_decoder(z, mask)
+        return FCMAEOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights with the dense model's keys: load strict into ``create_model(name,
+        num_classes=0)`` or timm's same-named model."""
+        return self.encoder.state_dict()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {
+            n for n, _ in self.named_parameters() if n.startswith("decoder.") and ".grn." in n}

@@ -1,0 +1,189 @@
+"""FCMAE: sparse (gather) vs dense-masked reference, no leak, loss on masked patches only, weights in/out."""
+import warnings
+
+import pytest
+import torch
+
+import maskconv
+from maskconv.pretrain import create_objective, patchify, random_mask, unpatchify
+from maskconv.pretrain.masking import check_mask
+from tests.conftest import perturbed_state_dict
+
+
+def _pair(model="test_convnextv2", **kw):
+    """Two objectives (gather, dense) with identical, perturbed weights (non-zero GRN)."""
+    a = create_objective("fcmae", model=model, sparse="gather", decoder_dim=32, **kw)
+    a.load_state_dict(perturbed_state_dict(a, 0.05))
+    b = create_objective("fcmae", model=model, sparse="dense", decoder_dim=32, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("model", ["test_convnextv2", "test_convnext"])  # V2 and V1 (the "no GRN" ablation)
+def test_gather_equals_dense_loss_and_gradients(model):
+    a, b = _pair(model)
+    x = torch.randn(3, 3, 64, 96)
+    mask = a.make_mask(x)
+    la, lb = a(x, mask).loss, b(x, mask).loss
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=0)
+    ga, gb = dict(a.named_parameters()), dict(b.named_parameters())
+    for n, p in ga.items():
+        if p.grad is None:
+            assert gb[n].grad is None, n
+            continue
+        # relative to the gradient's scale: fp32 summation order differs between the two paths
+        err = (p.grad - gb[n].grad).abs().max() / gb[n].grad.abs().max().clamp_min(1e-12)
+        assert err <= 1e-5, (n, err.item())
+
+
+def test_masked_positions_exactly_zero_after_every_block(monkeypatch):
+    from maskconv.pretrain import fcmae
+
+    a, b = _pair()
+    x = torch.randn(2, 3, 64, 64)
+    mask = a.make_mask(x)
+    enc = b.encoder
+    seen = []
+    orig = fcmae._block_dense
+
+    def recording(blk, y, hidden):
+        out = orig(blk, y, hidden)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(fcmae, "_block_dense", recording)
+    b.forward_encoder(x, mask)  # dense path: block outputs are full maps
+    assert len(seen) == sum(enc.depths)
+    for out in seen:
+        s = out.shape[-1] // mask.shape[-1]
+        hidden = mask.repeat_interleave(s, 1).repeat_interleave(s, 2)
+        assert (out.permute(1, 0, 2, 3)[:, hidden] == 0).all()
+    for obj in (a, b):
+        z = obj.forward_encoder(x, mask)
+        assert (z.permute(1, 0, 2, 3)[:, mask] == 0).all()
+        assert (z.permute(1, 0, 2, 3)[:, ~mask] != 0).any()
+
+
+@pytest.mark.parametrize("sparse", ["gather", "dense"])
+def test_nothing_masked_equals_dense_model(sparse):
+    obj = create_objective("fcmae", model="test_convnextv2", sparse=sparse)
+    obj.encoder.load_state_dict(perturbed_state_dict(obj.encoder))
+    x = torch.randn(2, 3, 64, 96)
+    mask = torch.zeros(2, 2, 3, dtype=torch.bool)
+    torch.testing.assert_close(obj.forward_encoder(x, mask), obj.encoder.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparse", ["gather", "dense"])
+def test_pixels_under_mask_never_leak(sparse):
+    obj = create_objective("fcmae", model="test_convnextv2", sparse=sparse)
+    obj.encoder.load_state_dict(perturbed_state_dict(obj.encoder))
+    x = torch.randn(2, 3, 96, 96)
+    mask = obj.make_mask(x)
+    x2 = x.clone()
+    hidden_px = mask.repeat_interleave(32, 1).repeat_interleave(32, 2).unsqueeze(1).expand_as(x)
+    x2[hidden_px] = 100 * torch.randn(int(hidden_px.sum()))
+    z1, z2 = obj.forward_encoder(x, mask), obj.forward_encoder(x2, mask)
+    assert torch.equal(z1, z2)
+
+
+def test_exact_visible_count_per_sample():
+    m = random_mask(16, 7, 7, 0.6)
+    assert m.shape == (16, 7, 7) and m.dtype == torch.bool
+    assert ((~m).flatten(1).sum(1) == int(49 * 0.4)).all()  # 19 visible, as the official code
+    assert len({tuple(r.tolist()) for r in m.flatten(1)}) > 1  # masks differ between samples
+
+
+def test_loss_uses_masked_patches_only():
+    obj = create_objective("fcmae", model="test_convnextv2", decoder_dim=16)
+    x = torch.randn(2, 3, 64, 64)
+    mask = obj.make_mask(x)
+    out = obj(x, mask)
+    tgt_a = obj.target(x)
+    # Change the target under visible patches only: the loss must not move.
+    x2 = x.clone()
+    vis_px = (~mask).repeat_interleave(32, 1).repeat_interleave(32, 2).unsqueeze(1).expand_as(x)
+    x2[vis_px] = torch.randn(int(vis_px.sum()))
+    assert torch.equal(obj.forward_loss(x2, out.pred, mask), out.loss)
+    # ... while changing a masked patch's target does move it.
+    x3 = x.clone()
+    x3[~vis_px] += 1.0 * torch.randn(int((~vis_px).sum()))
+    assert not torch.equal(obj.forward_loss(x3, out.pred, mask), out.loss)
+    # manual formula: mean over masked patches of the per-patch MSE against norm-pix targets
+    per = (out.pred - tgt_a).pow(2).mean(-1)
+    torch.testing.assert_close(out.loss, per[mask.flatten(1)].mean())
+
+
+def test_patchify_roundtrip_and_order():
+    x = torch.randn(2, 3, 64, 96)
+    t = patchify(x, 32)
+    assert t.shape == (2, 6, 32 * 32 * 3)
+    assert torch.equal(unpatchify(t, 32, 2, 3, 3), x)
+    # (p, q, c) ordering: the first 3 values of patch 0 are pixel (0, 0) of channels 0..2
+    assert torch.equal(t[0, 0, :3], x[0, :, 0, 0])
+    assert torch.equal(t[0, 1, :3], x[0, :, 0, 32])  # row-major patch order
+
+
+def test_encoder_weights_load_strict_into_dense_model_and_timm(tmp_path):
+    obj = create_objective("fcmae", model="convnextv2_atto", decoder_dim=32)
+    sd = obj.encoder_state_dict()
+    dense = maskconv.create_model("convnextv2_atto", num_classes=0)
+    dense.load_state_dict(sd, strict=True)
+    timm = pytest.importorskip("timm")
+    timm.create_model("convnextv2_atto", num_classes=0).load_state_dict(sd, strict=True)
+    # and the whole objective state (decoder included) round-trips; create_model reads it as a backbone
+    path = maskconv.save_weights(obj.state_dict(), tmp_path / "fcmae.safetensors")
+    obj2 = create_objective("fcmae", model="convnextv2_atto", decoder_dim=32)
+    maskconv.load_checkpoint(obj2, path)
+    assert torch.equal(obj2.mask_token, obj.mask_token)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = maskconv.create_model("convnextv2_atto", pretrained=path, num_classes=10)
+    assert torch.equal(m.stem[0].weight, obj.encoder.stem[0].weight)
+
+
+def test_non_square_one_channel_and_patch_size():
+    obj = create_objective("fcmae", model="test_convnextv2", model_kwargs=dict(in_chans=1, patch_size=2),
+                           decoder_dim=16, mask_ratio=0.5)
+    x = torch.randn(2, 1, 32, 48)
+    out = obj(x)
+    assert obj.patch_size == 16 and out.pred.shape == (2, 6, 16 * 16) and out.mask.shape == (2, 2, 3)
+    out.loss.backward()
+
+
+def test_autocast_bf16():
+    obj = create_objective("fcmae", model="test_convnextv2", decoder_dim=16)
+    x = torch.randn(2, 3, 64, 64)
+    mask = obj.make_mask(x)
+    ref = obj(x, mask).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = obj(x, mask).loss
+    assert torch.isfinite(low)
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)  # bf16 matmuls: ~3 digits
+
+
+def test_bad_input_errors():
+    obj = create_objective("fcmae", model="test_convnextv2")
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="multiples of the patch size 32"):
+        obj(torch.randn(2, 3, 64, 70))
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 3, 3\)"):
+        obj(x, torch.zeros(2, 3, 3, dtype=torch.bool))
+    bad = torch.zeros(2, 2, 2, dtype=torch.bool)
+    bad[0, 0, 0] = True
+    with pytest.raises(ValueError, match="same number of visible patches"):
+        obj(x, bad)
+    with pytest.raises(ValueError, match="bool"):
+        obj(x, torch.zeros(2, 2, 2))
+    for r in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\)"):
+            create_objective("fcmae", model="test_convnextv2", mask_ratio=r)
+    with pytest.raises(ValueError, match="leaves no visible patch"):
+        create_objective("fcmae", model="test_convnextv2", mask_ratio=0.9)(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="unknown objective"):
+        create_objective("simmim", model="test_convnextv2")
+    with pytest.raises(ValueError, match="sparse"):
+        create_objective("fcmae", model="test_convnextv2", sparse="minkowski")
+    with pytest.raises(ValueError, match="every patch"):
+        check_mask(torch.ones(1, 2, 2, dtype=torch.bool), 1, 2, 2)

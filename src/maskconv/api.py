@@ -71,6 +71,27 @@ def format_table(rows: list[ModelRow], img_size: int = 224) -> str:
     return "\n".join(lines)
 
 
+def run_visualize_recon(checkpoint: str | Path, images: str | Path, out: str | Path, size: int | None = None,
+                        mask_ratio: float | None = None, seed: int = 0, limit: int = 8) -> Path:
+    """Reconstruction PNG from a pretraining checkpoint (``save_objective`` file) on images from a file or
+    folder: rows of original | masked | prediction | prediction + visible."""
+    from .data import default_norm, load_images
+    from .pretrain import load_objective
+    from .viz.reconstruction import plot_reconstruction
+
+    obj = load_objective(checkpoint, **({} if mask_ratio is None else {"mask_ratio": mask_ratio}))
+    p = obj.patch_size
+    size = size or max(p, 224 // p * p)
+    if size % p:
+        raise ValueError(f"--size {size} must be a multiple of the patch size {p}")
+    x = load_images(images, size, obj.in_chans, limit)
+    mean, std = default_norm(obj.in_chans)
+    mask = obj.make_mask(x, generator=torch.Generator().manual_seed(seed))
+    path = plot_reconstruction(obj, x, out, mean, std, mask=mask)
+    print(f"wrote {Path(path).resolve()}")
+    return path
+
+
 def run_demo(out: str | Path = "demo_out", img_size: int = 224) -> dict[str, Path]:
     """The demo: build every model, measure params / GMACs / CPU throughput, write a table and a figure."""
     out = Path(out)

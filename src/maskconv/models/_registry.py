@@ -64,7 +64,8 @@ def create_model(
             "(timm, official FB / FCMAE, HF transformers and maskconv layouts are all read)."
         )
     model = fn(**kwargs)
-    model.pretrained_cfg = {"architecture": name.split(".", 1)[0]}  # as timm: lets saved weights name their model
+    # as timm: lets saved weights name their model; the build kwargs let a checkpoint rebuild it
+    model.pretrained_cfg = {"architecture": name.split(".", 1)[0], "model_kwargs": dict(kwargs)}
     if pretrained:
         from ._helpers import load_checkpoint
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ._io import load_objective, save_objective
 from .fcmae import FCMAE, FCMAEOutput
 from .masking import random_mask
 from .targets import patchify, unpatchify
@@ -32,4 +33,5 @@ def create_objective(name: str, model: str | None = None, encoder: nn.Module | N
     return _OBJECTIVES[name](encoder, **kwargs)
 
 
-__all__ = ["FCMAE", "FCMAEOutput", "create_objective", "list_objectives", "patchify", "random_mask", "unpatchify"]
+__all__ = ["FCMAE", "FCMAEOutput", "create_objective", "list_objectives", "load_objective", "patchify", "random_mask",
+           "save_objective", "unpatchify"]

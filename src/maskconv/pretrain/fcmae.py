@@ -144,6 +144,8 @@ class FCMAE(nn.Module):
         encoder.reset_classifier(0)
         encoder.head.requires_grad_(False)
         self.mask_ratio, self.norm_pix_loss, self.sparse = mask_ratio, norm_pix_loss, sparse
+        self.config = dict(mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                           norm_pix_loss=norm_pix_loss, sparse=sparse)  # saved with the weights
         self.patch_size, self.in_chans = encoder.stride, encoder.in_chans
         self.proj = nn.Conv2d(encoder.num_features, decoder_dim, 1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))

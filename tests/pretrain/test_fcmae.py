@@ -187,3 +187,31 @@ def test_bad_input_errors():
         create_objective("fcmae", model="test_convnextv2", sparse="minkowski")
     with pytest.raises(ValueError, match="every patch"):
         check_mask(torch.ones(1, 2, 2, dtype=torch.bool), 1, 2, 2)
+
+
+def test_few_steps_on_a_fixed_batch_lower_the_loss():
+    obj = create_objective("fcmae", model="test_convnextv2", decoder_dim=32)
+    x = torch.randn(4, 3, 64, 64)
+    mask = obj.make_mask(x)
+    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
+    first = None
+    for _ in range(15):
+        loss = obj(x, mask).loss
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert obj(x, mask).loss.item() < 0.8 * first
+
+
+def test_photo_pretrain_writes_checkpoint_and_picture(tmp_path):
+    pytest.importorskip("skimage")
+    pytest.importorskip("matplotlib")
+    from maskconv.api import run_photo_pretrain
+    from maskconv.pretrain import load_objective
+
+    res = run_photo_pretrain("test_convnextv2", patch_size=4, size=64, batch=2, steps=3, decoder_dim=16,
+                             out=tmp_path)
+    assert res["picture"].stat().st_size > 0 and len(res["loss"]) == 3
+    obj = load_objective(res["checkpoint"])
+    assert obj.patch_size == 32 and obj.config["decoder_dim"] == 16

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .models import create_model, list_models
+from .train import evaluate_classifier, run_eval, run_finetune, run_linprobe, run_pretrain  # noqa: F401
 
 
 @dataclass

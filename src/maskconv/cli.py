@@ -1,11 +1,31 @@
 """Command line: ``maskconv <command>`` / ``python -m maskconv`` / ``torchrun -m maskconv``.
 
-Parses arguments and calls ``maskconv.api``; nothing else happens here.
+Parses arguments and calls ``maskconv.api``; nothing else happens here. Training flags are generated from
+the config dataclasses (``--optim.blr 1e-4`` or ``optim.blr=1e-4``); precedence: defaults < --recipe <
+flags and key=value overrides.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+# Short flags for the keys every run sets.
+ALIASES = {"--model": "model.name", "--data": "data.path", "--out": "run.out", "--init": "model.init",
+           "--objective": "objective.name"}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from .config import flat_keys
+
+    p.add_argument("--recipe", help="YAML recipe: a file or a packaged name (see src/maskconv/recipes)")
+    for flag, key in ALIASES.items():
+        p.add_argument(flag, dest=key, default=None, help=f"= {key}")
+    for key, (tp, default) in flat_keys().items():
+        if key in ALIASES.values() or key == "task":
+            continue
+        p.add_argument(f"--{key}", dest=key, default=None, metavar="V",
+                       help=f"{getattr(tp, '__name__', str(tp))}, default {default!r}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=5")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -15,24 +35,50 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'convnextv2_*'")
     m.add_argument("--img-size", type=int, default=224)
     m.add_argument("--throughput", action="store_true", help="also measure CPU inference img/s (<=30M params)")
+    for task, text in (("pretrain", "masked-image pretraining on unlabeled images"),
+                       ("finetune", "supervised fine-tuning (class sub-folders or a named dataset)"),
+                       ("linprobe", "linear probe on a frozen backbone")):
+        _add_config_flags(sub.add_parser(task, help=text))
+    e = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a run")
+    e.add_argument("--checkpoint", required=True, help="a finetune/linprobe run folder or its last.pt")
+    e.add_argument("--data", default=None, help="dataset (default: the run's own validation data)")
+    e.add_argument("--out", default=None)
+    e.add_argument("--batch-size", type=int, default=64)
     v = sub.add_parser("visualize", help="pictures of what a model learned")
     vsub = v.add_subparsers(dest="what", required=True)
     r = vsub.add_parser("recon", help="masked reconstructions from a pretraining checkpoint")
-    r.add_argument("--checkpoint", required=True, help="file written by pretraining (save_objective)")
+    r.add_argument("--checkpoint", required=True, help="objective.safetensors of a pretraining run")
     r.add_argument("--images", required=True, help="an image file or a folder of images")
     r.add_argument("--out", required=True, help="PNG to write")
     r.add_argument("--size", type=int, default=None, help="crop size (multiple of the patch size)")
     r.add_argument("--mask-ratio", type=float, default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--limit", type=int, default=8, help="at most this many images")
-    d = sub.add_parser("demo", help="build every model, measure it, write a table and a figure")
+    c = vsub.add_parser("curves", help="loss / lr / accuracy PNG from a run's metrics.jsonl")
+    c.add_argument("run")
+    c.add_argument("--out", default=None)
+    d = sub.add_parser("demo", help="the main job on the embedded data: zoo table + short FCMAE pretraining")
     d.add_argument("--out", default="demo_out")
     return p
+
+
+def config_from_args(args) -> "Config":  # noqa: F821
+    from .config import load_config, set_key
+
+    cfg = load_config(args.recipe, args.overrides)
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            import yaml
+
+            set_key(cfg, key, yaml.safe_load(value) if value != "" else value)
+    cfg.task = args.command
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     from . import api
+    from .config import ConfigError
 
     try:
         if args.command == "models":
@@ -42,14 +88,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no model matches {args.pattern!r}", file=sys.stderr)
                 return 2
             print(api.format_table(rows, args.img_size))
+        elif args.command in ("pretrain", "finetune", "linprobe"):
+            cfg = config_from_args(args)
+            getattr(api, f"run_{args.command}")(cfg)
+        elif args.command == "eval":
+            api.run_eval(args.checkpoint, args.data, args.out, args.batch_size)
         elif args.command == "visualize" and args.what == "recon":
             api.run_visualize_recon(args.checkpoint, args.images, args.out, args.size, args.mask_ratio,
                                     args.seed, args.limit)
+        elif args.command == "visualize" and args.what == "curves":
+            from .viz.curves import plot_curves
+
+            print(f"wrote {plot_curves(args.run, args.out)}")
         elif args.command == "demo":
             api.run_demo(args.out)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line, no traceback
         print(f"maskconv: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from .engine.dist import teardown
+
+        teardown()
     return 0
 
 

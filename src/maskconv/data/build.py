@@ -1,0 +1,116 @@
+"""Dataset and transform construction from a ``DataCfg`` (torchvision v2 transforms)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .datasets import FashionMNIST, ImageFolderDataset, SyntheticImages
+from .photos import bundled_photos, default_norm
+
+NAMED = ("synthetic", "fashion-mnist", "photos")
+
+
+class _Photos(Dataset):
+    """scikit-image's bundled photos as an unlabeled dataset of ``length`` items (cycled)."""
+
+    def __init__(self, in_chans: int, length: int = 1024):
+        from .datasets import to_channels
+
+        self.images = [to_channels(torch.from_numpy(p).permute(2, 0, 1).contiguous(), in_chans)
+                       for p in bundled_photos().values()]
+        self.length, self.classes = length, []
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.images[i % len(self.images)], -1
+
+
+def build_transform(cfg, in_chans: int, train: bool, pretrain: bool = False):
+    """Train: RandomResizedCrop (+ flip, RandAugment, RandomErasing when asked). Eval: resize by 1/0.875 and
+    centre-crop below 384 px, warp-resize at >= 384 (official ConvNeXt eval)."""
+    from torchvision.transforms import v2
+
+    size = cfg.img_size
+    mean, std = default_norm(in_chans)
+    if train:
+        t = [v2.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0),
+                                  interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+        if cfg.hflip:
+            t.append(v2.RandomHorizontalFlip())
+        if cfg.rand_augment and not pretrain:
+            n, m = _parse_randaug(cfg.rand_augment)
+            t.append(v2.RandAugment(num_ops=n, magnitude=m))
+        t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        if cfg.reprob > 0 and not pretrain:
+            t.append(v2.RandomErasing(p=cfg.reprob, value=0))
+        return v2.Compose(t)
+    if size < 384:
+        resize = [v2.Resize(int(size / 0.875), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                  v2.CenterCrop(size)]
+    else:
+        resize = [v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    return v2.Compose(resize + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def _parse_randaug(spec: str) -> tuple[int, int]:
+    """'n2-m9' -> (2, 9)."""
+    try:
+        parts = dict((p[0], int(p[1:])) for p in spec.split("-"))
+        return parts.get("n", 2), parts.get("m", 9)
+    except (ValueError, IndexError):
+        raise ValueError(f"data.rand_augment={spec!r}: expected e.g. 'n2-m9'") from None
+
+
+def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True, seed: int = 0) -> Dataset:
+    """``cfg.path``: a named dataset (synthetic | fashion-mnist | photos) or a folder. A folder with ``train/``
+    and ``val/`` sub-folders is split by them; otherwise the folder itself is the training set (and holds class
+    sub-folders when ``labeled``)."""
+    name = cfg.path
+    if name == "synthetic":
+        ds = SyntheticImages(n=64 if split == "train" else 32, num_classes=4, size=cfg.img_size, in_chans=in_chans,
+                             seed=0 if split == "train" else 1)
+    elif name == "fashion-mnist":
+        ds = FashionMNIST(train=split == "train", in_chans=in_chans)
+    elif name == "photos":
+        if labeled:
+            raise ValueError("data.path=photos has no labels: use it for pretraining only")
+        ds = _Photos(in_chans)
+    else:
+        root = Path(name)
+        if not root.exists():
+            raise FileNotFoundError(f"data.path {name!r} is neither a folder nor one of {', '.join(NAMED)}")
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            root = root / split
+        elif split != "train":
+            raise FileNotFoundError(f"{root} has no {split}/ folder (expected {root}/train and {root}/val)")
+        ds = ImageFolderDataset(root, in_chans, labeled=labeled)
+    if split == "train" and labeled and cfg.labels_per_class > 0:
+        ds = labels_subset(ds, cfg.labels_per_class, seed)
+    return ds
+
+
+def labels_subset(ds: Dataset, per_class: int, seed: int = 0) -> Subset:
+    """A deterministic subset with ``per_class`` samples of each class (semi-supervised fine-tuning)."""
+    labels = ds.labels if hasattr(ds, "labels") else [ds[i][1] for i in range(len(ds))]
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) < per_class:
+            raise ValueError(f"class {c} has only {len(idx)} samples, fewer than labels_per_class={per_class}")
+        keep += idx[torch.randperm(len(idx), generator=g)[:per_class]].tolist()
+    sub = Subset(ds, sorted(keep))
+    sub.classes = getattr(ds, "classes", [])
+    return sub
+
+
+def num_classes_of(ds: Dataset) -> int:
+    classes = getattr(ds, "classes", None)
+    if classes:
+        return len(classes)
+    raise ValueError("the dataset has no classes (an unlabeled folder?): fine-tuning needs class sub-folders")

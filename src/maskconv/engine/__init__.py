@@ -1,0 +1,1 @@
+"""Training machinery: one loop (``fit``), optimizer groups, lr schedule, checkpoints, distributed setup."""

@@ -1,0 +1,33 @@
+"""Training checkpoints: everything needed to resume exactly, written atomically (temp file + rename)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..models._helpers import CheckpointError, atomic_write
+
+LAST = "last.pt"
+
+
+def save_training_checkpoint(path: str | Path, payload: dict) -> Path:
+    """``payload``: model / optimizer / scaler / ema state dicts, train state, RNG states, resolved config."""
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by ``save_training_checkpoint``; never unpickles code (weights_only)."""
+    import pickle
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to resume from {path}: it holds pickled objects that could run code "
+                              f"({str(e).splitlines()[-1][:200]})") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot resume from {path}: unreadable ({type(e).__name__}: {e}); "
+                              "move it away to start over") from None
+    for key in ("model", "optimizer", "state", "config"):
+        if key not in ck:
+            raise CheckpointError(f"{path} is not a maskconv training checkpoint (no {key!r})")
+    return ck

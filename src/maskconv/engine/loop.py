@@ -1,0 +1,255 @@
+"""The one training loop, for pretraining and fine-tuning alike: the caller's ``loss_fn`` returns the loss.
+
+Resumable exactly: the sampler is a pure function of (seed, epoch, position), each sample's augmentation is
+seeded by (seed, epoch, index), the lr is a pure function of the step, and checkpoints hold the RNG states of
+every process. Re-running with the same ``run.out`` continues from ``last.pt``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from .. import __version__
+from ..data.datasets import ResumableSampler, SeededDataset, collate_skip
+from . import dist as D
+from .checkpoint import LAST, load_training_checkpoint, save_training_checkpoint
+from .optim import build_optimizer
+from .schedule import lr_at, set_lr
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
+    step: int = 0  # optimizer steps taken
+    skipped_files: int = 0  # undecodable images dropped so far
+
+
+@dataclass
+class FitResult:
+    out: Path
+    state: TrainState
+    history: list[dict]
+    model: nn.Module  # unwrapped
+    ema: nn.Module | None
+
+
+def autocast_ctx(amp: str, device: torch.device):
+    """``auto``: bf16 on GPU, off on CPU (opt in with ``bf16``); ``fp16`` only on GPU (with GradScaler)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return nullcontext(), None
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16), None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("run.amp=fp16 needs a GPU; use bf16 on CPU")
+        return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    raise ValueError(f"run.amp={amp!r}: use auto, off, bf16 or fp16")
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (+ optional TensorBoard) on the main process."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # lazy: optional extra
+
+            self.tb = SummaryWriter(str(out / "tb"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, row.get("step", 0))
+
+
+def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *, task: str,
+        batch_transform: Callable | None = None, evaluate: Callable | None = None,
+        backbone: nn.Module | None = None, backbone_prefix: str = "", info: D.DistInfo | None = None) -> FitResult:
+    """Train ``model`` on ``dataset`` as ``cfg`` says. ``loss_fn(model, images, labels) -> loss``;
+    ``batch_transform(images, labels)`` (MixUp/CutMix) runs on each micro-batch; ``evaluate(model) -> dict``
+    runs on the main process after every epoch."""
+    info = info or D.setup(cfg.run.device)
+    out = Path(cfg.run.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier(info)
+    model.to(info.device)
+    o, r = cfg.optim, cfg.run
+    accum = max(1, o.accum_steps)
+    per_epoch_batches = ResumableSampler(len(dataset), cfg.data.batch_size, world=info.world).num_batches
+    steps_per_epoch = per_epoch_batches // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{per_epoch_batches} batches per epoch is fewer than optim.accum_steps={accum}")
+    total_steps = o.epochs * steps_per_epoch
+    eff_batch = cfg.data.batch_size * info.world * accum
+    lr = o.lr if o.lr is not None else o.blr * eff_batch / 256
+    warmup = o.warmup_epochs * steps_per_epoch
+    resolved = dict(world_size=info.world, effective_batch=eff_batch, lr=lr, steps_per_epoch=steps_per_epoch,
+                    total_steps=total_steps, warmup_steps=warmup, images=len(dataset), device=str(info.device))
+    if info.is_main:
+        print("resolved: " + ", ".join(f"{k}={v}" for k, v in resolved.items()), flush=True)
+        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=1))
+
+    optimizer = build_optimizer(model, lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme,
+                                backbone, backbone_prefix)
+    amp_ctx, scaler = autocast_ctx(r.amp, info.device)
+    ema = None
+    if o.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay), use_buffers=True)
+
+    state = TrainState()
+    torch.manual_seed(r.seed * 1000 + info.rank)  # masks / drop path differ between processes
+    last = out / LAST
+    if last.exists():
+        ck = load_training_checkpoint(last)
+        if ck["config"]["model"]["name"] != cfg.model.name or ck.get("task") != task:
+            raise ValueError(f"{last} is a {ck.get('task')} run of {ck['config']['model']['name']}; this is a "
+                             f"{task} run of {cfg.model.name}: choose another run.out")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        state = TrainState(**ck["state"])
+        rng = ck.get("rng", [])
+        if len(rng) == info.world:
+            torch.set_rng_state(rng[info.rank]["torch"])
+            if info.device.type == "cuda" and rng[info.rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(rng[info.rank]["cuda"])
+        if info.is_main:
+            print(f"resumed from {last}: epoch {state.epoch}, step {state.step}", flush=True)
+
+    ddp = model
+    if info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    log = MetricsLog(out, info.is_main, r.tensorboard)
+    history: list[dict] = []
+
+    def checkpoint(tag: str = LAST) -> None:
+        rng = D.all_gather_object({"torch": torch.get_rng_state(),
+                                   "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
+                                  info)
+        if info.is_main:
+            save_training_checkpoint(out / tag, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None, "state": asdict(state), "rng": rng,
+                "config": cfg.to_dict(), "resolved": resolved, "task": task, "model_name": cfg.model.name,
+                "maskconv_version": __version__})
+        D.barrier(info)
+
+    stop = False
+    cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
+    t_start = time.perf_counter()
+    for epoch in range(state.epoch, o.epochs):
+        sampler = ResumableSampler(len(dataset), cfg.data.batch_size, r.seed, epoch, info.rank, info.world,
+                                   start_batch=state.batch_in_epoch)
+        loader = DataLoader(SeededDataset(dataset, transform, r.seed), batch_size=cfg.data.batch_size,
+                            sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate_skip,
+                            generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
+                            pin_memory=info.device.type == "cuda")
+        model.train()
+        bar = None
+        if info.is_main and r.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=per_epoch_batches, initial=state.batch_in_epoch, desc=f"{task} epoch {epoch + 1}/"
+                       f"{o.epochs}", unit="batch", dynamic_ncols=True)
+        losses = []
+        for images, labels, skipped in loader:
+            state.skipped_files += skipped
+            micro = state.batch_in_epoch % accum
+            if images is None:  # every file of this micro-batch failed to decode
+                state.batch_in_epoch += 1
+                continue
+            images = images.to(info.device, non_blocking=True)
+            labels = labels.to(info.device, non_blocking=True)
+            if batch_transform is not None:
+                images, labels = batch_transform(images, labels)
+            sync = micro == accum - 1
+            with (ddp.no_sync() if info.world > 1 and not sync else nullcontext()):
+                with amp_ctx:
+                    loss = loss_fn(ddp, images, labels)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss.item()}) at step {state.step} (epoch {epoch + 1}, batch "
+                        f"{state.batch_in_epoch}); the last good checkpoint {last} is intact. Lower optim.blr, "
+                        "set optim.clip_grad, or check the data.")
+                (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+            losses.append(loss.item())
+            state.batch_in_epoch += 1
+            if bar is not None:
+                bar.update(1)
+            if not sync:
+                continue
+            cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
+            set_lr(optimizer, cur_lr)
+            if o.clip_grad:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
+            state.step += 1
+            step_loss = sum(losses[-accum:]) / accum
+            if bar is not None:
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
+            if state.step % r.log_every_steps == 0:
+                log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
+                               loss=step_loss, lr=cur_lr, time=time.perf_counter() - t_start))
+            if r.save_every_steps and state.step % r.save_every_steps == 0:
+                checkpoint()
+            if r.max_steps and state.step >= r.max_steps:
+                stop = True
+                break
+        if bar is not None:
+            bar.close()
+        if stop:
+            checkpoint()
+            break
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        row = dict(step=state.step, epoch=epoch + 1,
+                   train_loss=D.mean_across(sum(losses) / max(1, len(losses)), info), lr=cur_lr)
+        if evaluate is not None and info.is_main:
+            row.update(evaluate(ema.module if ema is not None else model))
+        log.write(row)
+        history.append(row)
+        if info.is_main:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        if (epoch + 1) % max(1, r.save_every_epochs) == 0 or epoch + 1 == o.epochs:
+            checkpoint()
+    if info.is_main and state.skipped_files:
+        print(f"skipped {state.skipped_files} image file(s) that could not be decoded", flush=True)
+    if math.isnan(sum(h.get("train_loss", 0.0) for h in history)):
+        raise FloatingPointError("training produced NaN losses")
+    return FitResult(out, state, history, model, ema.module if ema is not None else None)

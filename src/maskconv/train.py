@@ -1,0 +1,204 @@
+"""Training tasks behind ``maskconv pretrain | finetune | linprobe | eval`` (re-exported by ``maskconv.api``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .config import Config, DataCfg
+from .data.build import build_dataset, build_transform, num_classes_of
+from .data.datasets import collate_skip
+from .engine import dist as D
+from .engine.loop import FitResult, fit
+from .models import create_model, load_checkpoint, save_weights
+
+
+def _model_kwargs(cfg: Config) -> dict:
+    m = cfg.model
+    return dict(in_chans=m.in_chans, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate)
+
+
+def run_pretrain(cfg: Config) -> FitResult:
+    """Masked-image pretraining of ``cfg.model`` with ``cfg.objective`` on unlabeled images."""
+    from .pretrain import create_objective, save_objective
+
+    info = D.setup(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+    ob = cfg.objective
+    obj = create_objective(ob.name, model=cfg.model.name, model_kwargs=_model_kwargs(cfg), mask_ratio=ob.mask_ratio,
+                           decoder_dim=ob.decoder_dim, decoder_depth=ob.decoder_depth,
+                           norm_pix_loss=ob.norm_pix_loss, sparse=ob.sparse)
+    if cfg.model.init:  # continue pretraining: a whole objective, or encoder weights in any layout
+        try:
+            load_checkpoint(obj, cfg.model.init)
+        except ValueError:
+            load_checkpoint(obj.encoder, cfg.model.init)
+    ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=False, seed=cfg.run.seed)
+    tf = build_transform(cfg.data, cfg.model.in_chans, train=True, pretrain=True)
+    res = fit(cfg, obj, ds, tf, lambda m, x, y: m(x).loss, task="pretrain", info=info)
+    if info.is_main:
+        save_objective(obj, res.out / "objective.safetensors")  # encoder + decoder + config
+        save_weights(obj.encoder, res.out / "encoder.safetensors")  # strict-loads into create_model / timm
+        print(f"weights: {res.out / 'encoder.safetensors'} (encoder), {res.out / 'objective.safetensors'} (all)")
+    return res
+
+
+def _val_loader(cfg: Config, batch_size: int | None = None) -> DataLoader | None:
+    try:
+        ds = build_dataset(cfg.data, cfg.model.in_chans, "val", labeled=True)
+    except FileNotFoundError:
+        return None
+    from .data.datasets import SeededDataset
+
+    tf = build_transform(cfg.data, cfg.model.in_chans, train=False)
+    return DataLoader(SeededDataset(ds, tf), batch_size=batch_size or cfg.data.batch_size,
+                      num_workers=cfg.data.num_workers, collate_fn=collate_skip)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, device=None) -> dict:
+    """Top-1 / top-5 accuracy (%), per-class accuracy and the confusion matrix (rows = truth)."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    top5 = n = 0
+    for images, labels, _ in loader:
+        if images is None:
+            continue
+        logits = model(images.to(device)).float().cpu()
+        pred = logits.argmax(1)
+        conf += torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+        k = min(5, num_classes)
+        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum().item()
+        n += len(labels)
+    per_class = (conf.diag().float() / conf.sum(1).clamp_min(1) * 100).tolist()
+    return dict(val_top1=conf.diag().sum().item() / max(1, n) * 100, val_top5=top5 / max(1, n) * 100,
+                val_per_class=per_class, val_confusion=conf.tolist(), val_images=n)
+
+
+def _classifier(cfg: Config, num_classes: int) -> nn.Module:
+    model = create_model(cfg.model.name, num_classes=num_classes, head_init_scale=cfg.model.head_init_scale,
+                         **_model_kwargs(cfg))
+    if cfg.model.init:
+        rep = load_checkpoint(model, cfg.model.init, drop_mismatched_head=True)
+        print(f"init from {cfg.model.init} ({rep.layout} layout; left at init: {', '.join(rep.skipped) or 'none'})")
+    return model
+
+
+def _supervised(cfg: Config, linprobe: bool) -> FitResult:
+    info = D.setup(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+    ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True, seed=cfg.run.seed)
+    n = num_classes_of(ds)
+    model = _classifier(cfg, n)
+    if linprobe:  # MAE protocol: frozen backbone, BatchNorm (no affine) + linear head
+        model.requires_grad_(False)
+        model.head.fc = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
+                                      nn.Linear(model.num_features, n))
+        nn.init.trunc_normal_(model.head.fc[1].weight, std=0.01)
+        nn.init.zeros_(model.head.fc[1].bias)
+    batch_tf = None
+    d = cfg.data
+    if (d.mixup > 0 or d.cutmix > 0) and not linprobe:
+        from torchvision.transforms import v2
+
+        choices = ([v2.MixUp(alpha=d.mixup, num_classes=n)] if d.mixup > 0 else []) + \
+                  ([v2.CutMix(alpha=d.cutmix, num_classes=n)] if d.cutmix > 0 else [])
+        batch_tf = v2.RandomChoice(choices)
+    tf = build_transform(d, cfg.model.in_chans, train=not linprobe)  # the probe sees eval-style crops
+    val = _val_loader(cfg) if info.is_main else None
+
+    def loss_fn(m, x, y):
+        return F.cross_entropy(m(x), y, label_smoothing=d.label_smoothing)
+
+    def evaluate(m):
+        if val is None:
+            return {}
+        r = evaluate_classifier(m, val, n, info.device)
+        m.train()
+        return {k: v for k, v in r.items() if k in ("val_top1", "val_top5")}
+
+    task = "linprobe" if linprobe else "finetune"
+    res = fit(cfg, model, ds, tf, loss_fn, task=task, batch_transform=batch_tf, evaluate=evaluate,
+              backbone=model if cfg.optim.layer_decay != 1.0 else None, info=info)
+    if info.is_main:
+        meta = {"num_classes": str(n), "classes": json.dumps(list(getattr(ds, "classes", [])))}
+        save_weights(model, res.out / "model.safetensors", metadata=meta)
+        if res.ema is not None:
+            save_weights(res.ema, res.out / "model_ema.safetensors", metadata=meta)
+    return res
+
+
+def run_finetune(cfg: Config) -> FitResult:
+    """Supervised fine-tuning (layer decay, EMA, MixUp/CutMix, label smoothing as configured)."""
+    return _supervised(cfg, linprobe=False)
+
+
+def run_linprobe(cfg: Config) -> FitResult:
+    """Linear probe: frozen backbone, BatchNorm + linear classifier trained."""
+    return _supervised(cfg, linprobe=True)
+
+
+def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | None = None,
+             batch_size: int = 64, device: str = "auto") -> dict:
+    """Evaluate a fine-tune / linear-probe run (its ``last.pt``, or the run folder) on ``data`` (default: the
+    run's own validation data): top-1/top-5, per-class accuracy, confusion matrix (JSON + PNG)."""
+    from .engine.checkpoint import LAST, load_training_checkpoint
+    from .config import load_config
+
+    ckpt = Path(checkpoint)
+    if ckpt.is_dir():
+        ckpt = ckpt / LAST
+    ck = load_training_checkpoint(ckpt)
+    if ck.get("task") not in ("finetune", "linprobe"):
+        raise ValueError(f"{ckpt} is a {ck.get('task')} run; eval needs a finetune or linprobe run")
+    saved = ck["config"]
+    cfg = load_config(overrides={k: v for k, v in _flatten(saved).items() if k != "task"})
+    if data:
+        cfg.data = DataCfg(**{**{k: getattr(cfg.data, k) for k in ("img_size", "num_workers")}, "path": data})
+    cfg.model.init = None
+    info = D.setup(device)
+    val = _val_loader(cfg, batch_size)
+    if val is None:  # a plain labeled folder
+        from .data.datasets import SeededDataset
+
+        ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True)
+        val = DataLoader(SeededDataset(ds, build_transform(cfg.data, cfg.model.in_chans, train=False)),
+                         batch_size=batch_size, collate_fn=collate_skip)
+    num_classes = ck["model"]["head.fc.weight" if "head.fc.weight" in ck["model"] else "head.fc.1.weight"].shape[0]
+    model = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg))
+    if ck["task"] == "linprobe":
+        model.head.fc = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
+                                      nn.Linear(model.num_features, num_classes))
+    weights = ck["model"]
+    if ck.get("ema") is not None:  # evaluate the EMA weights when the run kept them (official recipes do)
+        weights = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+    model.load_state_dict(weights)
+    model.to(info.device)
+    res = evaluate_classifier(model, val, num_classes, info.device)
+    out = Path(out) if out else ckpt.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    print(f"top-1 {res['val_top1']:.2f}%  top-5 {res['val_top5']:.2f}%  on {res['val_images']} images")
+    try:
+        from .viz.curves import plot_confusion
+
+        plot_confusion(res["val_confusion"], out / "confusion.png")
+        print(f"confusion matrix: {out / 'confusion.png'}")
+    except ImportError:
+        pass
+    return res
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -76,7 +76,15 @@ def config_from_args(args) -> "Config":  # noqa: F821
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    # key=value overrides may stand anywhere among the flags: argparse takes one positional run, so collect
+    # the rest from the unknown arguments (anything else unknown is still an error).
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     from . import api
     from .config import ConfigError
 

@@ -49,7 +49,7 @@ def decode_image(path: str | Path, in_chans: int) -> torch.Tensor:
     with Image.open(path) as im:
         im.load()  # forces a full decode: truncated files fail here, not later
         a = _to_uint8_array(im)
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    t = torch.from_numpy(np.array(a))  # a writable copy (PIL arrays are read-only)
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     return to_channels(t, in_chans)
 

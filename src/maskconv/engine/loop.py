@@ -224,9 +224,9 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             step_loss = sum(losses[-accum:]) / accum
             if bar is not None:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
-            if state.step % r.log_every_steps == 0:
+            if state.step % r.log_every_steps == 0:  # same condition on every rank: the all-reduce is safe
                 log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
-                               loss=step_loss, lr=cur_lr, time=time.perf_counter() - t_start))
+                               loss=D.mean_across(step_loss, info), lr=cur_lr, time=time.perf_counter() - t_start))
             if r.save_every_steps and state.step % r.save_every_steps == 0:
                 checkpoint()
             if r.max_steps and state.step >= r.max_steps:

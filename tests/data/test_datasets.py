@@ -1,0 +1,105 @@
+"""Image folders with awkward files; samplers; named datasets."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskconv.config import DataCfg
+from maskconv.data.build import build_dataset, build_transform, labels_subset
+from maskconv.data.datasets import (ImageFolderDataset, ResumableSampler, SeededDataset, SyntheticImages,
+                                    collate_skip, find_fashion_mnist)
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    (root / "nested" / "deeper").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / "rgb.png")
+    Image.fromarray(rng.integers(0, 255, (30, 30, 4), dtype=np.uint8), "RGBA").save(root / "nested" / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (32, 48, 4), dtype=np.uint8), "CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(root / "nested" / "deeper" / "g16.png")
+    Image.fromarray(rng.integers(0, 255, (25, 35), dtype=np.uint8)).save(root / "gray.bmp")
+    (root / "zero.png").write_bytes(b"")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10)
+    good = root / "rgb.png"
+    (root / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (root / "notes.txt").write_text("not an image: ignored by suffix")
+    return root
+
+
+@pytest.mark.parametrize("in_chans", [1, 3, 4])
+def test_folder_converts_modes_and_skips_broken_files(messy_folder, in_chans):
+    ds = ImageFolderDataset(messy_folder, in_chans=in_chans)
+    assert len(ds) == 8  # .txt ignored
+    items = {ds.samples[i][0].name: ds[i] for i in range(len(ds))}
+    for bad in ("zero.png", "corrupt.jpg", "truncated.png"):
+        assert items[bad] is None
+    for good in ("rgb.png", "rgba.png", "cmyk.jpg", "g16.png", "gray.bmp"):
+        img, label = items[good]
+        assert img.dtype == torch.uint8 and img.shape[0] == in_chans and label == -1
+    g16 = items["g16.png"][0]
+    assert g16.max() > 128  # 16-bit scaled to 8-bit, not clipped to 255 nor left at 0..1
+    imgs, labels, skipped = collate_skip([items["rgb.png"], None, items["rgb.png"], items["zero.png"]])
+    assert imgs.shape[0] == 2 and labels.tolist() == [-1, -1] and skipped == 2
+
+
+def test_empty_and_missing_folders_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        ImageFolderDataset(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ImageFolderDataset(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        build_dataset(DataCfg(path=str(tmp_path / "nope")), 3)
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        ImageFolderDataset(tmp_path / "flat", labeled=True)
+
+
+def test_labeled_folder_train_val(tmp_path):
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    cfg = DataCfg(path=str(tmp_path), img_size=16)
+    tr, va = build_dataset(cfg, 3, "train"), build_dataset(cfg, 3, "val")
+    assert tr.classes == ["cat", "dog"] and len(tr) == 6 and len(va) == 6 and tr[4][1] == 1
+
+
+def test_sampler_shards_global_batches_and_resumes():
+    one = list(ResumableSampler(20, 4, seed=1, epoch=3, world=1))
+    two = [list(ResumableSampler(20, 2, seed=1, epoch=3, rank=r, world=2)) for r in range(2)]
+    # global batch k of 1 process == rank0's batch k + rank1's batch k
+    for k in range(5):
+        assert one[4 * k: 4 * k + 4] == two[0][2 * k: 2 * k + 2] + two[1][2 * k: 2 * k + 2]
+    assert list(ResumableSampler(20, 4, seed=1, epoch=3, start_batch=2)) == one[8:]
+    assert one != list(ResumableSampler(20, 4, seed=1, epoch=4))  # reshuffled every epoch
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        ResumableSampler(3, 4)
+
+
+def test_seeded_augmentation_is_a_function_of_seed_epoch_index():
+    cfg = DataCfg(img_size=32)
+    ds = SeededDataset(SyntheticImages(8, size=48), build_transform(cfg, 3, train=True), seed=5)
+    a, b = ds[(3, 1)][0], ds[(3, 1)][0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, ds[(3, 2)][0])
+
+
+def test_labels_subset_per_class():
+    sub = labels_subset(SyntheticImages(40, num_classes=4), 3)
+    labels = [sub[i][1] for i in range(len(sub))]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_fashion_mnist_when_installed():
+    if find_fashion_mnist() is None:
+        with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+            build_dataset(DataCfg(path="fashion-mnist"), 1)
+        return
+    ds = build_dataset(DataCfg(path="fashion-mnist"), 1, "val")
+    img, label = ds[0]
+    assert len(ds) == 10000 and img.shape == (1, 28, 28) and 0 <= label < 10

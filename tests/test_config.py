@@ -1,0 +1,55 @@
+"""Config: defaults < recipe < key=value; unknown keys and wrong types fail before any work."""
+import pytest
+
+from maskconv.config import Config, ConfigError, flat_keys, load_config
+
+
+def test_precedence_defaults_recipe_overrides(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("optim.blr: 2.0e-4\noptim:\n  epochs: 7\ndata.img_size: 96\n")
+    cfg = load_config(r, ["optim.epochs=3", "model.name=convnext_atto", "optim.betas=0.9,0.999"])
+    assert cfg.optim.blr == 2e-4 and cfg.optim.epochs == 3 and cfg.data.img_size == 96
+    assert cfg.model.name == "convnext_atto" and cfg.optim.betas == (0.9, 0.999)
+    assert cfg.optim.weight_decay == Config().optim.weight_decay  # untouched default
+    assert load_config(None, ["optim.lr=none"]).optim.lr is None
+    assert load_config(None, ["optim.clip_grad=1"]).optim.clip_grad == 1.0
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.bogus=1", "unknown config key 'optim.bogus'"),
+    ("nosection.x=1", "unknown config key 'nosection.x'"),
+    ("optim.epochs=ten", "optim.epochs: expected an integer"),
+    ("optim.epochs=2.5", "optim.epochs: expected an integer"),
+    ("run.tensorboard=maybe", "run.tensorboard: expected true/false"),
+    ("optim.blr=fast", "optim.blr: expected a number"),
+    ("optim.betas=0.9", "expected 2 comma-separated values"),
+    ("optim", "not key=value"),
+])
+def test_bad_overrides_name_the_problem(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="neither a file nor a packaged recipe"):
+        load_config("no_such_recipe")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_packaged_recipes_load():
+    from pathlib import Path
+
+    import maskconv
+
+    recipes = sorted((Path(maskconv.__file__).parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for r in recipes:
+        load_config(r.stem)  # every packaged recipe parses and type-checks
+
+
+def test_flat_keys_cover_every_field():
+    keys = flat_keys()
+    assert "optim.blr" in keys and "objective.mask_ratio" in keys and "run.out" in keys

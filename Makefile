@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	@# Fashion-MNIST from Debian when we can install it; otherwise the demo falls back to bundled photos.
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
+	  echo "(could not install dataset-fashion-mnist: the demo will use the photos bundled with scikit-image)"; fi
 	$(BIN)/python -m maskconv demo --out demo_out
 
 test: $(STAMP)

@@ -54,3 +54,34 @@ def test_python_dash_m_runs_the_same_cli():
     res = subprocess.run([sys.executable, "-m", "maskconv", "models", "convnext_atto"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "convnext_atto" in res.stdout
+
+
+def test_collapse_metric_extremes():
+    from maskconv.viz.collapse import _pairwise_cosine_distance
+
+    same = torch.randn(1, 4, 4, 1).expand(1, 4, 4, 6)  # (B, H, W, C): 6 identical channels
+    assert _pairwise_cosine_distance(same).item() == pytest.approx(0.0, abs=1e-6)
+    ortho = torch.zeros(1, 1, 2, 2)
+    ortho[0, 0, 0, 0] = ortho[0, 0, 1, 1] = 1.0  # 2 orthogonal channels: off-diagonal pairs 0.5, diagonal 0
+    assert _pairwise_cosine_distance(ortho).item() == pytest.approx(0.25)
+    opposite = torch.cat([same[..., :1], -same[..., :1]], dim=-1)
+    assert _pairwise_cosine_distance(opposite).item() == pytest.approx(0.5)
+
+
+def test_visualize_collapse_cli_on_run_and_random(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "pre"
+    assert main(["pretrain", "--model", "test_convnextv2", "--data", "synthetic", "--out", str(run),
+                 "data.img_size=64", "data.batch_size=16", "data.num_workers=0", "optim.epochs=1",
+                 "run.progress=false", "objective.decoder_dim=16"]) == 0
+    out = tmp_path / "collapse.png"
+    assert main(["visualize", "collapse", "--checkpoint", str(run), "--checkpoint", str(run / "encoder.safetensors"),
+                 "--model", "test_convnextv2", "--images", "synthetic", "--out", str(out), "--size", "64",
+                 "--limit", "8", "--where", "mlp"]) == 0
+    import json
+
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert len(res) == 1 or len(res) == 2
+    for rows in res.values():
+        assert len(rows) == 5 and all(0.0 <= r["distance"] <= 1.0 for r in rows)
+    assert out.is_file()

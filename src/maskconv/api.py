@@ -72,59 +72,6 @@ def format_table(rows: list[ModelRow], img_size: int = 224) -> str:
     return "\n".join(lines)
 
 
-def run_photo_pretrain(model: str = "convnextv2_atto", patch_size: int = 2, size: int = 128, batch: int = 16,
-                       steps: int = 250, lr: float = 1.5e-3, mask_ratio: float = 0.6, decoder_dim: int = 256,
-                       out: str | Path = "bench_out", png: str | Path | None = None, seed: int = 0) -> dict:
-    """Short FCMAE pretraining on scikit-image's bundled photos (random crops, no download), then a
-    reconstruction picture of held-out crops. AdamW (0.9, 0.95), warmup + cosine, as the official recipe.
-    Until the full engine lands this is the library's quick real-data run (demo and bench)."""
-    import json
-    import math
-
-    from torch.utils.data import DataLoader
-
-    from .data import IMAGENET_MEAN, IMAGENET_STD, PhotoCrops
-    from .pretrain import create_objective, save_objective
-    from .viz.reconstruction import plot_reconstruction
-
-    torch.manual_seed(seed)
-    obj = create_objective("fcmae", model=model, model_kwargs=dict(patch_size=patch_size),
-                           decoder_dim=decoder_dim, mask_ratio=mask_ratio)
-    data = DataLoader(PhotoCrops(size=size, length=steps * batch), batch_size=batch, drop_last=True)
-    opt = torch.optim.AdamW(obj.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
-    from tqdm import tqdm
-
-    log = []
-    obj.train()
-    bar = tqdm(data, desc=f"FCMAE {model}", unit="step")
-    for x in bar:
-        loss = obj(x).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {len(log)}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        log.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = save_objective(obj, out / "fcmae_photos.safetensors")
-    (out / "fcmae_photos_loss.json").write_text(json.dumps(log))
-    torch.manual_seed(seed + 123)  # held-out crops: a fresh RNG stream, not crops seen in training
-    crops = PhotoCrops(size=size, length=6)
-    held = torch.stack([crops[i] for i in range(6)])
-    k = min(25, len(log))
-    png = plot_reconstruction(
-        obj, held, png or out / "fcmae_recon.png", IMAGENET_MEAN, IMAGENET_STD,
-        title=f"FCMAE {model} (patch {obj.patch_size}px), {steps} steps on bundled photos: loss "
-              f"{sum(log[:k]) / k:.3f} (first {k}) -> {sum(log[-k:]) / k:.3f} (last {k})")
-    return dict(checkpoint=ckpt, picture=Path(png), loss=log)
-
-
 def run_visualize_recon(checkpoint: str | Path, images: str | Path, out: str | Path, size: int | None = None,
                         mask_ratio: float | None = None, seed: int = 0, limit: int = 8) -> Path:
     """Reconstruction PNG from a pretraining checkpoint (``save_objective`` file) on images from a file or
@@ -146,9 +93,107 @@ def run_visualize_recon(checkpoint: str | Path, images: str | Path, out: str | P
     return path
 
 
-def run_demo(out: str | Path = "demo_out", img_size: int = 224, pretrain_steps: int = 150) -> dict[str, Path]:
-    """The demo: (1) build every model and measure params / GMACs / CPU throughput -> table + figure;
-    (2) a short FCMAE pretraining on the bundled photos -> checkpoint + reconstruction picture."""
+def load_backbone(source: str | Path | None, model: str | None = None, in_chans: int | None = None,
+                  patch_size: int | None = None):
+    """An encoder (``num_classes=0``) from a run folder (its config.json names the model) or a weights file
+    (then ``model`` names it); random init when ``source`` is None."""
+    import json
+
+    kw = {k: v for k, v in (("in_chans", in_chans), ("patch_size", patch_size)) if v is not None}
+    weights = None
+    if source is not None and Path(source).is_dir():
+        run = Path(source)
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(f"{run} is not a maskconv run folder (no config.json)")
+        m = json.loads((run / "config.json").read_text())["model"]
+        model = model or m["name"]
+        kw = {"in_chans": m["in_chans"], "patch_size": m["patch_size"], **kw}
+        weights = next((run / f for f in ("encoder.safetensors", "model.safetensors") if (run / f).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"{run} has no encoder.safetensors or model.safetensors (unfinished run?)")
+    elif source is not None:
+        weights = source
+    if model is None:
+        raise ValueError("name the architecture with --model when the checkpoint is a weights file")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a classifier head in the file is dropped on purpose here
+        return create_model(model, num_classes=0, pretrained=weights or False, **kw)
+
+
+def sample_images(source: str, size: int, in_chans: int, limit: int) -> torch.Tensor:
+    """Up to ``limit`` eval-transformed images from a named dataset (test split) or a file/folder."""
+    from .config import DataCfg
+    from .data import load_images
+    from .data.build import NAMED, build_dataset, build_transform
+
+    if source not in NAMED:
+        return load_images(source, size, in_chans, limit)
+    cfg = DataCfg(path=source, img_size=size)
+    ds = build_dataset(cfg, in_chans, "train" if source == "photos" else "val", labeled=source != "photos")
+    tf = build_transform(cfg, in_chans, train=False)
+    return torch.stack([tf(ds[i][0]) for i in range(min(limit, len(ds)))])
+
+
+def run_visualize_collapse(checkpoints: list[str | None], images: str, out: str | Path, model: str | None = None,
+                           where: str = "block", limit: int = 256, size: int | None = None,
+                           in_chans: int | None = None, patch_size: int | None = None) -> dict:
+    """Feature-collapse numbers (JSON) and plot (PNG) for one or more ConvNeXt checkpoints on the same images."""
+    import json
+
+    from .viz.collapse import feature_collapse, plot_collapse
+
+    results = {}
+    for src in checkpoints:
+        net = load_backbone(src, model, in_chans, patch_size)
+        s = size or (32 if net.stride <= 8 else 224)
+        x = sample_images(images, s, net.in_chans, limit)
+        label = Path(src).name if src else f"{net.pretrained_cfg['architecture']} (random init)"
+        results[label] = feature_collapse(net, x, where)
+        mean = sum(r["distance"] for r in results[label]) / len(results[label])
+        print(f"{label}: mean distance {mean:.4f} over {len(results[label])} blocks ({len(x)} images, {where})")
+    out = Path(out)
+    plot_collapse(results, out, title=f"feature collapse ({where} activations, {images})")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return results
+
+
+def run_pretrain_demo(out: str | Path = "demo_out", data: str | None = None, overrides: list[str] | None = None
+                      ) -> dict[str, Path]:
+    """Short FCMAE pretraining through the engine on Fashion-MNIST when installed, else on scikit-image's
+    bundled photos; then reconstructions of held-out images and the training curves."""
+    from .config import load_config
+    from .data.datasets import find_fashion_mnist
+    from .pretrain import load_objective
+    from .viz.curves import plot_curves
+    from .viz.reconstruction import plot_reconstruction
+    from .data import default_norm
+
+    if data is None:
+        data = "fashion-mnist" if find_fashion_mnist() else "photos"
+        if data == "photos":
+            print("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): using the photos "
+                  "bundled with scikit-image instead")
+    out = Path(out)
+    cfg = load_config("demo_fmnist" if data == "fashion-mnist" else "demo_photos",
+                      [f"run.out={out / 'pretrain'}", *(overrides or [])])
+    cfg.task = "pretrain"
+    res = run_pretrain(cfg)
+    obj = load_objective(res.out / "objective.safetensors")
+    held = sample_images(data, cfg.data.img_size, cfg.model.in_chans, 8)  # the test split / whole photos
+    mean, std = default_norm(cfg.model.in_chans)
+    paths = {"pretraining run": res.out, "reconstructions": plot_reconstruction(
+        obj, held, out / "fcmae_recon.png", mean, std, mask=obj.make_mask(held, torch.Generator().manual_seed(0)),
+        title=f"FCMAE {cfg.model.name} on {data}, {res.state.step} steps: held-out images")}
+    paths["curves"] = plot_curves(res.out, out / "fcmae_curves.png")
+    return paths
+
+
+def run_demo(out: str | Path = "demo_out", img_size: int = 224) -> dict[str, Path]:
+    """The demo: (1) build every model, measure params / GMACs / CPU throughput -> table + figure;
+    (2) a short FCMAE pretraining on the embedded data -> reconstructions + curves."""
     import json
 
     out = Path(out)
@@ -157,8 +202,8 @@ def run_demo(out: str | Path = "demo_out", img_size: int = 224, pretrain_steps: 
     rows = model_table("convnext*", img_size)
     table = format_table(rows, img_size)
     print(table)
-    paths = {"table": out / "models.md"}
-    paths["table"].write_text(
+    paths = {"zoo table": out / "models.md"}
+    paths["zoo table"].write_text(
         f"# maskconv model zoo (measured on this machine, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads)\n\n{table}\n"
     )
@@ -167,11 +212,10 @@ def run_demo(out: str | Path = "demo_out", img_size: int = 224, pretrain_steps: 
         from .viz.models import plot_model_table
 
         paths["zoo figure"] = plot_model_table(rows, out / "models.png", img_size)
-        res = run_photo_pretrain(steps=pretrain_steps, out=out, png=out / "fcmae_recon.png")
-        paths["pretraining checkpoint"] = res["checkpoint"]
-        paths["reconstructions"] = res["picture"]
+        paths.update(run_pretrain_demo(out))
     except ImportError as e:  # matplotlib / scikit-image are the `viz` extra
         print(f"(pictures skipped: {e}; pip install 'maskconv[viz]')")
+    print("\ndemo outputs:")
     for k, p in paths.items():
-        print(f"{k}: {p.resolve()}")
+        print(f"  {k}: {Path(p).resolve()}")
     return paths

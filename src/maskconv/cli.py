@@ -57,6 +57,17 @@ def _build_parser() -> argparse.ArgumentParser:
     c = vsub.add_parser("curves", help="loss / lr / accuracy PNG from a run's metrics.jsonl")
     c.add_argument("run")
     c.add_argument("--out", default=None)
+    k = vsub.add_parser("collapse", help="feature-collapse analysis (ConvNeXt V2 paper) of one or more models")
+    k.add_argument("--checkpoint", action="append", default=None,
+                   help="run folder or weights file; repeat to compare models (none: random init)")
+    k.add_argument("--model", default=None, help="architecture, when --checkpoint is a weights file")
+    k.add_argument("--images", required=True, help="image file/folder, or fashion-mnist | photos | synthetic")
+    k.add_argument("--out", required=True, help="PNG to write (numbers go beside it as .json)")
+    k.add_argument("--where", choices=("block", "mlp"), default="block")
+    k.add_argument("--limit", type=int, default=256)
+    k.add_argument("--size", type=int, default=None)
+    k.add_argument("--in-chans", type=int, default=None)
+    k.add_argument("--patch-size", type=int, default=None)
     d = sub.add_parser("demo", help="the main job on the embedded data: zoo table + short FCMAE pretraining")
     d.add_argument("--out", default="demo_out")
     return p
@@ -108,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             from .viz.curves import plot_curves
 
             print(f"wrote {plot_curves(args.run, args.out)}")
+        elif args.command == "visualize" and args.what == "collapse":
+            api.run_visualize_collapse(args.checkpoint or [None], args.images, args.out, args.model, args.where,
+                                       args.limit, args.size, args.in_chans, args.patch_size)
         elif args.command == "demo":
             api.run_demo(args.out)
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line, no traceback

@@ -204,14 +204,15 @@ def test_few_steps_on_a_fixed_batch_lower_the_loss():
     assert obj(x, mask).loss.item() < 0.85 * first
 
 
-def test_photo_pretrain_writes_checkpoint_and_picture(tmp_path):
+def test_pretrain_demo_writes_run_recon_and_curves(tmp_path):
     pytest.importorskip("skimage")
     pytest.importorskip("matplotlib")
-    from maskconv.api import run_photo_pretrain
+    from maskconv.api import run_pretrain_demo
     from maskconv.pretrain import load_objective
 
-    res = run_photo_pretrain("test_convnextv2", patch_size=4, size=64, batch=2, steps=3, decoder_dim=16,
-                             out=tmp_path)
-    assert res["picture"].stat().st_size > 0 and len(res["loss"]) == 3
-    obj = load_objective(res["checkpoint"])
+    paths = run_pretrain_demo(tmp_path, data="photos", overrides=[
+        "model.name=test_convnextv2", "model.patch_size=4", "data.img_size=64", "data.batch_size=4",
+        "run.max_steps=3", "objective.decoder_dim=16", "run.progress=false"])
+    assert paths["reconstructions"].stat().st_size > 0 and paths["curves"].stat().st_size > 0
+    obj = load_objective(paths["pretraining run"] / "objective.safetensors")
     assert obj.patch_size == 32 and obj.config["decoder_dim"] == 16

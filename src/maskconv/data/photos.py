@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,30 +29,6 @@ def bundled_photos() -> dict[str, np.ndarray]:
     if not out:
         raise RuntimeError("no bundled scikit-image photo could be loaded")
     return out
-
-
-class PhotoCrops(Dataset):
-    """``length`` random resized crops (scale 0.2-1, flips) of the given photos, ImageNet-normalised."""
-
-    def __init__(self, photos: dict[str, np.ndarray] | None = None, size: int = 128, length: int = 1024,
-                 scale: tuple[float, float] = (0.2, 1.0)):
-        from torchvision.transforms import v2
-
-        photos = photos if photos is not None else bundled_photos()
-        self.images = [torch.from_numpy(p).permute(2, 0, 1).contiguous() for p in photos.values()]
-        self.length = length
-        self.tf = v2.Compose([
-            v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.tf(self.images[i % len(self.images)])
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")

@@ -234,7 +234,9 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
                 break
         if bar is not None:
             bar.close()
-        if stop:
+        if stop:  # run.max_steps: summarise the partial epoch, keep a resumable checkpoint
+            log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
+                           train_loss=D.mean_across(sum(losses) / max(1, len(losses)), info), lr=cur_lr))
             checkpoint()
             break
         state.epoch, state.batch_in_epoch = epoch + 1, 0

@@ -1,0 +1,70 @@
+"""Feature-collapse analysis of ConvNeXt V2 (paper §3.2): per layer, the average pairwise cosine distance
+between channel activation maps, ``1/C² Σ_i Σ_j (1 - cos(X_i, X_j)) / 2`` per image, averaged over images.
+Low distance = channels that all look alike (collapse); GRN is meant to keep it high.
+
+``where='block'`` measures each block's output (the residual stream); ``where='mlp'`` the expansion layer
+(4C channels, after GELU, before GRN), where GRN acts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _pairwise_cosine_distance(x: torch.Tensor) -> torch.Tensor:
+    """x (B, H, W, C) channels-last or (B, C, H, W) -> (B,) mean over channel pairs of (1 - cos) / 2."""
+    v = F.normalize(x.flatten(1, 2).transpose(1, 2).float(), dim=2)  # (B, C, HW)
+    sim = v @ v.transpose(1, 2)  # (B, C, C)
+    return ((1 - sim) / 2).mean(dim=(1, 2))
+
+
+@torch.no_grad()
+def feature_collapse(model, images: torch.Tensor, where: str = "block", batch_size: int = 32) -> list[dict]:
+    """``[{layer, name, distance}]`` for every block of a ConvNeXt, over ``images`` (N, C, H, W)."""
+    if where not in ("block", "mlp"):
+        raise ValueError(f"where={where!r}: use 'block' or 'mlp'")
+    blocks = [(f"stages.{i}.blocks.{j}", b) for i, st in enumerate(model.stages) for j, b in enumerate(st.blocks)]
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    hooks = []
+    for k, (_, blk) in enumerate(blocks):
+        if where == "block":
+            fn = (lambda k: lambda m, i, o: sums.__setitem__(k, sums[k] + _pairwise_cosine_distance(
+                o.permute(0, 2, 3, 1)).double().sum()))(k)
+            hooks.append(blk.register_forward_hook(fn))
+        else:
+            fn = (lambda k: lambda m, i, o: sums.__setitem__(k, sums[k] + _pairwise_cosine_distance(o).double().sum()))(k)
+            hooks.append(blk.mlp.act.register_forward_hook(fn))
+    model.eval()
+    try:
+        for chunk in images.split(batch_size):
+            model.forward_features(chunk)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(images)
+    return [dict(layer=k, name=name, distance=(sums[k] / n).item()) for k, (name, _) in enumerate(blocks)]
+
+
+def plot_collapse(results: dict[str, list[dict]], path: str | Path, title: str | None = None) -> Path:
+    """One line per model: distance against relative depth (0..1), so models of other depths compare."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, rows in results.items():
+        n = max(1, len(rows) - 1)
+        ax.plot([r["layer"] / n for r in rows], [r["distance"] for r in rows], "o-", ms=3, label=label)
+    ax.set(xlabel="relative layer depth", ylabel="avg. pairwise cosine distance",
+           title=title or "feature collapse (higher = more diverse channels)", ylim=(0, None))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

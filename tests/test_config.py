@@ -53,3 +53,22 @@ def test_packaged_recipes_load():
 def test_flat_keys_cover_every_field():
     keys = flat_keys()
     assert "optim.blr" in keys and "objective.mask_ratio" in keys and "run.out" in keys
+
+
+def test_strings_are_verbatim_and_ranges_checked():
+    cfg = load_config(None, ["run.out=runs/exp #3", "model.init=ckpt:v2.pt", "data.path=0777", "data.hflip=1"])
+    assert cfg.run.out == "runs/exp #3" and cfg.model.init == "ckpt:v2.pt" and cfg.data.path == "0777"
+    assert cfg.data.hflip is True
+    for bad, match in [("data.batch_size=0", "data.batch_size=0: must be >= 1"),
+                       ("run.log_every_steps=0", "must be >= 1"), ("run.seed=inf", "expected an integer"),
+                       ("optim.blr=nan", "finite"), ("objective.mask_ratio=1.0", r"in \(0, 1\)"),
+                       ("run.amp=fp8", "auto, off, bf16 or fp16"), ("optim.layer_decay_scheme=stage", "single or group")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [bad])
+
+
+def test_cli_refuses_a_recipe_of_another_task(capsys):
+    from maskconv.cli import main
+
+    assert main(["pretrain", "--recipe", "convnextv2_atto_finetune", "--out", "/tmp/never"]) == 2
+    assert "is a finetune recipe" in capsys.readouterr().err

@@ -135,3 +135,29 @@ def test_two_process_gloo_ddp_equals_one_process(tmp_path):
     w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_accumulation_uses_whole_cycles_and_eval_needs_validation_data(tmp_path, capsys):
+    out = tmp_path / "acc"
+    # 64 images / batch 8 = 8 micro-batches; accum 3 -> 2 steps per epoch, 6 micro-batches, none left over
+    assert main(["finetune", *TINY, "--out", str(out), "optim.epochs=2", "optim.accum_steps=3"]) == 0
+    res = json.loads((out / "config.json").read_text())["resolved"]
+    assert res["steps_per_epoch"] == 2 and res["effective_batch"] == 24
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
+    assert [r["step"] for r in rows] == [2, 4]
+    # a run whose data has no validation split: eval must be told which labeled data to use
+    folder = tmp_path / "labeled"
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (64, 64), (i * 30, 100 if c == "a" else 0, 0)).save(folder / c / f"{i}.png")
+    run = tmp_path / "folder_run"
+    assert main(["finetune", "--model", "test_convnextv2", "--data", str(folder), "--out", str(run),
+                 "data.img_size=64", "data.batch_size=8", "data.num_workers=0", "run.progress=false",
+                 "optim.epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run)]) == 2
+    assert "no validation split: pass --data" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--data", str(folder)]) == 0

@@ -150,6 +150,8 @@ def run_visualize_collapse(checkpoints: list[str | None], images: str, out: str 
         s = size or (32 if net.stride <= 8 else 224)
         x = sample_images(images, s, net.in_chans, limit)
         label = Path(src).name if src else f"{net.pretrained_cfg['architecture']} (random init)"
+        if label in results:  # two runs with the same folder name: keep both
+            label = f"{label} ({src})"
         results[label] = feature_collapse(net, x, where)
         mean = sum(r["distance"] for r in results[label]) / len(results[label])
         print(f"{label}: mean distance {mean:.4f} over {len(results[label])} blocks ({len(x)} images, {where})")

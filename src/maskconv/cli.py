@@ -74,16 +74,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> "Config":  # noqa: F821
-    from .config import load_config, set_key
+    from .config import load_config, set_key  # noqa: F401
+
+    from .config import ConfigError, validate
 
     cfg = load_config(args.recipe, args.overrides)
+    if args.recipe and cfg.task != args.command:
+        raise ConfigError(f"recipe {args.recipe!r} is a {cfg.task} recipe; run it with `maskconv {cfg.task}`")
     for key, value in vars(args).items():
         if "." in key and value is not None:
-            import yaml
-
-            set_key(cfg, key, yaml.safe_load(value) if value != "" else value)
+            set_key(cfg, key, value)
     cfg.task = args.command
-    return cfg
+    return validate(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                        args.limit, args.size, args.in_chans, args.patch_size)
         elif args.command == "demo":
             api.run_demo(args.out)
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line, no traceback
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:  # one line, no traceback
         print(f"maskconv: error: {e}", file=sys.stderr)
         return 2
     finally:

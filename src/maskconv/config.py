@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +37,6 @@ class DataCfg:
     img_size: int = 224
     batch_size: int = 64  # per process
     num_workers: int = 2
-    train_fraction: float = 1.0  # fine-tuning: per-class fraction of labels kept (semi-supervised studies)
     labels_per_class: int = 0  # fine-tuning: keep this many labels per class (0 = all)
     crop_scale_min: float = 0.2  # RandomResizedCrop lower scale (pretraining 0.2, fine-tuning 0.08)
     hflip: bool = True
@@ -81,6 +81,7 @@ class RunCfg:
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
     save_every_epochs: int = 1
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
+    eval_every_epochs: int = 1  # validation cadence (the last epoch is always evaluated)
     log_every_steps: int = 10
     tensorboard: bool = False
     progress: bool = True
@@ -136,25 +137,34 @@ def _coerce(value, tp, key: str):
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
+        if isinstance(value, int):
+            return value
+        try:  # "3", "3.0", "1e3" are integers; "2.5", "inf", "ten" are not
+            text = str(value).strip()
+            return int(text) if text.lstrip("+-").isdigit() else _integral(float(text))
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
+        if not math.isfinite(f):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
+    if tp is str:  # taken verbatim: paths may hold '#', ':' or look like numbers
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _integral(f: float) -> int:
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(f)
+    return int(f)
 
 
 def _fields(obj) -> dict[str, tuple[object, object]]:
@@ -218,7 +228,46 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | 
             set_key(cfg, k, v)
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in (overrides or [])]
     for k, v in items:
-        set_key(cfg, k, yaml.safe_load(v) if isinstance(v, str) and v != "" else v)
+        set_key(cfg, k, v)  # strings are parsed by the field's type, never as YAML
+    return validate(cfg)
+
+
+# (key, check, requirement) for values whose type is right but whose range is not
+_RANGES = [
+    ("data.batch_size", lambda v: v >= 1, ">= 1"), ("data.img_size", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"), ("data.labels_per_class", lambda v: v >= 0, ">= 0"),
+    ("data.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"), ("data.reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
+    ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.patch_size", lambda v: v >= 1, ">= 1"),
+    ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.epochs", lambda v: v >= 1, ">= 1"), ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("optim.blr", lambda v: v > 0, "> 0"), ("optim.lr", lambda v: v is None or v > 0, "> 0"),
+    ("optim.min_lr", lambda v: v >= 0, ">= 0"), ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"), ("optim.accum_steps", lambda v: v >= 1, ">= 1"),
+    ("optim.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.clip_grad", lambda v: v is None or v > 0, "> 0 (or none)"),
+    ("optim.layer_decay_scheme", lambda v: v in ("single", "group"), "single or group"),
+    ("objective.mask_ratio", lambda v: 0 < v < 1, "in (0, 1)"), ("objective.decoder_dim", lambda v: v >= 1, ">= 1"),
+    ("objective.decoder_depth", lambda v: v >= 0, ">= 0"),
+    ("objective.sparse", lambda v: v in ("gather", "dense"), "gather or dense"),
+    ("run.device", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    ("run.amp", lambda v: v in ("auto", "off", "bf16", "fp16"), "auto, off, bf16 or fp16"),
+    ("run.save_every_epochs", lambda v: v >= 1, ">= 1"), ("run.save_every_steps", lambda v: v >= 0, ">= 0"),
+    ("run.eval_every_epochs", lambda v: v >= 1, ">= 1"), ("run.log_every_steps", lambda v: v >= 1, ">= 1"),
+    ("run.max_steps", lambda v: v >= 0, ">= 0"), ("run.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
+    ("task", lambda v: v in ("pretrain", "finetune", "linprobe"), "pretrain, finetune or linprobe"),
+]
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError for a value out of its range (checked before any work starts)."""
+    for key, ok, need in _RANGES:
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if not ok(obj):
+            raise ConfigError(f"{key}={obj!r}: must be {need}")
     return cfg
 
 

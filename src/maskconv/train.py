@@ -47,15 +47,20 @@ def run_pretrain(cfg: Config) -> FitResult:
     return res
 
 
-def _val_loader(cfg: Config, batch_size: int | None = None) -> DataLoader | None:
-    try:
-        ds = build_dataset(cfg.data, cfg.model.in_chans, "val", labeled=True)
-    except FileNotFoundError:
-        return None
+def _eval_loader(cfg: Config, classes: list[str] | None, split: str = "val",
+                 batch_size: int | None = None) -> DataLoader | None:
+    """Eval-transformed loader of ``split`` (None when the data has no such split); undecodable files are
+    dropped, not replaced, so no image is counted twice."""
     from .data.datasets import SeededDataset
 
+    try:
+        ds = build_dataset(cfg.data, cfg.model.in_chans, split, labeled=True, classes=classes)
+    except FileNotFoundError:
+        if split == "val":
+            return None
+        raise
     tf = build_transform(cfg.data, cfg.model.in_chans, train=False)
-    return DataLoader(SeededDataset(ds, tf), batch_size=batch_size or cfg.data.batch_size,
+    return DataLoader(SeededDataset(ds, tf, replace_bad=False), batch_size=batch_size or cfg.data.batch_size,
                       num_workers=cfg.data.num_workers, collate_fn=collate_skip)
 
 
@@ -67,8 +72,11 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = n = 0
     for images, labels, _ in loader:
-        if images is None:
+        if images is None:  # every file of this batch was undecodable
             continue
+        if labels.max() >= num_classes or labels.min() < 0:
+            raise ValueError(f"labels {labels.min().item()}..{labels.max().item()} outside the model's "
+                             f"{num_classes} classes")
         logits = model(images.to(device)).float().cpu()
         pred = logits.argmax(1)
         conf += torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
@@ -80,9 +88,19 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
                 val_per_class=per_class, val_confusion=conf.tolist(), val_images=n)
 
 
-def _classifier(cfg: Config, num_classes: int) -> nn.Module:
-    model = create_model(cfg.model.name, num_classes=num_classes, head_init_scale=cfg.model.head_init_scale,
-                         **_model_kwargs(cfg))
+def _probe_head(model: nn.Module, num_classes: int) -> None:
+    """MAE linear-probe head: BatchNorm without affine, then Linear (std 0.01 init)."""
+    model.head.fc = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
+                                  nn.Linear(model.num_features, num_classes))
+    nn.init.trunc_normal_(model.head.fc[1].weight, std=0.01)
+    nn.init.zeros_(model.head.fc[1].bias)
+
+
+def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Module:
+    kw = _model_kwargs(cfg)
+    if linprobe:
+        kw["drop_path_rate"] = 0.0  # the frozen backbone must give the same features every time
+    model = create_model(cfg.model.name, num_classes=num_classes, head_init_scale=cfg.model.head_init_scale, **kw)
     if cfg.model.init:
         rep = load_checkpoint(model, cfg.model.init, drop_mismatched_head=True)
         print(f"init from {cfg.model.init} ({rep.layout} layout; left at init: {', '.join(rep.skipped) or 'none'})")
@@ -94,13 +112,11 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     torch.manual_seed(cfg.run.seed)
     ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True, seed=cfg.run.seed)
     n = num_classes_of(ds)
-    model = _classifier(cfg, n)
+    classes = list(getattr(ds, "classes", []))
+    model = _classifier(cfg, n, linprobe)
     if linprobe:  # MAE protocol: frozen backbone, BatchNorm (no affine) + linear head
         model.requires_grad_(False)
-        model.head.fc = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
-                                      nn.Linear(model.num_features, n))
-        nn.init.trunc_normal_(model.head.fc[1].weight, std=0.01)
-        nn.init.zeros_(model.head.fc[1].bias)
+        _probe_head(model, n)
     batch_tf = None
     d = cfg.data
     if (d.mixup > 0 or d.cutmix > 0) and not linprobe:
@@ -110,7 +126,10 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
                   ([v2.CutMix(alpha=d.cutmix, num_classes=n)] if d.cutmix > 0 else [])
         batch_tf = v2.RandomChoice(choices)
     tf = build_transform(d, cfg.model.in_chans, train=not linprobe)  # the probe sees eval-style crops
-    val = _val_loader(cfg) if info.is_main else None
+    val = _eval_loader(cfg, classes) if info.is_main else None
+    if info.is_main:
+        Path(cfg.run.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.out) / "classes.json").write_text(json.dumps(classes))  # eval numbers classes the same way
 
     def loss_fn(m, x, y):
         return F.cross_entropy(m(x), y, label_smoothing=d.label_smoothing)
@@ -126,7 +145,7 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     res = fit(cfg, model, ds, tf, loss_fn, task=task, batch_transform=batch_tf, evaluate=evaluate,
               backbone=model if cfg.optim.layer_decay != 1.0 else None, info=info)
     if info.is_main:
-        meta = {"num_classes": str(n), "classes": json.dumps(list(getattr(ds, "classes", [])))}
+        meta = {"num_classes": str(n), "classes": json.dumps(classes)}
         save_weights(model, res.out / "model.safetensors", metadata=meta)
         if res.ema is not None:
             save_weights(res.ema, res.out / "model_ema.safetensors", metadata=meta)
@@ -162,28 +181,30 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
         cfg.data = DataCfg(**{**{k: getattr(cfg.data, k) for k in ("img_size", "num_workers")}, "path": data})
     cfg.model.init = None
     info = D.setup(device)
-    val = _val_loader(cfg, batch_size)
-    if val is None:  # a plain labeled folder
-        from .data.datasets import SeededDataset
-
-        ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True)
-        val = DataLoader(SeededDataset(ds, build_transform(cfg.data, cfg.model.in_chans, train=False)),
-                         batch_size=batch_size, collate_fn=collate_skip)
+    cls_file = ckpt.parent / "classes.json"
+    classes = (json.loads(cls_file.read_text()) or None) if cls_file.is_file() else None
+    val = _eval_loader(cfg, classes, "val", batch_size)
+    if val is None:
+        if not data:  # never report accuracy on the images the model was trained on
+            raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
+        val = _eval_loader(cfg, classes, "train", batch_size)  # --data is a plain labeled folder
     num_classes = ck["model"]["head.fc.weight" if "head.fc.weight" in ck["model"] else "head.fc.1.weight"].shape[0]
     model = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg))
     if ck["task"] == "linprobe":
-        model.head.fc = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
-                                      nn.Linear(model.num_features, num_classes))
-    weights = ck["model"]
+        _probe_head(model, num_classes)
+    weights, which = ck["model"], "trained"
     if ck.get("ema") is not None:  # evaluate the EMA weights when the run kept them (official recipes do)
         weights = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+        which = "EMA"
     model.load_state_dict(weights)
     model.to(info.device)
     res = evaluate_classifier(model, val, num_classes, info.device)
     out = Path(out) if out else ckpt.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(res, indent=1))
-    print(f"top-1 {res['val_top1']:.2f}%  top-5 {res['val_top5']:.2f}%  on {res['val_images']} images")
+    res["weights"] = which
+    print(f"top-1 {res['val_top1']:.2f}%  top-5 {res['val_top5']:.2f}%  on {res['val_images']} images "
+          f"({which} weights)")
     try:
         from .viz.curves import plot_confusion
 

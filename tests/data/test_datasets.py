@@ -40,8 +40,12 @@ def test_folder_converts_modes_and_skips_broken_files(messy_folder, in_chans):
         assert img.dtype == torch.uint8 and img.shape[0] == in_chans and label == -1
     g16 = items["g16.png"][0]
     assert g16.max() > 128  # 16-bit scaled to 8-bit, not clipped to 255 nor left at 0..1
-    imgs, labels, skipped = collate_skip([items["rgb.png"], None, items["rgb.png"], items["zero.png"]])
-    assert imgs.shape[0] == 2 and labels.tolist() == [-1, -1] and skipped == 2
+    ident = SeededDataset(ds, lambda t: t[:, :8, :8], replace_bad=False)  # eval: undecodable files dropped
+    imgs, labels, skipped = collate_skip([ident[i] for i in range(len(ds))])
+    assert imgs.shape == (5, in_chans, 8, 8) and labels.tolist() == [-1] * 5 and skipped == 3
+    train = SeededDataset(ds, lambda t: t[:, :8, :8])  # training: replaced by a neighbour, batches stay full
+    imgs, labels, skipped = collate_skip([train[i] for i in range(len(ds))])
+    assert imgs.shape[0] == 8 and skipped >= 3
 
 
 def test_empty_and_missing_folders_are_clear_errors(tmp_path):
@@ -84,9 +88,9 @@ def test_sampler_shards_global_batches_and_resumes():
 def test_seeded_augmentation_is_a_function_of_seed_epoch_index():
     cfg = DataCfg(img_size=32)
     ds = SeededDataset(SyntheticImages(8, size=48), build_transform(cfg, 3, train=True), seed=5)
-    a, b = ds[(3, 1)][0], ds[(3, 1)][0]
-    assert torch.equal(a, b)
-    assert not torch.equal(a, ds[(3, 2)][0])
+    (a, _), bad = ds[(3, 1)]
+    assert bad == 0 and torch.equal(a, ds[(3, 1)][0][0])
+    assert not torch.equal(a, ds[(3, 2)][0][0])
 
 
 def test_labels_subset_per_class():

@@ -78,3 +78,10 @@ def test_spatial_l2_chunked_equals_vector_norm():
     ref = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
     torch.testing.assert_close(spatial_l2(x, chunk_elems=100), ref)  # 2 samples per chunk -> 3 chunks
     torch.testing.assert_close(spatial_l2(x), ref)
+
+
+def test_grn_keeps_input_dtype_under_autocast():
+    grn = GlobalResponseNorm(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grn(torch.randn(2, 3, 3, 8).bfloat16())
+    assert y.dtype == torch.bfloat16

@@ -204,3 +204,13 @@ def test_roundtrip_torch_and_safetensors(tmp_path):
                                    if maskconv.save_weights(m, tmp_path / name) else None)
         for k, v in m.state_dict().items():
             assert torch.equal(v, m2.state_dict()[k]), k
+
+
+def test_encoder_file_with_head_norm_is_backbone_only(tmp_path):
+    enc = maskconv.create_model("test_convnextv2", num_classes=0)  # has head.norm, no head.fc (FCMAE encoder)
+    path = maskconv.save_weights(enc, tmp_path / "encoder.safetensors")
+    clf = maskconv.create_model("test_convnextv2", num_classes=7)
+    with pytest.warns(UserWarning, match="backbone-only"):
+        rep = load_checkpoint(clf, path)  # plain load_checkpoint, strict otherwise
+    assert rep.skipped == ["head.fc.weight", "head.fc.bias"]
+    assert torch.equal(clf.head.norm.weight, enc.head.norm.weight)

@@ -65,10 +65,11 @@ def _parse_randaug(spec: str) -> tuple[int, int]:
         raise ValueError(f"data.rand_augment={spec!r}: expected e.g. 'n2-m9'") from None
 
 
-def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True, seed: int = 0) -> Dataset:
+def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True, seed: int = 0,
+                  classes: list[str] | None = None) -> Dataset:
     """``cfg.path``: a named dataset (synthetic | fashion-mnist | photos) or a folder. A folder with ``train/``
     and ``val/`` sub-folders is split by them; otherwise the folder itself is the training set (and holds class
-    sub-folders when ``labeled``)."""
+    sub-folders when ``labeled``). ``classes`` fixes the class numbering (validation / eval of a trained model)."""
     name = cfg.path
     if name == "synthetic":
         ds = SyntheticImages(n=64 if split == "train" else 32, num_classes=4, size=cfg.img_size, in_chans=in_chans,
@@ -87,7 +88,7 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
             root = root / split
         elif split != "train":
             raise FileNotFoundError(f"{root} has no {split}/ folder (expected {root}/train and {root}/val)")
-        ds = ImageFolderDataset(root, in_chans, labeled=labeled)
+        ds = ImageFolderDataset(root, in_chans, labeled=labeled, classes=classes if labeled else None)
     if split == "train" and labeled and cfg.labels_per_class > 0:
         ds = labels_subset(ds, cfg.labels_per_class, seed)
     return ds

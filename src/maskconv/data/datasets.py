@@ -69,16 +69,23 @@ def to_channels(t: torch.Tensor, in_chans: int) -> torch.Tensor:
 class ImageFolderDataset(Dataset):
     """Images under ``root``, recursively. ``labeled``: one class per top-level sub-folder (sorted names)."""
 
-    def __init__(self, root: str | Path, in_chans: int = 3, labeled: bool = False):
+    def __init__(self, root: str | Path, in_chans: int = 3, labeled: bool = False, classes: list[str] | None = None):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {root}")
         self.in_chans = in_chans
         if labeled:
-            self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-            if not self.classes:
+            found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            if not found:
                 raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
-            self.samples = [(p, i) for i, c in enumerate(self.classes) for p in sorted((root / c).rglob("*"))
+            if classes is not None:  # a validation / eval split numbers its classes as the training run did
+                unknown = sorted(set(found) - set(classes))
+                if unknown:
+                    raise ValueError(f"{root} has classes the model was not trained on: {', '.join(unknown[:5])}")
+                found = [c for c in classes if (root / c).is_dir()]
+            self.classes = list(classes) if classes is not None else found
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.samples = [(p, index[c]) for c in found for p in sorted((root / c).rglob("*"))
                             if p.suffix.lower() in IMAGE_SUFFIXES]
         else:
             self.classes = []
@@ -88,6 +95,10 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
@@ -160,34 +171,49 @@ class SyntheticImages(Dataset):
 
 class SeededDataset(Dataset):
     """Applies ``transform`` with the global RNG seeded from (seed, epoch, index); indices come from
-    ``ResumableSampler`` as ``(index, epoch)`` pairs."""
+    ``ResumableSampler`` as ``(index, epoch)`` pairs.
 
-    def __init__(self, base: Dataset, transform, seed: int = 0):
-        self.base, self.transform, self.seed = base, transform, seed
+    An undecodable file is counted and, with ``replace_bad`` (training), replaced by the next decodable one, so
+    every process always gets full batches (a skipped step on one DDP rank would desynchronise the others).
+    Without it (evaluation) the sample is dropped by ``collate_skip``.
+    """
+
+    MAX_CONSECUTIVE_BAD = 32
+
+    def __init__(self, base: Dataset, transform, seed: int = 0, replace_bad: bool = True):
+        self.base, self.transform, self.seed, self.replace_bad = base, transform, seed, replace_bad
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, item):
         i, epoch = item if isinstance(item, tuple) else (item, 0)
+        bad = 0
         sample = self.base[i]
-        if sample is None:
-            return None
+        while sample is None:
+            bad += 1
+            if not self.replace_bad:
+                return None, bad
+            if bad > self.MAX_CONSECUTIVE_BAD:
+                raise ValueError(f"more than {self.MAX_CONSECUTIVE_BAD} consecutive files from index {i} cannot "
+                                 "be decoded: is this an image dataset?")
+            sample = self.base[(i + bad) % len(self.base)]
         img, label = sample
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
-            return self.transform(img), label
+            return (self.transform(img), label), bad
 
 
 def collate_skip(batch):
-    """Default collate without the samples that failed to decode; returns (images, labels, n_skipped)."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
+    """Collate ``SeededDataset`` items; drops samples that could not be decoded.
+    Returns ``(images or None, labels or None, n_undecodable)``."""
+    good = [s for s, _ in batch if s is not None]
+    bad = sum(b for _, b in batch)
     if not good:
-        return None, None, skipped
-    imgs = torch.stack([b[0] for b in good])
-    labels = torch.tensor([b[1] for b in good], dtype=torch.long)
-    return imgs, labels, skipped
+        return None, None, bad
+    imgs = torch.stack([s[0] for s in good])
+    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
+    return imgs, labels, bad
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -196,10 +222,12 @@ class ResumableSampler(torch.utils.data.Sampler):
     ``start_batch`` skips batches already trained on (resume). Yields ``(index, epoch)``."""
 
     def __init__(self, n: int, batch: int, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1,
-                 start_batch: int = 0, shuffle: bool = True):
+                 start_batch: int = 0, shuffle: bool = True, max_batches: int | None = None):
         self.n, self.batch, self.seed, self.epoch = n, batch, seed, epoch
         self.rank, self.world, self.start_batch, self.shuffle = rank, world, start_batch, shuffle
         self.num_batches = n // (batch * world)  # drop_last: every step has a full global batch
+        if max_batches is not None:  # e.g. a whole number of accumulation cycles
+            self.num_batches = min(self.num_batches, max_batches)
         if self.num_batches == 0:
             raise ValueError(f"dataset of {n} images is smaller than one global batch ({batch} x {world} "
                              "processes); lower data.batch_size")

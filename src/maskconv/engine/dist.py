@@ -29,7 +29,7 @@ def setup(device: str = "auto") -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda but no CUDA device is available")
+            raise ValueError("run.device=cuda but no CUDA device is available (use run.device=cpu or auto)")
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     elif device == "cpu":
@@ -37,7 +37,10 @@ def setup(device: str = "auto") -> DistInfo:
     else:
         raise ValueError(f"run.device={device!r}: use auto, cpu or cuda")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        # Validation runs on rank 0 while the others wait at the next collective: allow it an hour.
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
     return DistInfo(rank, world, local, dev)
 
 
@@ -52,6 +55,15 @@ def all_gather_object(obj, info: DistInfo) -> list:
     out = [None] * info.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_true(flag: bool, info: DistInfo) -> bool:
+    """True only if ``flag`` is True on every process (so all ranks take the same branch)."""
+    if info.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def barrier(info: DistInfo) -> None:

@@ -7,7 +7,6 @@ every process. Re-running with the same ``run.out`` continues from ``last.pt``.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -31,7 +30,9 @@ class TrainState:
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
     step: int = 0  # optimizer steps taken
-    skipped_files: int = 0  # undecodable images dropped so far
+    skipped_files: int = 0  # undecodable images replaced so far
+    loss_sum: float = 0.0  # running loss of the current epoch (so a resumed epoch reports the whole mean)
+    loss_count: int = 0
 
 
 @dataclass
@@ -70,6 +71,12 @@ class MetricsLog:
 
             self.tb = SummaryWriter(str(out / "tb"))
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+        if self.enabled and self.path.exists():
+            keep = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= step]
+            self.path.write_text("".join(k + "\n" for k in keep))
+
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
@@ -83,7 +90,7 @@ class MetricsLog:
 
 def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *, task: str,
         batch_transform: Callable | None = None, evaluate: Callable | None = None,
-        backbone: nn.Module | None = None, backbone_prefix: str = "", info: D.DistInfo | None = None) -> FitResult:
+        backbone: nn.Module | None = None, info: D.DistInfo | None = None) -> FitResult:
     """Train ``model`` on ``dataset`` as ``cfg`` says. ``loss_fn(model, images, labels) -> loss``;
     ``batch_transform(images, labels)`` (MixUp/CutMix) runs on each micro-batch; ``evaluate(model) -> dict``
     runs on the main process after every epoch."""
@@ -95,10 +102,11 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     model.to(info.device)
     o, r = cfg.optim, cfg.run
     accum = max(1, o.accum_steps)
-    per_epoch_batches = ResumableSampler(len(dataset), cfg.data.batch_size, world=info.world).num_batches
-    steps_per_epoch = per_epoch_batches // accum
+    full_batches = ResumableSampler(len(dataset), cfg.data.batch_size, world=info.world).num_batches
+    steps_per_epoch = full_batches // accum
     if steps_per_epoch == 0:
-        raise ValueError(f"{per_epoch_batches} batches per epoch is fewer than optim.accum_steps={accum}")
+        raise ValueError(f"{full_batches} batches per epoch is fewer than optim.accum_steps={accum}")
+    per_epoch_batches = steps_per_epoch * accum  # whole accumulation cycles only: no gradient spills over
     total_steps = o.epochs * steps_per_epoch
     eff_batch = cfg.data.batch_size * info.world * accum
     lr = o.lr if o.lr is not None else o.blr * eff_batch / 256
@@ -109,8 +117,7 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
         print("resolved: " + ", ".join(f"{k}={v}" for k, v in resolved.items()), flush=True)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=1))
 
-    optimizer = build_optimizer(model, lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme,
-                                backbone, backbone_prefix)
+    optimizer = build_optimizer(model, lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme, backbone)
     amp_ctx, scaler = autocast_ctx(r.amp, info.device)
     ema = None
     if o.ema_decay > 0:
@@ -147,6 +154,7 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
 
         ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
     log = MetricsLog(out, info.is_main, r.tensorboard)
+    log.truncate_after(state.step)
     history: list[dict] = []
 
     def checkpoint(tag: str = LAST) -> None:
@@ -167,7 +175,7 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     t_start = time.perf_counter()
     for epoch in range(state.epoch, o.epochs):
         sampler = ResumableSampler(len(dataset), cfg.data.batch_size, r.seed, epoch, info.rank, info.world,
-                                   start_batch=state.batch_in_epoch)
+                                   start_batch=state.batch_in_epoch, max_batches=per_epoch_batches)
         loader = DataLoader(SeededDataset(dataset, transform, r.seed), batch_size=cfg.data.batch_size,
                             sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate_skip,
                             generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
@@ -181,11 +189,8 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
                        f"{o.epochs}", unit="batch", dynamic_ncols=True)
         losses = []
         for images, labels, skipped in loader:
-            state.skipped_files += skipped
+            state.skipped_files += skipped  # undecodable files were replaced (SeededDataset): batches stay full
             micro = state.batch_in_epoch % accum
-            if images is None:  # every file of this micro-batch failed to decode
-                state.batch_in_epoch += 1
-                continue
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device, non_blocking=True)
             if batch_transform is not None:
@@ -194,13 +199,15 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             with (ddp.no_sync() if info.world > 1 and not sync else nullcontext()):
                 with amp_ctx:
                     loss = loss_fn(ddp, images, labels)
-                if not torch.isfinite(loss):
+                if not D.all_true(bool(torch.isfinite(loss)), info):  # every rank stops together
                     raise FloatingPointError(
                         f"non-finite loss ({loss.item()}) at step {state.step} (epoch {epoch + 1}, batch "
                         f"{state.batch_in_epoch}); the last good checkpoint {last} is intact. Lower optim.blr, "
                         "set optim.clip_grad, or check the data.")
                 (scaler.scale(loss / accum) if scaler else loss / accum).backward()
             losses.append(loss.item())
+            state.loss_sum += losses[-1]
+            state.loss_count += 1
             state.batch_in_epoch += 1
             if bar is not None:
                 bar.update(1)
@@ -234,16 +241,19 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
                 break
         if bar is not None:
             bar.close()
+        epoch_loss = D.mean_across(state.loss_sum / max(1, state.loss_count), info)
         if stop:  # run.max_steps: summarise the partial epoch, keep a resumable checkpoint
             log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
-                           train_loss=D.mean_across(sum(losses) / max(1, len(losses)), info), lr=cur_lr))
+                           train_loss=epoch_loss, lr=cur_lr))
             checkpoint()
             break
-        state.epoch, state.batch_in_epoch = epoch + 1, 0
-        row = dict(step=state.step, epoch=epoch + 1,
-                   train_loss=D.mean_across(sum(losses) / max(1, len(losses)), info), lr=cur_lr)
-        if evaluate is not None and info.is_main:
-            row.update(evaluate(ema.module if ema is not None else model))
+        state.epoch, state.batch_in_epoch, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
+        row = dict(step=state.step, epoch=epoch + 1, train_loss=epoch_loss, lr=cur_lr)
+        if evaluate is not None and info.is_main and ((epoch + 1) % max(1, r.eval_every_epochs) == 0
+                                                      or epoch + 1 == o.epochs):
+            row.update(evaluate(model))  # the trained weights (model.safetensors)
+            if ema is not None:  # and their EMA (model_ema.safetensors), named apart
+                row.update({f"ema_{k}": v for k, v in evaluate(ema.module).items()})
         log.write(row)
         history.append(row)
         if info.is_main:
@@ -251,7 +261,6 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
         if (epoch + 1) % max(1, r.save_every_epochs) == 0 or epoch + 1 == o.epochs:
             checkpoint()
     if info.is_main and state.skipped_files:
-        print(f"skipped {state.skipped_files} image file(s) that could not be decoded", flush=True)
-    if math.isnan(sum(h.get("train_loss", 0.0) for h in history)):
-        raise FloatingPointError("training produced NaN losses")
+        print(f"{state.skipped_files} image file(s) could not be decoded and were replaced by their neighbours",
+              flush=True)
     return FitResult(out, state, history, model, ema.module if ema is not None else None)

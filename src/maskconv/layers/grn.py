@@ -47,4 +47,4 @@ class GlobalResponseNorm(nn.Module):
         # three (~2x faster forward+backward on CPU); the (B, 1, 1, C) factor is formed in float32.
         factor = torch.addcmul(torch.ones_like(self.weight, dtype=torch.float32), self.weight.float(),
                                grn_nx(x, self.eps))  # (B, 1, 1, C)
-        return torch.addcmul(self.bias, x, factor.to(x.dtype))
+        return torch.addcmul(self.bias.to(x.dtype), x, factor.to(x.dtype))  # keeps x's dtype under autocast

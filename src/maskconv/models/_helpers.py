@@ -145,7 +145,7 @@ def load_checkpoint(
         sd[wkey] = adapt_input_conv(target[wkey].shape[1], sd[wkey])
         report.adapted_in_chans = True
 
-    had_head = any(k.startswith("head.") for k in sd)
+    had_head = any(k.startswith("head.fc.") for k in sd)  # no classifier = a backbone-only checkpoint
     if drop_mismatched_head:
         for k in [k for k in sd if k.startswith("head.fc.")]:
             if k not in target or sd[k].shape != target[k].shape:
@@ -161,7 +161,7 @@ def load_checkpoint(
     unexpected = [k for k in sd if k not in target]
     shape_bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
                  for k in sd if k in target and sd[k].shape != target[k].shape]
-    if not had_head and any(k.startswith("head.") for k in missing):
+    if not had_head and any(k.startswith("head.") for k in missing):  # e.g. FCMAE encoders (with or w/o head.norm)
         head = [k for k in missing if k.startswith("head.")]
         warnings.warn(f"backbone-only checkpoint: {_fmt(head)} left at init")
         report.skipped += head
@@ -189,7 +189,18 @@ def atomic_write(path: str | os.PathLike, write_fn) -> Path:
     os.close(fd)
     try:
         write_fn(tmp)
+        with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the user's usual mode
         os.replace(tmp, path)
+        try:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+        except OSError:  # some filesystems cannot fsync a directory
+            pass
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

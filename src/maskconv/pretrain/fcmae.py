@@ -196,8 +196,7 @@ class FCMAE(nn.Module):
         return (per_patch * m).sum() / m.sum().clamp_min(1)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> FCMAEOutput:
-        if mask is None:
-            mask = self.make_mask(images)
+        mask = self.make_mask(images) if mask is None else mask.to(images.device)
         z = self.forward_encoder(images, mask)
         pred = self.forward_decoder(z, mask)
         return FCMAEOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from ..pretrain.masking import upsample_mask
 from ..pretrain.targets import patch_stats, patchify, unpatchify
 
 
@@ -23,7 +24,7 @@ def reconstruct(obj, images: torch.Tensor, mask: torch.Tensor | None = None) -> 
         mean, std = patch_stats(patchify(images.float(), p))
         pred = pred * std + mean
     pred_img = unpatchify(pred, p, h, w, c)
-    hidden = out.mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)  # (B, 1, H, W)
+    hidden = upsample_mask(out.mask, p).unsqueeze(1)  # (B, 1, H, W)
     return dict(original=images, masked=images.masked_fill(hidden, 0), pred=pred_img,
                 pasted=torch.where(hidden, pred_img, images), mask=out.mask, loss=out.loss)
 

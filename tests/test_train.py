@@ -112,14 +112,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_equals_one_process(tmp_path, mode):
     common = ["finetune", "--model", "test_convnextv2", "--data", "synthetic", "data.img_size=64",
               "data.num_workers=0", "run.progress=false", "optim.epochs=2", "optim.blr=1e-2", "run.log_every_steps=1"]
     one = _cli(*common, "data.batch_size=8", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={_free_port()}", "-m", "maskconv", *common, "data.batch_size=4",
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=ENV)
+                          f"run.fsdp={mode == 'fsdp'}", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=ENV)
     assert two.returncode == 0, two.stderr[-3000:]
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())["resolved"]
     assert cfg["world_size"] == 2 and cfg["effective_batch"] == 8

@@ -86,6 +86,7 @@ class RunCfg:
     tensorboard: bool = False
     progress: bool = True
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for smoke tests
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun: shards params, grads, optimizer state
 
 
 @dataclass

@@ -41,8 +41,11 @@ def run_pretrain(cfg: Config) -> FitResult:
     tf = build_transform(cfg.data, cfg.model.in_chans, train=True, pretrain=True)
     res = fit(cfg, obj, ds, tf, lambda m, x, y: m(x).loss, task="pretrain", info=info)
     if info.is_main:
-        save_objective(obj, res.out / "objective.safetensors")  # encoder + decoder + config
-        save_weights(obj.encoder, res.out / "encoder.safetensors")  # strict-loads into create_model / timm
+        full = res.state_dict if res.state_dict is not None else obj.state_dict()
+        save_objective(obj, res.out / "objective.safetensors", full)  # encoder + decoder + config
+        enc = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+        save_weights(enc, res.out / "encoder.safetensors",  # strict-loads into create_model / timm
+                     metadata={"architecture": cfg.model.name})
         print(f"weights: {res.out / 'encoder.safetensors'} (encoder), {res.out / 'objective.safetensors'} (all)")
     return res
 
@@ -71,7 +74,9 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
     device = device or next(model.parameters()).device
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = n = 0
-    for images, labels, _ in loader:
+    from tqdm import tqdm
+
+    for images, labels, _ in tqdm(loader, desc="eval", unit="batch", leave=False, disable=len(loader) < 20):
         if images is None:  # every file of this batch was undecodable
             continue
         if labels.max() >= num_classes or labels.min() < 0:
@@ -146,7 +151,8 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
               backbone=model if cfg.optim.layer_decay != 1.0 else None, info=info)
     if info.is_main:
         meta = {"num_classes": str(n), "classes": json.dumps(classes)}
-        save_weights(model, res.out / "model.safetensors", metadata=meta)
+        save_weights(res.state_dict if res.state_dict is not None else model, res.out / "model.safetensors",
+                     metadata={"architecture": cfg.model.name, **meta})
         if res.ema is not None:
             save_weights(res.ema, res.out / "model_ema.safetensors", metadata=meta)
     return res

@@ -40,8 +40,29 @@ class FitResult:
     out: Path
     state: TrainState
     history: list[dict]
-    model: nn.Module  # unwrapped
+    model: nn.Module  # unwrapped (with FSDP: still sharded; use ``state_dict``)
     ema: nn.Module | None
+    state_dict: dict | None = None  # full (unsharded) model weights on CPU, main process only
+
+
+def _shard(model: nn.Module) -> None:
+    """FSDP2: shard every unit the model names (``fsdp_units()``, e.g. ConvNeXt stages), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in getattr(model, "fsdp_units", lambda: [])():
+        fully_shard(unit)
+    fully_shard(model)
+
+
+def _full_state(model: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts, gathered to full CPU tensors under FSDP (a collective: call on all ranks)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
 def autocast_ctx(amp: str, device: torch.device):
@@ -67,7 +88,10 @@ class MetricsLog:
         self.path = out / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # lazy: optional extra
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # lazy: optional extra
+            except ImportError:
+                raise ImportError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
 
             self.tb = SummaryWriter(str(out / "tb"))
 
@@ -117,6 +141,11 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
         print("resolved: " + ", ".join(f"{k}={v}" for k, v in resolved.items()), flush=True)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=1))
 
+    fsdp = r.fsdp and info.world > 1
+    if fsdp:
+        if o.ema_decay > 0:
+            raise ValueError("optim.ema_decay is not supported with run.fsdp (the EMA copy would not be sharded)")
+        _shard(model)
     optimizer = build_optimizer(model, lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme, backbone)
     amp_ctx, scaler = autocast_ctx(r.amp, info.device)
     ema = None
@@ -133,8 +162,16 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
         if ck["config"]["model"]["name"] != cfg.model.name or ck.get("task") != task:
             raise ValueError(f"{last} is a {ck.get('task')} run of {ck['config']['model']['name']}; this is a "
                              f"{task} run of {cfg.model.name}: choose another run.out")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, ck["model"], options=opts)
+            set_optimizer_state_dict(model, optimizer, ck["optimizer"], options=opts)
+        else:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         if ema is not None and ck.get("ema") is not None:
@@ -149,7 +186,7 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             print(f"resumed from {last}: epoch {state.epoch}, step {state.step}", flush=True)
 
     ddp = model
-    if info.world > 1:
+    if info.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
@@ -161,9 +198,10 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
         rng = D.all_gather_object({"torch": torch.get_rng_state(),
                                    "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
                                   info)
+        model_sd, optim_sd = _full_state(model, optimizer, fsdp)
         if info.is_main:
             save_training_checkpoint(out / tag, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model_sd, "optimizer": optim_sd,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "ema": ema.state_dict() if ema is not None else None, "state": asdict(state), "rng": rng,
                 "config": cfg.to_dict(), "resolved": resolved, "task": task, "model_name": cfg.model.name,
@@ -196,7 +234,9 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             if batch_transform is not None:
                 images, labels = batch_transform(images, labels)
             sync = micro == accum - 1
-            with (ddp.no_sync() if info.world > 1 and not sync else nullcontext()):
+            if fsdp:
+                model.set_requires_gradient_sync(sync)
+            with (ddp.no_sync() if info.world > 1 and not fsdp and not sync else nullcontext()):
                 with amp_ctx:
                     loss = loss_fn(ddp, images, labels)
                 if not D.all_true(bool(torch.isfinite(loss)), info):  # every rank stops together
@@ -249,7 +289,7 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             break
         state.epoch, state.batch_in_epoch, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
         row = dict(step=state.step, epoch=epoch + 1, train_loss=epoch_loss, lr=cur_lr)
-        if evaluate is not None and info.is_main and ((epoch + 1) % max(1, r.eval_every_epochs) == 0
+        if evaluate is not None and info.is_main and not fsdp and ((epoch + 1) % max(1, r.eval_every_epochs) == 0
                                                       or epoch + 1 == o.epochs):
             row.update(evaluate(model))  # the trained weights (model.safetensors)
             if ema is not None:  # and their EMA (model_ema.safetensors), named apart
@@ -263,4 +303,6 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     if info.is_main and state.skipped_files:
         print(f"{state.skipped_files} image file(s) could not be decoded and were replaced by their neighbours",
               flush=True)
-    return FitResult(out, state, history, model, ema.module if ema is not None else None)
+    full = _full_state(model, optimizer, fsdp)[0] if fsdp else None
+    return FitResult(out, state, history, model, ema.module if ema is not None else None,
+                     full if info.is_main else None)

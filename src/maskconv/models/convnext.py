@@ -241,6 +241,10 @@ class ConvNeXt(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules FSDP2 shards separately (their parameters are gathered just for their own forward)."""
+        return list(self.stages)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable

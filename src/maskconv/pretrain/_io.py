@@ -11,13 +11,13 @@ import torch.nn as nn
 from ..models import CheckpointError, save_weights
 
 
-def save_objective(obj: nn.Module, path: str | os.PathLike) -> Path:
+def save_objective(obj: nn.Module, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
     cfg = getattr(obj.encoder, "pretrained_cfg", {})
     if "architecture" not in cfg:
         raise ValueError("the encoder was not built with maskconv.create_model: its architecture is unknown")
     meta = {"maskconv_objective": type(obj).__name__.lower(), "objective_config": json.dumps(obj.config),
             "architecture": cfg["architecture"], "model_kwargs": json.dumps(cfg.get("model_kwargs", {}))}
-    return save_weights(obj.state_dict(), path, metadata=meta)
+    return save_weights(state_dict if state_dict is not None else obj.state_dict(), path, metadata=meta)
 
 
 def load_objective(path: str | os.PathLike, **overrides) -> nn.Module:

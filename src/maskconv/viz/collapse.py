@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ._plot import pyplot, save
+
 
 def _pairwise_cosine_distance(x: torch.Tensor) -> torch.Tensor:
     """x (B, H, W, C) channels-last or (B, C, H, W) -> (B,) mean over channel pairs of (1 - cos) / 2."""
@@ -49,11 +51,7 @@ def feature_collapse(model, images: torch.Tensor, where: str = "block", batch_si
 
 def plot_collapse(results: dict[str, list[dict]], path: str | Path, title: str | None = None) -> Path:
     """One line per model: distance against relative depth (0..1), so models of other depths compare."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label, rows in results.items():
         n = max(1, len(rows) - 1)
@@ -62,9 +60,4 @@ def plot_collapse(results: dict[str, list[dict]], path: str | Path, title: str |
            title=title or "feature collapse (higher = more diverse channels)", ylim=(0, None))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)

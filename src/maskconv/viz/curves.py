@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ._plot import pyplot, save
+
 
 def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
@@ -14,11 +16,7 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
     """PNG of loss and lr per step, and validation accuracy per epoch when present."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = read_metrics(run)
     steps = [r for r in rows if "loss" in r]
     epochs = [r for r in rows if "train_loss" in r]
@@ -38,18 +36,12 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
         axes[2].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out) if out else (Path(run) if Path(run).is_dir() else Path(run).parent) / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    default = (Path(run) if Path(run).is_dir() else Path(run).parent) / "curves.png"
+    return save(fig, out or default, dpi=100)
 
 
 def plot_confusion(conf, path: str | Path, classes: list[str] | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     c = np.asarray(conf, dtype=float)
@@ -66,7 +58,4 @@ def plot_confusion(conf, path: str | Path, classes: list[str] | None = None) -> 
     ax.set_xticks(range(k), names, rotation=90, fontsize=7)
     ax.set_yticks(range(k), names, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path, dpi=100)

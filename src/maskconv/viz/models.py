@@ -3,13 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._plot import pyplot, save
+
 
 def plot_model_table(rows, path: str | Path, img_size: int = 224) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for fam, marker in (("convnext_", "o"), ("convnextv2_", "s")):
         sel = [r for r in rows if r.name.startswith(fam)]
@@ -29,8 +27,4 @@ def plot_model_table(rows, path: str | Path, img_size: int = 224) -> Path:
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)

@@ -7,6 +7,7 @@ import torch
 
 from ..pretrain.masking import upsample_mask
 from ..pretrain.targets import patch_stats, patchify, unpatchify
+from ._plot import pyplot, save
 
 
 @torch.no_grad()
@@ -32,11 +33,7 @@ def reconstruct(obj, images: torch.Tensor, mask: torch.Tensor | None = None) -> 
 def plot_reconstruction(obj, images: torch.Tensor, path: str | Path, mean=None, std=None,
                         mask: torch.Tensor | None = None, title: str | None = None) -> Path:
     """Write a PNG with one row per image: original | masked | prediction | prediction + visible."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     r = reconstruct(obj, images, mask)
     c = images.shape[1]
     m = torch.tensor(mean if mean is not None else [0.0] * c).view(1, c, 1, 1)
@@ -60,9 +57,4 @@ def plot_reconstruction(obj, images: torch.Tensor, path: str | Path, mean=None, 
             if i == 0:
                 ax.set_title(names[j], fontsize=9)
     fig.suptitle(title or f"masked reconstruction, loss {r['loss'].item():.3f}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=100)

@@ -35,7 +35,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--finetune-epochs", type=int, default=30)
-    p.add_argument("--versions", nargs="+", default=["v2"], choices=sorted(MODELS))
+    p.add_argument("--versions", nargs="+", default=["v2", "v1"], choices=sorted(MODELS),
+                   help="pretrain each (for the collapse comparison)")
+    p.add_argument("--finetune-versions", nargs="+", default=["v2"], choices=sorted(MODELS),
+                   help="fine-tune / probe these (pretrained vs scratch)")
     p.add_argument("--pretrained-run", default=None, help="reuse this v2 pretraining run folder")
     a = p.parse_args()
     out = Path(a.out)
@@ -46,8 +49,11 @@ def main() -> None:
         pre = Path(a.pretrained_run) if (a.pretrained_run and v == "v2") else out / f"pretrain_{v}"
         if not _done(pre):
             cfg = load_config("fmnist_fcmae_pretrain", [f"model.name={name}", f"run.out={pre}",
-                                                        f"optim.epochs={a.pretrain_epochs}", *common])
+                                                        f"optim.epochs={a.pretrain_epochs}", "optim.warmup_epochs=0.5",
+                                                        "run.log_every_steps=20", *common])
             run_pretrain(cfg)
+        if v not in a.finetune_versions:
+            continue
         for init, tag in ((pre / "encoder.safetensors", "fcmae"), (None, "scratch")):
             accs = []
             for seed in a.seeds:

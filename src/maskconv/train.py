@@ -68,7 +68,8 @@ def _eval_loader(cfg: Config, classes: list[str] | None, split: str = "val",
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, device=None) -> dict:
+def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, device=None,
+                        progress: bool = True) -> dict:
     """Top-1 / top-5 accuracy (%), per-class accuracy and the confusion matrix (rows = truth)."""
     model.eval()
     device = device or next(model.parameters()).device
@@ -76,7 +77,8 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
     top5 = n = 0
     from tqdm import tqdm
 
-    for images, labels, _ in tqdm(loader, desc="eval", unit="batch", leave=False, disable=len(loader) < 20):
+    # disable=None: tqdm shows the bar on a terminal only, never floods a log file
+    for images, labels, _ in tqdm(loader, desc="eval", unit="batch", leave=False, disable=(not progress) or None):
         if images is None:  # every file of this batch was undecodable
             continue
         if labels.max() >= num_classes or labels.min() < 0:
@@ -142,7 +144,7 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     def evaluate(m):
         if val is None:
             return {}
-        r = evaluate_classifier(m, val, n, info.device)
+        r = evaluate_classifier(m, val, n, info.device, progress=cfg.run.progress)
         m.train()
         return {k: v for k, v in r.items() if k in ("val_top1", "val_top5")}
 

@@ -76,7 +76,7 @@ def run_visualize_recon(checkpoint: str | Path, images: str | Path, out: str | P
                         mask_ratio: float | None = None, seed: int = 0, limit: int = 8) -> Path:
     """Reconstruction PNG from a pretraining checkpoint (``save_objective`` file) on images from a file or
     folder: rows of original | masked | prediction | prediction + visible."""
-    from .data import default_norm, load_images
+    from .data import default_norm
     from .pretrain import load_objective
     from .viz.reconstruction import plot_reconstruction
 
@@ -85,7 +85,7 @@ def run_visualize_recon(checkpoint: str | Path, images: str | Path, out: str | P
     size = size or max(p, 224 // p * p)
     if size % p:
         raise ValueError(f"--size {size} must be a multiple of the patch size {p}")
-    x = load_images(images, size, obj.in_chans, limit)
+    x = sample_images(str(images), size, obj.in_chans, limit)  # a file, a folder or a named dataset
     mean, std = default_norm(obj.in_chans)
     mask = obj.make_mask(x, generator=torch.Generator().manual_seed(seed))
     path = plot_reconstruction(obj, x, out, mean, std, mask=mask)

@@ -48,7 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     vsub = v.add_subparsers(dest="what", required=True)
     r = vsub.add_parser("recon", help="masked reconstructions from a pretraining checkpoint")
     r.add_argument("--checkpoint", required=True, help="objective.safetensors of a pretraining run")
-    r.add_argument("--images", required=True, help="an image file or a folder of images")
+    r.add_argument("--images", required=True, help="an image file, a folder, or fashion-mnist | photos | synthetic")
     r.add_argument("--out", required=True, help="PNG to write")
     r.add_argument("--size", type=int, default=None, help="crop size (multiple of the patch size)")
     r.add_argument("--mask-ratio", type=float, default=None)

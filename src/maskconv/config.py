@@ -85,7 +85,7 @@ class RunCfg:
     log_every_steps: int = 10
     tensorboard: bool = False
     progress: bool = True
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for smoke tests
+    max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); the lr schedule spans them
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun: shards params, grads, optimizer state
 
 

@@ -132,6 +132,8 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
         raise ValueError(f"{full_batches} batches per epoch is fewer than optim.accum_steps={accum}")
     per_epoch_batches = steps_per_epoch * accum  # whole accumulation cycles only: no gradient spills over
     total_steps = o.epochs * steps_per_epoch
+    if r.max_steps:  # a shortened run still gets the whole warmup + cosine schedule
+        total_steps = min(total_steps, r.max_steps)
     eff_batch = cfg.data.batch_size * info.world * accum
     lr = o.lr if o.lr is not None else o.blr * eff_batch / 256
     warmup = o.warmup_epochs * steps_per_epoch

@@ -14,11 +14,11 @@ def pyplot():
     return plt
 
 
-def save(fig, path: str | Path, dpi: int = 100) -> Path:
-    """Tight layout, write ``path`` (creating its folder), close the figure."""
+def save(fig, path: str | Path, dpi: int = 100, top: float = 1.0) -> Path:
+    """Tight layout (below ``top``, leaving room for a suptitle), write ``path`` (creating its folder), close."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -57,4 +57,4 @@ def plot_reconstruction(obj, images: torch.Tensor, path: str | Path, mean=None, 
             if i == 0:
                 ax.set_title(names[j], fontsize=9)
     fig.suptitle(title or f"masked reconstruction, loss {r['loss'].item():.3f}", fontsize=10)
-    return save(fig, path, dpi=100)
+    return save(fig, path, dpi=100, top=1 - 0.35 / (2.4 * b))

@@ -71,7 +71,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "encoder.safetensors").exists(), "the run finished before it could be killed"
-    assert not list(run.glob(".*.tmp")) or True  # a kill mid-write may leave a temp file; last.pt stays whole
+    # (a kill mid-write may leave a .tmp file beside last.pt; the rename keeps last.pt itself whole)
     again = _cli("pretrain", *args, "--out", str(run))
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout

@@ -41,7 +41,8 @@ class Mlp(nn.Module):
         make = (lambda i, o: nn.Conv2d(i, o, 1)) if conv_mlp else nn.Linear
         self.fc1 = make(dim, hidden)
         self.act = nn.GELU()
-        self.grn = GlobalResponseNorm(hidden) if use_grn else None
+        # conv_mlp models are timm's NCHW ones: take GRN statistics the way timm does there (same rounding)
+        self.grn = GlobalResponseNorm(hidden, nchw_stats=conv_mlp) if use_grn else None
         self.fc2 = make(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)

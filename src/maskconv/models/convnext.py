@@ -9,7 +9,7 @@ HF transformers layouts.
 
 Activations are kept in ``torch.channels_last`` memory, so the NCHW <-> NHWC permutes around the per-pixel
 LayerNorm/MLP are free views instead of copies. Atto..nano store their MLP weights as 1x1 convs (timm's
-``conv_mlp`` layout) but still compute them as a Linear on channels-last data.
+``conv_mlp`` layout) and run them as 1x1 convolutions on the channels-last map.
 """
 from __future__ import annotations
 

@@ -90,6 +90,17 @@ class RunCfg:
 
 
 @dataclass
+class SparseCfg:
+    """Dynamic sparse training (SLaK); ``engine/sparsity.py``."""
+    sparsity: float = 0.0  # fraction of the chosen weights held at zero (0 = dense training; SLaK uses 0.4)
+    init: str = "snip"  # layer-wise density at init: snip | erk | uniform
+    prune_rate: float = 0.3  # fraction of each layer's active weights pruned and regrown per update (cosine-decayed)
+    min_prune_rate: float = 0.005  # floor of the cosine decay (official eta_min)
+    update_every: int = 100  # optimizer steps between prune/regrow updates (0 = a fixed mask)
+    include: str = ""  # regex (re.search) on weight names, e.g. "LoRA|small_conv"; "" = every conv/linear weight
+
+
+@dataclass
 class Config:
     task: str = "pretrain"  # pretrain | finetune | linprobe
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -97,6 +108,7 @@ class Config:
     optim: OptimCfg = field(default_factory=OptimCfg)
     objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
     run: RunCfg = field(default_factory=RunCfg)
+    sparse: SparseCfg = field(default_factory=SparseCfg)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -258,7 +270,24 @@ _RANGES = [
     ("run.eval_every_epochs", lambda v: v >= 1, ">= 1"), ("run.log_every_steps", lambda v: v >= 1, ">= 1"),
     ("run.max_steps", lambda v: v >= 0, ">= 0"), ("run.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
     ("task", lambda v: v in ("pretrain", "finetune", "linprobe"), "pretrain, finetune or linprobe"),
+    ("sparse.sparsity", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("sparse.init", lambda v: v in ("snip", "erk", "uniform"), "snip, erk or uniform"),
+    ("sparse.prune_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("sparse.min_prune_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("sparse", lambda v: v.min_prune_rate <= v.prune_rate, "sparse.min_prune_rate <= sparse.prune_rate"),
+    ("sparse.update_every", lambda v: v >= 0, ">= 0"),
+    ("sparse.include", lambda v: _is_regex(v), "a valid regular expression"),
 ]
+
+
+def _is_regex(text: str) -> bool:
+    import re
+
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True
 
 
 def validate(cfg: Config) -> Config:

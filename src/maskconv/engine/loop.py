@@ -23,6 +23,7 @@ from . import dist as D
 from .checkpoint import LAST, load_training_checkpoint, save_training_checkpoint
 from .optim import build_optimizer
 from .schedule import lr_at, set_lr
+from .sparsity import build_sparsity, first_batch
 
 
 @dataclass
@@ -150,6 +151,10 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
         _shard(model)
     optimizer = build_optimizer(model, lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme, backbone)
     amp_ctx, scaler = autocast_ctx(r.amp, info.device)
+    # sparse.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them below)
+    sparse = build_sparsity(cfg, model, total_steps, task=task, fsdp=fsdp, world=info.world,
+                            fresh=not (out / LAST).exists(), loss_fn=loss_fn,
+                            batch=lambda: first_batch(cfg, dataset, transform, batch_transform, info))
     ema = None
     if o.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -178,6 +183,10 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             scaler.load_state_dict(ck["scaler"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
+        if sparse is not None:
+            if ck.get("sparse") is None:
+                raise ValueError(f"{last} was written by a dense run; sparse.sparsity>0 needs its own run.out")
+            sparse.load_state_dict(ck["sparse"])
         state = TrainState(**ck["state"])
         rng = ck.get("rng", [])
         if len(rng) == info.world:
@@ -206,6 +215,7 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
                 "model": model_sd, "optimizer": optim_sd,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "ema": ema.state_dict() if ema is not None else None, "state": asdict(state), "rng": rng,
+                "sparse": sparse.state_dict() if sparse is not None else None,
                 "config": cfg.to_dict(), "resolved": resolved, "task": task, "model_name": cfg.model.name,
                 "maskconv_version": __version__})
         D.barrier(info)
@@ -267,15 +277,20 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if sparse is not None:  # after every step, AMP or not: mask weights + momenta; prune/regrow when due
+                sparse.step(optimizer, state.step + 1)
             if ema is not None:
                 ema.update_parameters(model)
+                if sparse is not None:
+                    sparse.mask_ema(ema.module)
             state.step += 1
             step_loss = sum(losses[-accum:]) / accum
             if bar is not None:
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
             if state.step % r.log_every_steps == 0:  # same condition on every rank: the all-reduce is safe
                 log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
-                               loss=D.mean_across(step_loss, info), lr=cur_lr, time=time.perf_counter() - t_start))
+                               loss=D.mean_across(step_loss, info), lr=cur_lr, time=time.perf_counter() - t_start,
+                               **({"sparsity": sparse.global_sparsity} if sparse is not None else {})))
             if r.save_every_steps and state.step % r.save_every_steps == 0:
                 checkpoint()
             if r.max_steps and state.step >= r.max_steps:

@@ -335,3 +335,21 @@ def build_sparsity(cfg, model: nn.Module, total_steps: int, *, task: str, fsdp: 
     if fresh:
         sp.init_masks(loss_fn, batch)
     return sp
+
+
+def first_batch(cfg, dataset, transform, batch_transform, info) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's first training batch of epoch 0 (what SNIP scores), on the run's device."""
+    from torch.utils.data import DataLoader
+
+    from ..data.datasets import ResumableSampler, SeededDataset, collate_skip
+
+    sampler = ResumableSampler(len(dataset), cfg.data.batch_size, cfg.run.seed, 0, info.rank, info.world,
+                               max_batches=1)
+    loader = DataLoader(SeededDataset(dataset, transform, cfg.run.seed), batch_size=cfg.data.batch_size,
+                        sampler=sampler, num_workers=0, collate_fn=collate_skip)
+    with torch.random.fork_rng(devices=[]):  # augmentation reseeds the global RNG: keep the run's own
+        images, labels, _ = next(iter(loader))
+        images, labels = images.to(info.device), labels.to(info.device)
+        if batch_transform is not None:
+            images, labels = batch_transform(images, labels)
+    return images, labels

@@ -107,7 +107,7 @@ def load_backbone(source: str | Path | None, model: str | None = None, in_chans:
             raise FileNotFoundError(f"{run} is not a maskconv run folder (no config.json)")
         m = json.loads((run / "config.json").read_text())["model"]
         model = model or m["name"]
-        kw = {"in_chans": m["in_chans"], "patch_size": m["patch_size"], **kw}
+        kw = {**{k: m[k] for k in ("in_chans", "patch_size") if m.get(k) is not None}, **kw}
         weights = next((run / f for f in ("encoder.safetensors", "model.safetensors") if (run / f).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{run} has no encoder.safetensors or model.safetensors (unfinished run?)")

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class ModelCfg:
     name: str = "convnextv2_atto"
     in_chans: int = 3
-    patch_size: int = 4  # stem stride; 1-2 suit 28-32 px images
+    patch_size: int | None = None  # patch / stem stride; none = the model's own (ConvNeXt 4, ViT 16); 1-2 suit 28-32 px
     drop_path_rate: float = 0.0
     head_init_scale: float = 1.0
     init: str | None = None  # checkpoint to start from (pretraining run or any layout load_checkpoint reads)
@@ -66,11 +66,12 @@ class OptimCfg:
 @dataclass
 class ObjectiveCfg:
     name: str = "fcmae"
-    mask_ratio: float = 0.6
+    # none = the objective's own default (mask_ratio: FCMAE 0.6, MAE/ConvMAE 0.75; decoder_depth: FCMAE 1, MAE 8)
+    mask_ratio: float | None = None
     decoder_dim: int = 512
-    decoder_depth: int = 1
+    decoder_depth: int | None = None
     norm_pix_loss: bool = True
-    sparse: str = "gather"
+    sparse: str | None = None  # FCMAE only: gather (default) | dense
 
 
 @dataclass
@@ -252,7 +253,7 @@ _RANGES = [
     ("data.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"), ("data.reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
     ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.patch_size", lambda v: v >= 1, ">= 1"),
+    ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.patch_size", lambda v: v is None or v >= 1, ">= 1"),
     ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"), ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("optim.blr", lambda v: v > 0, "> 0"), ("optim.lr", lambda v: v is None or v > 0, "> 0"),
@@ -261,9 +262,9 @@ _RANGES = [
     ("optim.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.clip_grad", lambda v: v is None or v > 0, "> 0 (or none)"),
     ("optim.layer_decay_scheme", lambda v: v in ("single", "group"), "single or group"),
-    ("objective.mask_ratio", lambda v: 0 < v < 1, "in (0, 1)"), ("objective.decoder_dim", lambda v: v >= 1, ">= 1"),
-    ("objective.decoder_depth", lambda v: v >= 0, ">= 0"),
-    ("objective.sparse", lambda v: v in ("gather", "dense"), "gather or dense"),
+    ("objective.mask_ratio", lambda v: v is None or 0 < v < 1, "in (0, 1)"), ("objective.decoder_dim", lambda v: v >= 1, ">= 1"),
+    ("objective.decoder_depth", lambda v: v is None or v >= 0, ">= 0"),
+    ("objective.sparse", lambda v: v in (None, "gather", "dense"), "gather or dense"),
     ("run.device", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ("run.amp", lambda v: v in ("auto", "off", "bf16", "fp16"), "auto, off, bf16 or fp16"),
     ("run.save_every_epochs", lambda v: v >= 1, ">= 1"), ("run.save_every_steps", lambda v: v >= 0, ">= 0"),

@@ -19,7 +19,8 @@ from .models import create_model, load_checkpoint, save_weights
 
 def _model_kwargs(cfg: Config) -> dict:
     m = cfg.model
-    return dict(in_chans=m.in_chans, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate)
+    kw = dict(in_chans=m.in_chans, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate)
+    return {k: v for k, v in kw.items() if v is not None}  # None: the model's own default
 
 
 def run_pretrain(cfg: Config) -> FitResult:
@@ -29,9 +30,10 @@ def run_pretrain(cfg: Config) -> FitResult:
     info = D.setup(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
     ob = cfg.objective
-    obj = create_objective(ob.name, model=cfg.model.name, model_kwargs=_model_kwargs(cfg), mask_ratio=ob.mask_ratio,
-                           decoder_dim=ob.decoder_dim, decoder_depth=ob.decoder_depth,
-                           norm_pix_loss=ob.norm_pix_loss, sparse=ob.sparse)
+    ob_kw = dict(mask_ratio=ob.mask_ratio, decoder_dim=ob.decoder_dim, decoder_depth=ob.decoder_depth,
+                 norm_pix_loss=ob.norm_pix_loss, sparse=ob.sparse)
+    obj = create_objective(ob.name, model=cfg.model.name, model_kwargs=_model_kwargs(cfg),
+                           **{k: v for k, v in ob_kw.items() if v is not None})  # None: the objective's default
     if cfg.model.init:  # continue pretraining: a whole objective, or encoder weights in any layout
         try:
             load_checkpoint(obj, cfg.model.init)
@@ -97,10 +99,12 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
 
 def _probe_head(model: nn.Module, num_classes: int) -> None:
     """MAE linear-probe head: BatchNorm without affine, then Linear (std 0.01 init)."""
-    model.head.fc = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
-                                  nn.Linear(model.num_features, num_classes))
-    nn.init.trunc_normal_(model.head.fc[1].weight, std=0.01)
-    nn.init.zeros_(model.head.fc[1].bias)
+    probe = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
+                          nn.Linear(model.num_features, num_classes))
+    nn.init.trunc_normal_(probe[1].weight, std=0.01)
+    nn.init.zeros_(probe[1].bias)
+    parent, _, attr = getattr(model, "classifier", "head.fc").rpartition(".")  # 'head.fc' (ConvNeXt), 'head' (ViT)
+    setattr(model.get_submodule(parent) if parent else model, attr, probe)
 
 
 def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Module:
@@ -196,7 +200,8 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
         if not data:  # never report accuracy on the images the model was trained on
             raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
         val = _eval_loader(cfg, classes, "train", batch_size)  # --data is a plain labeled folder
-    num_classes = ck["model"]["head.fc.weight" if "head.fc.weight" in ck["model"] else "head.fc.1.weight"].shape[0]
+    head_key = next(k for k in ("head.fc.weight", "head.fc.1.weight", "head.weight", "head.1.weight") if k in ck["model"])
+    num_classes = ck["model"][head_key].shape[0]
     model = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg))
     if ck["task"] == "linprobe":
         _probe_head(model, num_classes)

@@ -1,6 +1,7 @@
 """Model families. Importing this package registers every model."""
 from . import convnext  # noqa: F401  (registers convnext*, convnextv2*)
 from . import convmae  # noqa: F401  (registers convmae*)
+from . import vit  # noqa: F401  (registers vit_*, test_vit)
 from ._helpers import CheckpointError, LoadReport, load_checkpoint, read_state_dict, save_weights
 from ._registry import create_model, is_model, list_models, register_model
 from .convnext import ConvNeXt

@@ -145,14 +145,15 @@ def load_checkpoint(
         sd[wkey] = adapt_input_conv(target[wkey].shape[1], sd[wkey])
         report.adapted_in_chans = True
 
-    had_head = any(k.startswith("head.fc.") for k in sd)  # no classifier = a backbone-only checkpoint
+    cls = getattr(model, "classifier", "head.fc") + "."  # classifier key prefix (timm's pretrained_cfg name)
+    had_head = any(k.startswith(cls) for k in sd)  # no classifier = a backbone-only checkpoint
     if drop_mismatched_head:
-        for k in [k for k in sd if k.startswith("head.fc.")]:
+        for k in [k for k in sd if k.startswith(cls)]:
             if k not in target or sd[k].shape != target[k].shape:
                 warnings.warn(f"checkpoint classifier {k} {tuple(sd[k].shape)} does not fit the model: left at init")
                 del sd[k]
                 report.skipped.append(k)
-        absent = [k for k in target if k.startswith("head.fc.") and k not in sd and k not in report.skipped]
+        absent = [k for k in target if k.startswith(cls) and k not in sd and k not in report.skipped]
         if absent:  # encoder-only checkpoint (num_classes=0) into a classifier
             warnings.warn(f"checkpoint has no classifier ({_fmt(absent)}): left at init")
             report.skipped += absent

@@ -287,13 +287,17 @@ def detect_layout(sd: dict) -> str:
 
 def checkpoint_filter_fn(state_dict: dict, model: ConvViT) -> tuple[dict, str]:
     """Map a ConvMAE state dict to the backbone: the official fine-tuning layout is ours; the official
-    pretraining layout loses its decoder / fusion / final-norm keys (``fc_norm`` and ``head`` then stay at
-    init, as official fine-tuning starts them); a maskconv ``ConvMAE`` objective's state keeps ``encoder.*``.
-    The pretraining pos-embed is a fixed sin-cos table for its own grid: it is resampled if the model's differs."""
+    pretraining layout loses its decoder / fusion / final-norm keys (``fc_norm`` is filled with the model's own
+    init values and ``head`` is reported missing: official fine-tuning starts both from init); from a maskconv
+    ``ConvMAE`` objective's state the ``encoder.*`` keys are taken. A pos-embed table stored for another grid is
+    resampled to the model's."""
     if any(k.startswith("encoder.patch_embed1.") for k in state_dict):  # a maskconv pretraining objective
         state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
     layout = detect_layout(state_dict)
     sd = {k: v for k, v in state_dict.items() if not (layout == "official-pretrain" and _PRETRAIN_ONLY.match(k))}
+    if layout == "official-pretrain":  # no fc_norm there: it starts at the model's init (1, 0), as official fine-tuning
+        for k, v in model.fc_norm.state_dict().items():
+            sd.setdefault(f"fc_norm.{k}", v.clone())
     pe = sd.get("pos_embed")
     if pe is not None and pe.shape != model.pos_embed.shape and pe.ndim == 3:
         sd["pos_embed"] = resample_pos_embed(pe, model.pos_grid, num_prefix_tokens=0)

@@ -1,0 +1,255 @@
+"""ConvMAE pretraining objective: masked convolution in stages 1-2, MAE on the visible stage-3 tokens,
+multi-scale fusion, MAE decoder, norm-pix loss on masked 16x16 patches.
+
+Paper: Gao et al., "ConvMAE: Masked Convolution Meets Masked Autoencoders" (arXiv:2205.03892); official code
+Alpha-VL/ConvMAE ``models_convmae.py``. Facts: shared/reference/OFFICIAL.md §4.
+
+The encoder is the plain ``ConvViT`` backbone (``maskconv.models.convmae``): same weights, same keys, so
+``encoder_state_dict()`` loads strict into ``create_model(name, num_classes=0)``. This module owns what only
+pretraining has, under the official names: ``stage1_output_decode`` / ``stage2_output_decode`` (fusion convs),
+``norm`` (final LN), ``decoder_embed``, ``mask_token``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``.
+
+One random mask on the stage-3 grid (``masking.py`` convention: bool (B, h, w), True = masked) is upsampled
+to stages 1-2, where it zeroes the input of every depthwise 5x5 conv. Two implementations of that semantics:
+
+* ``sparse="dense"`` — the official computation: stages 1-2 run on every position.
+* ``sparse="gather"`` (default) — pointwise work (LayerNorms, 1x1 convs, MLPs) runs on the visible positions
+  only, gathered as (N_vis, C); the depthwise convs and the stride-2 embeddings see a map whose masked
+  positions are zero. Visible outputs are the dense path's (masks align with every stride), tested equal.
+
+Neither leaks: the depthwise conv is the only spatial op in a CBlock and its input is masked, so masked
+pixels never reach a visible position (``tests/pretrain/test_convmae.py``; docs/DECISIONS.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import LayerNorm, layer_norm_fp32
+from ..layers.pos_embed import sincos_pos_embed_2d
+from ..layers.transformer import Block
+from ..models.convmae import CBlock, ConvViT, PatchEmbed
+from .fcmae import _gather, _scatter
+from .masking import check_mask, random_mask, upsample_mask, visible_index
+from .targets import patch_stats, patchify
+
+
+@dataclass
+class ConvMAEOutput:
+    loss: torch.Tensor  # scalar, mean over masked patches only
+    pred: torch.Tensor  # (B, L, p*p*C), normalised-pixel space when norm_pix_loss
+    mask: torch.Tensor  # (B, h, w) bool, True = masked
+
+
+# ---- gathered stages 1-2 (pointwise work on visible positions only) ---------------------------------------
+def _pw(t: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 conv applied to tokens (..., C_in) -> (..., C_out)."""
+    return F.linear(t, conv.weight.flatten(1), conv.bias)
+
+
+def _ln(t: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    return layer_norm_fp32(t, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _drop(blk: CBlock, y: torch.Tensor, b: int) -> torch.Tensor:
+    """Stochastic depth per sample on sample-major tokens (N_vis, C) (every sample has N_vis / B of them)."""
+    return blk.drop_path(y.view(b, -1, y.shape[-1])).view_as(y)
+
+
+def _cblock_gather(blk: CBlock, t: torch.Tensor, idx: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """``t`` (N_vis, C) visible tokens of an h x w map; only the depthwise conv sees the (zero-filled) map."""
+    y = _pw(_ln(t, blk.norm1), blk.conv1)
+    y = blk.attn(_scatter(y, idx, b, h, w))  # (B, C, H, W); masked inputs are zero = the masked convolution
+    t = t + _drop(blk, _pw(_gather(y.permute(0, 2, 3, 1), idx), blk.conv2), b)
+    y = _pw(blk.mlp.act(_pw(_ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
+    return t + _drop(blk, y, b)
+
+
+def _embed_gather(pe: PatchEmbed, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Patch-embed a (zero-filled) map and keep the visible cells: conv on the map, LN + GELU on tokens."""
+    y = pe.proj(x)  # (B, C, H', W'); k = s: a visible output cell reads only visible input cells
+    return pe.act(_ln(_gather(y.permute(0, 2, 3, 1), idx), pe.norm))  # (N_vis, C)
+
+
+# ---- objective ---------------------------------------------------------------------------------------------
+class ConvMAE(nn.Module):
+    """Masked autoencoder around a ``ConvViT`` encoder (official MaskedAutoencoderConvViT).
+
+    Init as the official code: xavier_uniform Linear layers (zero bias), LayerNorm 1 / 0, mask token normal
+    std .02, fusion convs PyTorch default. The encoder keeps its own init (``ConvViT``: trunc_normal .02
+    Linear; the official pretraining re-inits those with xavier too). Position tables are the fixed 2-D sin-cos
+    of the actual grid (official: fixed buffers for 14x14), so any input size divisible by 16 works; the
+    encoder's learnable ``pos_embed`` is frozen and unused here and leaves with its sin-cos init, which is what
+    official fine-tuning starts from.
+    """
+
+    def __init__(self, encoder: ConvViT, mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8,
+                 decoder_heads: int = 16, norm_pix_loss: bool = True, sparse: str = "gather"):
+        super().__init__()
+        if not isinstance(encoder, ConvViT):
+            raise TypeError(f"ConvMAE needs a maskconv ConvViT encoder (convmae_*), got {type(encoder).__name__}")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if sparse not in ("gather", "dense"):
+            raise ValueError(f"sparse must be 'gather' or 'dense', got {sparse!r}")
+        if decoder_depth < 0 or decoder_dim < 1 or decoder_heads < 1:
+            raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0, decoder_dim ({decoder_dim}) and "
+                             f"decoder_heads ({decoder_heads}) >= 1")
+        if decoder_dim % decoder_heads or decoder_dim % 4:
+            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4 "
+                             "(2-D sin-cos position table)")
+        self.encoder = encoder
+        # Unused in pretraining: frozen so DDP does not wait for their gradients (head, fc_norm, pos_embed).
+        encoder.reset_classifier(0)
+        encoder.fc_norm.requires_grad_(False)
+        encoder.pos_embed.requires_grad_(False)
+        self.mask_ratio, self.norm_pix_loss, self.sparse = mask_ratio, norm_pix_loss, sparse
+        self.config = dict(mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                           decoder_heads=decoder_heads, norm_pix_loss=norm_pix_loss, sparse=sparse)  # saved with weights
+        self.patch_size, self.in_chans = encoder.stride, encoder.in_chans
+        c1, c2, c3 = encoder.embed_dims
+        self.stage1_output_decode = nn.Conv2d(c1, c3, 4, stride=4)
+        self.stage2_output_decode = nn.Conv2d(c2, c3, 2, stride=2)
+        self.norm = LayerNorm(c3)
+        self.decoder_embed = nn.Linear(c3, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * self.in_chans)
+        for m in (self.norm, self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            m.apply(_init_mae)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        p = self.patch_size
+        h, w = images.shape[-2:]
+        if images.ndim != 4 or h % p or w % p:
+            raise ValueError(f"images must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
+                             f"{p} (the encoder's total stride); got {tuple(images.shape)}")
+        return h // p, w // p
+
+    def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        h, w = self.grid(images)
+        return random_mask(images.shape[0], h, w, self.mask_ratio, images.device, generator)
+
+    # ---- encoder -------------------------------------------------------------------------------------------
+    def _stages12_dense(self, x: torch.Tensor, mask: torch.Tensor):
+        """Official: every position computed, depthwise inputs masked. Returns the stage-2 map and the fusion
+        maps (B, C3, h, w) of stages 1 and 2."""
+        enc = self.encoder
+        x = enc._run(enc.blocks1, enc.patch_embed1(x), upsample_mask(mask, 4).unsqueeze(1))
+        s1 = self.stage1_output_decode(x)
+        x = enc._run(enc.blocks2, enc.patch_embed2(x), upsample_mask(mask, 2).unsqueeze(1))
+        return x, s1, self.stage2_output_decode(x)
+
+    def _stages12_gather(self, x: torch.Tensor, mask: torch.Tensor):
+        """Same visible values as ``_stages12_dense``; the stage-2 map is zero at masked positions."""
+        enc, b = self.encoder, x.shape[0]
+        out = []
+        for i, (pe, blocks) in enumerate(((enc.patch_embed1, enc.blocks1), (enc.patch_embed2, enc.blocks2))):
+            idx = visible_index(upsample_mask(mask, 4 >> i))  # stage 1: 4x4 cells per token, stage 2: 2x2
+            h, w = mask.shape[1] * (4 >> i), mask.shape[2] * (4 >> i)
+            t = _embed_gather(pe, x, idx)
+            for blk in blocks:
+                if enc.grad_checkpointing and torch.is_grad_enabled():
+                    t = torch.utils.checkpoint.checkpoint(_cblock_gather, blk, t, idx, b, h, w, use_reentrant=False)
+                else:
+                    t = _cblock_gather(blk, t, idx, b, h, w)
+            x = _scatter(t, idx, b, h, w)  # (B, C, H, W), zero at masked cells
+            out.append((self.stage1_output_decode if i == 0 else self.stage2_output_decode)(x))
+        return x, out[0], out[1]
+
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W), mask (B, h, w) -> normed visible stage-3 tokens (B, L_vis, C3), in position order."""
+        enc = self.encoder
+        enc.check_input(images)
+        h, w = self.grid(images)
+        check_mask(mask, images.shape[0], h, w)
+        mask = mask.to(images.device)
+        stages = self._stages12_gather if self.sparse == "gather" else self._stages12_dense
+        x, s1, s2 = stages(images, mask)
+        x = enc.patch_embed3(x)  # (B, C3, h, w)
+        b, c = x.shape[:2]
+        pos = sincos_pos_embed_2d(c, (h, w), dtype=x.dtype, device=x.device)  # (L, C3) fixed, as official
+        t = enc.patch_embed4(x.flatten(2).transpose(1, 2)) + pos  # (B, L, C3)
+        vis = ~mask.flatten(1)  # (B, L)
+        t = t[vis].view(b, -1, c)  # (B, L_vis, C3): every sample keeps the same count
+        t = enc._run(enc.blocks3, t)
+        # multi-scale fusion: added to the blocks' output, before the final norm (official)
+        fuse = (s1 + s2).flatten(2).transpose(1, 2)[vis].view(b, -1, c)
+        return self.norm(t + fuse)
+
+    # ---- decoder + loss ------------------------------------------------------------------------------------
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L_vis, C3) visible tokens -> predictions (B, L, p*p*C_in) for every patch."""
+        b, h, w = mask.shape
+        x = self.decoder_embed(latent)  # (B, L_vis, D)
+        d = x.shape[-1]
+        full = self.mask_token.to(x.dtype).reshape(1, d).expand(b * h * w, d)
+        x = full.index_copy(0, visible_index(mask), x.reshape(-1, d)).view(b, h * w, d)  # mask tokens + visible
+        x = x + sincos_pos_embed_2d(d, (h, w), dtype=x.dtype, device=x.device)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        t = patchify(images.float(), self.patch_size)
+        if self.norm_pix_loss:
+            mean, std = patch_stats(t)
+            t = (t - mean) / std
+        return t
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        per_patch = (pred.float() - self.target(images)).pow(2).mean(dim=-1)  # (B, L)
+        m = mask.flatten(1).to(per_patch.dtype)
+        return (per_patch * m).sum() / m.sum().clamp_min(1)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> ConvMAEOutput:
+        mask = self.make_mask(images) if mask is None else mask.to(images.device)
+        latent = self.forward_encoder(images, mask)
+        pred = self.forward_decoder(latent, mask)
+        return ConvMAEOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights with the backbone's keys: load strict into ``create_model(name, num_classes=0)``."""
+        return self.encoder.state_dict()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+
+def _init_mae(m: nn.Module) -> None:
+    """MAE / official ConvMAE init: xavier_uniform Linear weights, zero biases; LayerNorm 1 / 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---- checkpoint layouts -----------------------------------------------------------------------------------
+def checkpoint_filter_fn(state_dict: dict, model: ConvMAE) -> tuple[dict, str]:
+    """Read a whole official ``MaskedAutoencoderConvViT`` state (encoder + fusion + decoder) into the objective:
+    encoder keys gain ``encoder.``, the fixed ``decoder_pos_embed`` is dropped (computed per grid), and the
+    encoder's pretraining-unused ``fc_norm`` keeps the model's own values. Our own layout passes through."""
+    if any(k.startswith("encoder.") for k in state_dict):
+        return dict(state_dict), "native"
+    if not any(k.startswith("decoder_") for k in state_dict):
+        raise ValueError("not a whole ConvMAE pretraining state (no 'decoder_*' keys); a backbone-only checkpoint "
+                         "loads into the encoder: load_checkpoint(objective.encoder, path)")
+    from ..models.convmae import checkpoint_filter_fn as backbone_filter
+
+    own = {k for k in model.state_dict() if not k.startswith("encoder.")}
+    enc = {k: v for k, v in state_dict.items() if k not in own and k != "decoder_pos_embed"}
+    enc, _ = backbone_filter(enc, model.encoder)  # resamples pos_embed to the encoder's table if needed
+    sd = {f"encoder.{k}": v for k, v in enc.items()}
+    sd.update({k: v for k, v in state_dict.items() if k in own})
+    for k, v in model.encoder.fc_norm.state_dict().items():
+        sd.setdefault(f"encoder.fc_norm.{k}", v.clone())
+    return sd, "official-pretrain"

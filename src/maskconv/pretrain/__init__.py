@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ._io import load_objective, save_objective
+from .convmae import ConvMAE, ConvMAEOutput
 from .fcmae import FCMAE, FCMAEOutput
 from .masking import random_mask
 from .targets import patchify, unpatchify
 
-_OBJECTIVES = {"fcmae": FCMAE}
+_OBJECTIVES = {"fcmae": FCMAE, "convmae": ConvMAE}
 
 
 def list_objectives() -> list[str]:
@@ -34,4 +35,4 @@ def create_objective(name: str, model: str | None = None, encoder: nn.Module | N
 
 
 __all__ = ["FCMAE", "FCMAEOutput", "create_objective", "list_objectives", "load_objective", "patchify", "random_mask",
-           "save_objective", "unpatchify"]
+           "save_objective", "unpatchify", "ConvMAE", "ConvMAEOutput"]

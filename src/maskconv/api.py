@@ -162,6 +162,73 @@ def run_visualize_collapse(checkpoints: list[str | None], images: str, out: str 
     return results
 
 
+def run_visualize_erf(models: list[str], checkpoints: list[str | None] | None, images: str, out: str | Path,
+                      size: int = 256, num_images: int = 8, batch_size: int = 4) -> dict:
+    """Effective receptive fields (RepLKNet/SLaK method) of one or more models on the same images: a PNG of the
+    heat maps side by side and the high-contribution area ratios as JSON beside it. ``checkpoints[i]`` (a run
+    folder, a weights file, or None / 'none' for random init) goes with ``models[i]``."""
+    import json
+
+    from .viz.erf import erf_map, high_contribution_area, plot_erf
+
+    if not models:
+        raise ValueError("name at least one model (--model)")
+    checkpoints = [None if c in (None, "", "none") else c for c in (checkpoints or [None] * len(models))]
+    if len(checkpoints) != len(models):
+        raise ValueError(f"{len(checkpoints)} checkpoints for {len(models)} models: give one --checkpoint per "
+                         "--model (use 'none' for random init)")
+    if num_images < 1 or size < 1:
+        raise ValueError(f"--num-images ({num_images}) and --size ({size}) must be >= 1")
+    maps, results = {}, {}
+    for name, src in zip(models, checkpoints):
+        net = load_backbone(src, name)
+        label = f"{name} ({Path(src).name})" if src else f"{name} (random init)"
+        if label in maps:
+            label = f"{label} #{len(maps)}"
+        x = sample_images(images, size, net.in_chans, num_images)
+        t0 = time.perf_counter()
+        maps[label] = erf_map(net, x, batch_size)
+        ratios = high_contribution_area(maps[label])
+        results[label] = dict(model=name, checkpoint=None if src is None else str(src), images=len(x), size=size,
+                              ratios=ratios)
+        text = ", ".join(f"t={r['t']:g}: side {r['side']} area {r['area_ratio']:.4f}" for r in ratios)
+        print(f"{label}: {text} ({len(x)} images, {time.perf_counter() - t0:.1f} s)")
+    out = Path(out)
+    init = "random-init weights" if all(c is None for c in checkpoints) else "trained weights" if all(
+        checkpoints) else "weights as labelled"
+    plot_erf(maps, out, {k: v["ratios"] for k, v in results.items()},
+             title=f"effective receptive field, {init} ({len(x)} images from {images}, {size}px; "
+                   "% = area holding t of the log-ERF)")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return results
+
+
+def run_export(model: str, out: str | Path, format: str = "onnx", checkpoint: str | Path | None = None,
+               img_size: int | tuple[int, int] = 224, reparam: bool = False, num_classes: int | None = None,
+               dynamic_batch: bool = True):
+    """Write ``model`` (random init, or ``checkpoint`` loaded with ``maskconv.load_checkpoint``) as ONNX or a
+    torch.export .pt2 file, check the reloaded file against PyTorch and print the max difference.
+    ``num_classes`` defaults to the checkpoint's classifier rows (0 = encoder only when it has none)."""
+    from .export import FORMATS, export_model
+    from .models import load_checkpoint, read_state_dict
+
+    if format not in FORMATS:  # before loading or building anything
+        raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    sd = None
+    if checkpoint is not None:
+        sd = read_state_dict(checkpoint)  # a missing / unreadable file fails here, before building anything
+        if num_classes is None:
+            head = next((sd[k] for k in ("head.fc.weight", "head.weight", "classifier.weight") if k in sd), None)
+            num_classes = 0 if head is None else head.shape[0]
+    net = create_model(model, **({} if num_classes is None else {"num_classes": num_classes}))
+    if sd is not None:
+        load_checkpoint(net, sd)
+    report = export_model(net, out, format, img_size, reparam=reparam, dynamic_batch=dynamic_batch)
+    print(report)
+    return report
+
+
 def run_pretrain_demo(out: str | Path = "demo_out", data: str | None = None, overrides: list[str] | None = None
                       ) -> dict[str, Path]:
     """Short FCMAE pretraining through the engine on Fashion-MNIST when installed, else on scikit-image's

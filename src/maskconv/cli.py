@@ -68,6 +68,23 @@ def _build_parser() -> argparse.ArgumentParser:
     k.add_argument("--size", type=int, default=None)
     k.add_argument("--in-chans", type=int, default=None)
     k.add_argument("--patch-size", type=int, default=None)
+    f = vsub.add_parser("erf", help="effective receptive field (RepLKNet/SLaK method) of one or more models")
+    f.add_argument("--model", action="append", required=True, help="architecture; repeat to compare models")
+    f.add_argument("--checkpoint", action="append", default=None,
+                   help="run folder or weights file per --model, in order ('none': random init; omit: all random)")
+    f.add_argument("--images", required=True, help="image file/folder, or photos | fashion-mnist | synthetic")
+    f.add_argument("--out", required=True, help="PNG to write (ratios go beside it as .json)")
+    f.add_argument("--size", type=int, default=256, help="square input size (a multiple of the model's stride)")
+    f.add_argument("--num-images", type=int, default=8)
+    x = sub.add_parser("export", help="ONNX / torch.export file of a model, checked against PyTorch")
+    x.add_argument("--model", required=True)
+    x.add_argument("--checkpoint", default=None, help="weights file (any layout maskconv.load_checkpoint reads)")
+    x.add_argument("--format", required=True, help="onnx | torch-export")
+    x.add_argument("--out", required=True, help="file to write (.onnx / .pt2)")
+    x.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="H [W] of the traced input")
+    x.add_argument("--reparam", action="store_true", help="merge re-parameterizable branches before exporting")
+    x.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's classifier size")
+    x.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)")
     d = sub.add_parser("demo", help="the main job on the embedded data: zoo table + short FCMAE pretraining")
     d.add_argument("--out", default="demo_out")
     return p
@@ -124,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "visualize" and args.what == "collapse":
             api.run_visualize_collapse(args.checkpoint or [None], args.images, args.out, args.model, args.where,
                                        args.limit, args.size, args.in_chans, args.patch_size)
+        elif args.command == "visualize" and args.what == "erf":
+            api.run_visualize_erf(args.model, args.checkpoint, args.images, args.out, args.size, args.num_images)
+        elif args.command == "export":
+            if len(args.img_size) > 2:
+                raise ValueError(f"--img-size takes H or H W, got {args.img_size}")
+            try:
+                api.run_export(args.model, args.out, args.format, args.checkpoint, tuple(args.img_size), args.reparam,
+                               args.num_classes, dynamic_batch=not args.static_batch)
+            except RuntimeError as e:  # the reloaded file does not match PyTorch
+                print(f"maskconv: export failed: {e}", file=sys.stderr)
+                return 1
         elif args.command == "demo":
             api.run_demo(args.out)
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:  # one line, no traceback

@@ -9,10 +9,11 @@ import torch.nn as nn
 from ._io import load_objective, save_objective
 from .convmae import ConvMAE, ConvMAEOutput
 from .fcmae import FCMAE, FCMAEOutput
+from .mae import MAE, MAEOutput
 from .masking import random_mask
 from .targets import patchify, unpatchify
 
-_OBJECTIVES = {"fcmae": FCMAE, "convmae": ConvMAE}
+_OBJECTIVES = {"fcmae": FCMAE, "convmae": ConvMAE, "mae": MAE}
 
 
 def list_objectives() -> list[str]:
@@ -35,4 +36,4 @@ def create_objective(name: str, model: str | None = None, encoder: nn.Module | N
 
 
 __all__ = ["FCMAE", "FCMAEOutput", "create_objective", "list_objectives", "load_objective", "patchify", "random_mask",
-           "save_objective", "unpatchify", "ConvMAE", "ConvMAEOutput"]
+           "save_objective", "unpatchify", "ConvMAE", "ConvMAEOutput", "MAE", "MAEOutput"]

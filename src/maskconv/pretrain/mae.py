@@ -1,0 +1,195 @@
+"""MAE: masked autoencoder pretraining of a Vision Transformer.
+
+Paper: He et al., "Masked Autoencoders Are Scalable Vision Learners" (arXiv:2111.06377); official code
+facebookresearch/mae ``models_mae.py``. Facts: shared/reference/OFFICIAL.md §3.
+
+The encoder is the plain ``VisionTransformer`` (``maskconv.models.vit``): same weights, same keys, so
+``encoder_state_dict()`` loads strict into ``create_model(name, num_classes=0)`` and timm's same-named model.
+The objective owns what only pretraining has, under the official names: ``mask_token``, ``decoder_embed``,
+``decoder_blocks``, ``decoder_norm``, ``decoder_pred``, so official pretraining checkpoints load directly.
+
+The mask is made **outside** the encoder (``masking.py`` convention: bool (B, h, w), True = masked, the same
+number of visible patches per sample) and passed in: with a given mask the forward is deterministic (HF's
+ViTMAE draws its noise inside the model; docs/DECISIONS.md). Only the visible patch tokens (+ cls) enter the
+encoder, so masked pixels can never influence the encoder output. Position tables are the fixed 2-D sin-cos
+of the actual patch grid (official: fixed tables for 14x14), so any input size divisible by the patch works;
+the encoder's ``pos_embed`` is set to that sin-cos table at init and frozen, which is what official fine-tuning
+starts from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..layers import Block, LayerNorm, sincos_pos_embed_2d
+from ..models.vit import VisionTransformer
+from .masking import check_mask, random_mask
+from .targets import patch_stats, patchify
+
+__all__ = ["MAE", "MAEOutput", "checkpoint_filter_fn"]
+
+
+@dataclass
+class MAEOutput:
+    loss: torch.Tensor  # scalar, mean over masked patches only
+    pred: torch.Tensor  # (B, L, p*p*C), normalised-pixel space when norm_pix_loss
+    mask: torch.Tensor  # (B, h, w) bool, True = masked
+
+
+class MAE(nn.Module):
+    """Masked autoencoder around a ``VisionTransformer`` (official ``MaskedAutoencoderViT``): encoder on the
+    visible tokens + cls -> Linear to ``decoder_dim`` -> mask tokens at hidden positions -> sin-cos positions ->
+    ``decoder_depth`` Transformer blocks -> LayerNorm -> Linear to p*p*C; norm-pix MSE on masked patches.
+
+    Init as the official ``initialize_weights`` (``mae_init=True``): the encoder is re-initialised too —
+    xavier_uniform for every Linear (zero bias) and for the patch conv viewed 2-D, LayerNorm 1 / 0, cls and
+    mask tokens normal std .02. Pass ``mae_init=False`` to keep the weights of an ``encoder`` you hand in.
+    """
+
+    def __init__(self, encoder: VisionTransformer, mask_ratio: float = 0.75, decoder_dim: int = 512,
+                 decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
+                 mae_init: bool = True):
+        super().__init__()
+        if not isinstance(encoder, VisionTransformer):
+            raise TypeError(f"MAE needs a maskconv VisionTransformer encoder (vit_*), got {type(encoder).__name__}")
+        if not isinstance(encoder.norm, nn.LayerNorm):
+            raise ValueError("MAE pretrains the encoder with its final 'norm': build it with global_pool='token' "
+                             "(the default); fine-tune later with global_pool='avg' as MAE does")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if decoder_depth < 0 or decoder_dim < 1 or decoder_heads < 1:
+            raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0, decoder_dim ({decoder_dim}) and "
+                             f"decoder_heads ({decoder_heads}) >= 1")
+        if decoder_dim % decoder_heads or decoder_dim % 4:
+            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4 "
+                             "(2-D sin-cos position table)")
+        if encoder.embed_dim % 4:
+            raise ValueError(f"encoder width {encoder.embed_dim} must be divisible by 4 (2-D sin-cos position table)")
+        self.encoder = encoder
+        encoder.reset_classifier(0)  # the classifier is not used in pretraining
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.config = dict(mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                           decoder_heads=decoder_heads, norm_pix_loss=norm_pix_loss)  # saved with the weights
+        self.patch_size, self.in_chans = encoder.patch_size, encoder.in_chans
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * self.in_chans)
+        with torch.no_grad():  # fixed sin-cos table (zero cls row), frozen: DDP must not wait for its gradient
+            encoder.pos_embed.copy_(sincos_pos_embed_2d(encoder.embed_dim, encoder.pos_grid, cls_token=True)[None])
+        encoder.pos_embed.requires_grad_(False)
+        if mae_init:
+            w = encoder.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear, not a conv (official)
+            nn.init.normal_(encoder.cls_token, std=0.02)
+            encoder.blocks.apply(_init_mae)
+            encoder.norm.apply(_init_mae)
+        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            m.apply(_init_mae)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        p = self.patch_size
+        h, w = images.shape[-2:]
+        if images.ndim != 4 or h % p or w % p:
+            raise ValueError(f"images must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
+                             f"{p}; got {tuple(images.shape)}")
+        return h // p, w // p
+
+    def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        h, w = self.grid(images)
+        return random_mask(images.shape[0], h, w, self.mask_ratio, images.device, generator)
+
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W), mask (B, h, w) -> normed tokens (B, 1 + L_vis, D): cls, then the visible patches in
+        position order (the official code keeps them in shuffled order; attention does not care)."""
+        enc = self.encoder
+        enc.check_input(images)
+        h, w = self.grid(images)
+        check_mask(mask, images.shape[0], h, w)
+        mask = mask.to(images.device)
+        x = enc.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L, D)
+        b, _, d = x.shape
+        pos = sincos_pos_embed_2d(d, (h, w), cls_token=True, dtype=x.dtype, device=x.device)  # (1 + L, D)
+        x = x + pos[1:]
+        x = x[~mask.flatten(1)].view(b, -1, d)  # (B, L_vis, D): every sample keeps the same count
+        cls = (enc.cls_token + pos[:1]).expand(b, -1, -1)  # the cls row of the table is zero, as official
+        x = enc.run_blocks(torch.cat([cls, x], dim=1))  # grad checkpointing follows the encoder's setting
+        return enc.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + L_vis, D) -> predictions (B, L, p*p*C_in) for every patch (the cls output is dropped)."""
+        b, h, w = mask.shape
+        x = self.decoder_embed(latent)  # (B, 1 + L_vis, Dd)
+        d = x.shape[-1]
+        full = self.mask_token.to(x.dtype).expand(b, h * w, d)
+        vis = (~mask.flatten(1))[..., None]  # (B, L, 1)
+        # scatter visible tokens back to their positions: row-major order, as they were gathered
+        full = full.masked_scatter(vis, x[:, 1:])
+        x = torch.cat([x[:, :1], full], dim=1)  # (B, 1 + L, Dd)
+        x = x + sincos_pos_embed_2d(d, (h, w), cls_token=True, dtype=x.dtype, device=x.device)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        t = patchify(images.float(), self.patch_size)
+        if self.norm_pix_loss:
+            mean, std = patch_stats(t)
+            t = (t - mean) / std
+        return t
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        per_patch = (pred.float() - self.target(images)).pow(2).mean(dim=-1)  # (B, L)
+        m = mask.flatten(1).to(per_patch.dtype)
+        return (per_patch * m).sum() / m.sum().clamp_min(1)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MAEOutput:
+        mask = self.make_mask(images) if mask is None else mask.to(images.device)
+        latent = self.forward_encoder(images, mask)
+        pred = self.forward_decoder(latent, mask)
+        return MAEOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights with the backbone's keys: load strict into ``create_model(name, num_classes=0)``
+        or timm's same-named model."""
+        return self.encoder.state_dict()
+
+    def no_weight_decay(self) -> set[str]:
+        """mask token, cls token and pos table (the project rule; the official pretraining decays the tokens)."""
+        return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+
+def _init_mae(m: nn.Module) -> None:
+    """MAE ``_init_weights``: xavier_uniform Linear weights, zero biases; LayerNorm 1 / 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---- checkpoint layouts -----------------------------------------------------------------------------------
+def checkpoint_filter_fn(state_dict: dict, model: MAE) -> tuple[dict, str]:
+    """Read a whole official ``MaskedAutoencoderViT`` state (encoder + decoder, ``models_mae.py`` names) into
+    the objective: encoder keys gain ``encoder.`` (pos_embed resampled to the encoder's table if needed), the
+    fixed ``decoder_pos_embed`` is dropped (computed per grid). Our own layout passes through."""
+    if any(k.startswith("encoder.") for k in state_dict):
+        return dict(state_dict), "native"
+    if not any(k.startswith("decoder_") for k in state_dict):
+        raise ValueError("not a whole MAE pretraining state (no 'decoder_*' keys); a backbone-only checkpoint "
+                         "loads into the encoder: load_checkpoint(objective.encoder, path)")
+    from ..models.vit import checkpoint_filter_fn as backbone_filter
+
+    own = {k for k in model.state_dict() if not k.startswith("encoder.")}
+    enc = {k: v for k, v in state_dict.items() if k not in own and k != "decoder_pos_embed"}
+    enc, _ = backbone_filter(enc, model.encoder)
+    sd = {f"encoder.{k}": v for k, v in enc.items()}
+    sd.update({k: v for k, v in state_dict.items() if k in own})
+    return sd, "mae-pretrain"

@@ -177,3 +177,14 @@ def test_cli_pretrain_convmae_two_steps(tmp_path):
     obj = load_objective(out / "objective.safetensors")
     assert type(obj).__name__ == "ConvMAE" and obj.mask_ratio == 0.75 and len(obj.decoder_blocks) == 1
     maskconv.create_model("test_convmae", num_classes=0, pretrained=str(out / "encoder.safetensors"))
+
+
+def test_mae_init_reinitialises_the_encoder_unless_disabled():
+    enc = maskconv.create_model("test_convmae", num_classes=0)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    kept = create_objective("convmae", encoder=enc, mae_init=False, **KW)
+    assert all(torch.equal(v, before[k]) for k, v in kept.encoder.state_dict().items())
+    enc2 = maskconv.create_model("test_convmae", num_classes=0)
+    w = create_objective("convmae", encoder=enc2, **KW).encoder.blocks3[0].attn.qkv.weight
+    bound = (6 / sum(w.shape)) ** 0.5  # xavier_uniform bound; trunc_normal(.02) weights would sit far inside it
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound

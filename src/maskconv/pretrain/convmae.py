@@ -78,16 +78,17 @@ def _embed_gather(pe: PatchEmbed, x: torch.Tensor, idx: torch.Tensor) -> torch.T
 class ConvMAE(nn.Module):
     """Masked autoencoder around a ``ConvViT`` encoder (official MaskedAutoencoderConvViT).
 
-    Init as the official code: xavier_uniform Linear layers (zero bias), LayerNorm 1 / 0, mask token normal
-    std .02, fusion convs PyTorch default. The encoder keeps its own init (``ConvViT``: trunc_normal .02
-    Linear; the official pretraining re-inits those with xavier too). Position tables are the fixed 2-D sin-cos
+    Init as the official ``initialize_weights`` (``mae_init=True``): the encoder is re-initialised too —
+    xavier_uniform for every Linear (zero bias) and for ``patch_embed3``'s conv viewed 2-D, LayerNorm 1 / 0,
+    mask token normal std .02; the other convs keep PyTorch's default. Pass ``mae_init=False`` to keep the
+    weights of an ``encoder`` you hand in. Position tables are the fixed 2-D sin-cos
     of the actual grid (official: fixed buffers for 14x14), so any input size divisible by 16 works; the
     encoder's learnable ``pos_embed`` is frozen and unused here and leaves with its sin-cos init, which is what
     official fine-tuning starts from.
     """
 
     def __init__(self, encoder: ConvViT, mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8,
-                 decoder_heads: int = 16, norm_pix_loss: bool = True, sparse: str = "gather"):
+                 decoder_heads: int = 16, norm_pix_loss: bool = True, sparse: str = "gather", mae_init: bool = True):
         super().__init__()
         if not isinstance(encoder, ConvViT):
             raise TypeError(f"ConvMAE needs a maskconv ConvViT encoder (convmae_*), got {type(encoder).__name__}")
@@ -122,6 +123,10 @@ class ConvMAE(nn.Module):
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * self.in_chans)
         for m in (self.norm, self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             m.apply(_init_mae)
+        if mae_init:
+            encoder.apply(_init_mae)
+            w = encoder.patch_embed3.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # "like nn.Linear", as the official code
         nn.init.normal_(self.mask_token, std=0.02)
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:

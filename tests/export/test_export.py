@@ -5,6 +5,7 @@ from maskconv import create_model, list_models, save_weights
 from maskconv.cli import main
 from maskconv.export import export_model
 from maskconv.export import convert
+from tests.conftest import perturbed_state_dict
 
 FAMILIES = list_models("test_*")  # every family's tiny variant, so new families are checked automatically
 SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
@@ -47,8 +48,10 @@ def test_parity_check_can_fail(tmp_path, monkeypatch):
         export_model(create_model("test_convnext"), tmp_path / "m.pt2", "torch-export", 64)
 
 
-def _perturb_bn(model: torch.nn.Module) -> None:
-    """Non-trivial BN statistics and affine terms, so a wrong fold cannot hide behind mean 0 / var 1."""
+def _perturb(model: torch.nn.Module) -> None:
+    """Noise on every weight (layer scale 1e-6 would otherwise mute the merged branches) and non-trivial BN
+    statistics and affine terms, so a wrong fold cannot hide behind mean 0 / var 1."""
+    model.load_state_dict(perturbed_state_dict(model))
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -70,7 +73,7 @@ def test_reparam_export_merges_branches_and_matches(tmp_path, name):
     if name not in list_models():
         pytest.skip(f"{name} is not registered yet")
     model = create_model(name)
-    _perturb_bn(model)
+    _perturb(model)
     keys = list(model.state_dict())
     plain = export_model(model, tmp_path / "plain.pt2", "torch-export", _input_size(model))
     merged = export_model(model, tmp_path / "merged.pt2", "torch-export", _input_size(model), reparam=True)
@@ -88,6 +91,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         export_model(model, tmp_path / "m.pt2", "torch-export", (0, 64))
     with pytest.raises(ValueError, match="divisible"):
         export_model(model, tmp_path / "m.pt2", "torch-export", 50)
+    with pytest.raises(ValueError, match=r"\.pt2 file"):
+        export_model(model, tmp_path / "m.pt", "torch-export", 64)
     with pytest.raises(ValueError, match="is a folder"):
         export_model(model, tmp_path, "torch-export", 64)
     assert list(tmp_path.iterdir()) == []

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from maskconv import create_model, save_weights
+from maskconv import create_model, list_models, save_weights
 from maskconv.cli import main
 from maskconv.viz.erf import erf_map, high_contribution_area
 
@@ -81,3 +81,12 @@ def test_visualize_erf_cli(tmp_path, capsys):
     assert main(["visualize", "erf", "--model", "test_convnext", "--model", "test_convnextv2", "--checkpoint",
                  str(ckpt), "--images", "synthetic", "--out", str(out)]) == 2
     assert "one --checkpoint per --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list_models("test_*"))  # any registered family, through forward_intermediates
+def test_erf_of_every_family(name):
+    model = create_model(name, num_classes=0)
+    size = 2 * getattr(model, "stride", 32)
+    erf = erf_map(model, torch.randn(1, 3, size, size))
+    assert erf.shape == (size, size) and torch.isfinite(erf).all() and erf.max() > 0
+    assert len(high_contribution_area(erf)) == 4

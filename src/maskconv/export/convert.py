@@ -142,6 +142,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give the file to write (e.g. {path / 'model.onnx'})")
+    if format == "torch-export" and path.suffix != ".pt2":
+        raise ValueError(f"{path}: a torch.export program must be saved as a .pt2 file (torch.export.load reads "
+                         "only those)")
     shape = _input_shape(model, input_size, batch=2 if dynamic_batch else 1)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     check = getattr(model, "check_input", None)

@@ -1,5 +1,7 @@
 """Model families. Importing this package registers every model."""
 from . import convnext  # noqa: F401  (registers convnext*, convnextv2*)
+from . import replknet  # noqa: F401  (registers replknet_*, test_replknet)
+from . import slak  # noqa: F401  (registers slak_*, test_slak)
 from . import convmae  # noqa: F401  (registers convmae*)
 from . import vit  # noqa: F401  (registers vit_*, test_vit)
 from ._helpers import CheckpointError, LoadReport, load_checkpoint, read_state_dict, save_weights

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -67,9 +69,14 @@ class ConvNeXtBlock(nn.Module):
         use_grn: bool = False,
         conv_mlp: bool = False,
         drop_path: float = 0.0,
+        conv_dw: Callable[[int, int], nn.Module] | None = None,
     ):
         super().__init__()
-        self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        # conv_dw(dim, kernel_size): another depthwise spatial mixer (SLaK's decomposed large kernel)
+        if conv_dw is not None:
+            self.conv_dw = conv_dw(dim, kernel_size)
+        else:
+            self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = LayerNorm(dim)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), use_grn=use_grn, conv_mlp=conv_mlp)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value else None
@@ -131,7 +138,7 @@ class ConvNeXt(nn.Module):
         num_classes: int = 1000,
         depths: tuple[int, ...] = (3, 3, 9, 3),
         dims: tuple[int, ...] = (96, 192, 384, 768),
-        kernel_size: int = 7,
+        kernel_size: int | Sequence[int] = 7,
         ls_init_value: float | None = 1e-6,
         use_grn: bool = False,
         conv_mlp: bool = False,
@@ -140,8 +147,14 @@ class ConvNeXt(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        conv_dw: Callable[[int, int], nn.Module] | None = None,
     ):
+        """``kernel_size``: one size or one per stage; ``conv_dw(dim, kernel_size)``: the blocks' depthwise module
+        (default: a k×k depthwise ``nn.Conv2d`` with bias), e.g. SLaK's decomposed large kernel."""
         super().__init__()
+        kernel_sizes = (kernel_size,) * len(depths) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if len(kernel_sizes) != len(depths):
+            raise ValueError(f"kernel_size {kernel_size}: give one size or one per stage ({len(depths)} stages)")
         if global_pool != "avg":
             raise ValueError(f"global_pool={global_pool!r} is not supported; ConvNeXt uses 'avg'")
         if len(depths) != len(dims):
@@ -162,7 +175,8 @@ class ConvNeXt(nn.Module):
             stages.append(
                 ConvNeXtStage(
                     prev, dim, depth, downsample=i > 0, dp_rates=dp[cursor : cursor + depth],
-                    kernel_size=kernel_size, ls_init_value=ls_init_value, use_grn=use_grn, conv_mlp=conv_mlp,
+                    kernel_size=kernel_sizes[i], ls_init_value=ls_init_value, use_grn=use_grn, conv_mlp=conv_mlp,
+                    conv_dw=conv_dw,
                 )
             )
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2**i, module=f"stages.{i}"))

@@ -188,3 +188,14 @@ def test_mae_init_reinitialises_the_encoder_unless_disabled():
     w = create_objective("convmae", encoder=enc2, **KW).encoder.blocks3[0].attn.qkv.weight
     bound = (6 / sum(w.shape)) ** 0.5  # xavier_uniform bound; trunc_normal(.02) weights would sit far inside it
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+
+
+def test_reconstruction_picture_tensors():
+    from maskconv.viz.reconstruction import reconstruct
+
+    obj = create_objective("convmae", model="test_convmae", **KW)
+    x = torch.randn(2, 3, 32, 48)
+    r = reconstruct(obj, x)
+    hidden = _hidden_pixels(r["mask"], x)
+    assert r["pred"].shape == x.shape and (r["masked"][hidden] == 0).all()
+    assert torch.equal(r["pasted"][~hidden], x[~hidden]) and torch.equal(r["pasted"][hidden], r["pred"][hidden])

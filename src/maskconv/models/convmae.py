@@ -95,8 +95,7 @@ class ConvViT(nn.Module):
     average pool -> ``fc_norm`` -> ``head``; no multi-scale fusion branch (that is pretraining-only)."""
 
     first_conv = "patch_embed1.proj"  # adapted when loading weights made for another ``in_chans``
-    classifier = "head"  # parameter prefixes a backbone-only (pretraining) checkpoint lacks: head + fc_norm
-    head_prefixes = ("head.", "fc_norm.")
+    classifier = "head"  # classifier key prefix (timm's pretrained_cfg['classifier']), read by load_checkpoint
 
     def __init__(
         self,

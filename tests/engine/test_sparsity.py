@@ -190,14 +190,20 @@ def test_ema_is_masked_and_regrown_positions_copy_the_model():
         opt.zero_grad()
         changed = sp.step(opt, s)
         grown = {n: g.clone() for n, g in sp._grown.items()} if changed else {}
+        w = dict(model.named_parameters())
+        with torch.no_grad():  # regrown weights start at 0, where copying and averaging agree: give them a
+            for n, g in grown.items():  # value, so only the copy rule makes the EMA equal it (averaging: 0.1x)
+                w[n][g] = 1.0
         ema.update_parameters(model)
         sp.mask_ema(ema.module)
-        e, w = dict(ema.module.named_parameters()), dict(model.named_parameters())
+        e = dict(ema.module.named_parameters())
         for n, m in sp.masks.items():
             assert torch.all(e[n][~m] == 0), n
             if n in grown:
-                assert torch.equal(e[n][grown[n]], w[n].detach()[grown[n]]), n
-    assert grown, "no update happened at step 4"
+                assert torch.all(e[n][grown[n]] == 1.0), n
+            if s == 1:  # between updates the EMA is a plain average of the masked weights
+                assert torch.equal(e[n], w[n].detach()), n  # (AveragedModel copies at its first update)
+    assert grown and sp._grown == {}, "no update at step 4, or its grown positions were not consumed"
 
 
 def test_state_dict_round_trip_continues_identically():

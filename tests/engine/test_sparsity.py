@@ -352,3 +352,14 @@ def test_ddp_ranks_hold_identical_masks(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]) if k == "_counts" else torch.equal(a[k], b[k]), k
+
+
+def test_include_regex_and_tied_weights_select_each_tensor_once():
+    net = _net()
+    tied = nn.Sequential(net, nn.Linear(16, 4))
+    tied[1].weight = net[6].weight  # shared with the head
+    sp = DynamicSparsity(tied, 0.5, init="uniform")
+    assert sp.names == ["0.0.weight", "0.2.weight", "0.3.weight", "0.6.weight"]
+    sp.init_masks()
+    assert torch.equal(tied[1].weight, net[6].weight) and int((net[6].weight != 0).sum()) == sp.counts["0.6.weight"]
+    assert DynamicSparsity(_net(), 0.5, include=r"^[23]\.").names == ["2.weight", "3.weight"]

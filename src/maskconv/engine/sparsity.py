@@ -16,6 +16,14 @@ included), optionally only those whose name matches a regex (e.g. ``large_kernel
 Differences from the official code, on purpose: exact counts instead of Bernoulli draws (the official random
 growth regrows "about" as many as it pruned); regrowth never re-picks a weight pruned in the same update;
 ERK/SNIP layers that come out fully dense are simply left unmasked (the official drops density >= 0.99).
+
+In the engine: ``sparse.sparsity=0.4`` (config section ``sparse``). In your own loop::
+
+    sp = DynamicSparsity(model, 0.4, init="erk", update_every=100, total_steps=n_steps)
+    sp.init_masks()                        # snip: sp.init_masks(loss_fn, (images, labels))
+    for step in range(1, n_steps + 1):
+        loss_fn(model, images, labels).backward(); opt.step(); opt.zero_grad()
+        sp.step(opt, step)                 # then, with an EMA: ema.update_parameters(model); sp.mask_ema(ema.module)
 """
 from __future__ import annotations
 
@@ -36,12 +44,13 @@ def sparse_weight_names(model: nn.Module, include: str = "") -> list[str]:
         pattern = re.compile(include) if include else None
     except re.error as e:
         raise ValueError(f"sparse.include={include!r} is not a valid regular expression: {e}") from None
-    names, candidates = [], []
+    names, candidates, seen = [], [], set()
     for mname, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or mod.weight is None:
             continue
-        if not mod.weight.requires_grad:
+        if not mod.weight.requires_grad or id(mod.weight) in seen:  # a tied weight gets one mask
             continue
+        seen.add(id(mod.weight))
         name = f"{mname}.weight" if mname else "weight"
         candidates.append(name)
         if pattern is None or pattern.search(name):

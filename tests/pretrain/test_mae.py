@@ -232,3 +232,26 @@ def test_cli_pretrain_mae_end_to_end(tmp_path):
     load_checkpoint(enc, run / "encoder.safetensors", strict=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and 0 < rows[-1]["train_loss"] < 10
+
+
+def test_cli_mae_encoder_into_linprobe_and_finetune_then_eval(tmp_path):
+    """The ViT head is ``head`` (not ConvNeXt's ``head.fc``): the probe head and eval must find it."""
+    from maskconv.cli import main
+
+    tiny = ["--model", "test_vit", "--data", "synthetic", "data.img_size=32", "data.batch_size=8", "data.num_workers=0",
+            "run.progress=false", "run.max_steps=2"]
+    pre, lp, ft = tmp_path / "pre", tmp_path / "lp", tmp_path / "ft"
+    assert main(["pretrain", *tiny, "--objective", "mae", "--out", str(pre), "objective.decoder_dim=32",
+                 "objective.decoder_depth=1"]) == 0
+    assert main(["linprobe", *tiny, "--out", str(lp), "--init", str(pre / "encoder.safetensors")]) == 0
+    from safetensors.torch import load_file
+
+    probe = load_file(lp / "model.safetensors")
+    assert probe["head.1.weight"].shape == (4, 64)  # BatchNorm (no affine) + Linear, MAE's linear-probe head
+    enc = load_file(pre / "encoder.safetensors")
+    assert torch.equal(probe["blocks.0.attn.qkv.weight"], enc["blocks.0.attn.qkv.weight"])  # backbone frozen
+    assert main(["eval", "--checkpoint", str(lp)]) == 0
+    assert main(["finetune", *tiny, "--out", str(ft), "--init", str(pre / "encoder.safetensors"),
+                 "optim.layer_decay=0.75"]) == 0
+    assert main(["eval", "--checkpoint", str(ft)]) == 0
+    assert json.loads((ft / "eval" / "eval.json").read_text())["val_images"] > 0

@@ -258,3 +258,12 @@ def test_saved_safetensors_load_in_timm(tmp_path):
     ref = timm.create_model("test_vit", num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     for k, v in m.state_dict().items():
         assert torch.equal(ref.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_param_counts_match_timm(name):
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        # num_classes explicit: timm's default pretrained tag for vit_huge_patch14_224 is '.mae' (no head)
+        ours = sum(p.numel() for p in maskconv.create_model(name, num_classes=1000).parameters())
+        ref = sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters())
+    assert ours == ref

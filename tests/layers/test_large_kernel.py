@@ -1,4 +1,6 @@
 """Large-kernel layers: conv-BN folding, centred padding, branch merging (SLaK decomposed, RepLKNet)."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -62,11 +64,27 @@ def test_decomposed_branches_have_official_names_and_shapes():
     assert r["lkb_origin.conv.weight"].shape == (4, 1, 13, 13) and r["small_conv.conv.weight"].shape == (4, 1, 5, 5)
 
 
-def test_decomposed_is_sum_of_branches_in_training():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decomposed_is_sum_of_branches_in_training(channels_last):
+    """Outputs and gradients equal the plain sum of the three conv-BN branches (the CPU training path computes
+    LoRA2 on the transposed map; only float rounding may differ, hence 1e-6)."""
     m = DecomposedLargeKernelConv(3, 7, 3).train()
+    randomize_bn(m)
     x = torch.randn(2, 3, 9, 12)
-    expect = m.LoRA1(x) + m.LoRA2(x) + m.small_conv(x)
-    torch.testing.assert_close(m(x), expect, rtol=0, atol=0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    g = torch.randn(2, 3, 9, 12)
+    ref_mod = copy.deepcopy(m)
+    expect = ref_mod.LoRA1(x) + ref_mod.LoRA2(x) + ref_mod.small_conv(x)
+    out = m(x)
+    torch.testing.assert_close(out, expect, rtol=0, atol=1e-6)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], g)
+    ref = torch.autograd.grad(expect, [x, *ref_mod.parameters()], g)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(m.buffers(), ref_mod.buffers()):  # BN running statistics updated alike
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

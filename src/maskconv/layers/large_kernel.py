@@ -127,8 +127,20 @@ class DecomposedLargeKernelConv(_Reparameterizable):
         self.small_conv = ConvBN(dim, dim, small_kernel, groups=dim) if small_kernel < kernel_size else None
         self.lkb_reparam = None
 
+    def _lora2(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not torch.is_grad_enabled():
+            return self.LoRA2(x)
+        # Same result, computed as the M×N conv of the H/W-transposed map with the transposed kernel: on CPU,
+        # oneDNN's channels-last backward for a wide N×M depthwise kernel is ~10× slower than for a tall M×N one
+        # (bench/large_kernel.py). BN is per channel, so it commutes with the transpose.
+        conv = self.LoRA2.conv
+        xt = x.transpose(2, 3).contiguous(memory_format=torch.channels_last)  # (B, C, W, H)
+        y = F.conv2d(xt, conv.weight.transpose(2, 3), None, conv.stride[::-1], conv.padding[::-1],
+                     conv.dilation[::-1], conv.groups)
+        return self.LoRA2.bn(y).transpose(2, 3)  # (B, C, H, W)
+
     def _forward_branches(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.LoRA1(x) + self.LoRA2(x)
+        out = self.LoRA1(x) + self._lora2(x)
         if self.small_conv is not None:
             out = out + self.small_conv(x)
         return out

@@ -75,11 +75,11 @@ def test_reparam_export_merges_branches_and_matches(tmp_path, name):
     model = create_model(name)
     _perturb(model)
     keys = list(model.state_dict())
-    plain = export_model(model, tmp_path / "plain.pt2", "torch-export", _input_size(model))
     merged = export_model(model, tmp_path / "merged.pt2", "torch-export", _input_size(model), reparam=True)
     assert merged.reparam_max_abs_diff is not None and merged.reparam_max_abs_diff <= merged.tolerance
-    assert merged.max_abs_diff <= merged.tolerance and plain.reparam_max_abs_diff is None
-    assert _count_convs(tmp_path / "merged.pt2") < _count_convs(tmp_path / "plain.pt2")  # branches were merged
+    assert merged.max_abs_diff <= merged.tolerance
+    # branches were merged: the file calls fewer convolutions than the training-time model has conv modules
+    assert _count_convs(tmp_path / "merged.pt2") < sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert list(model.state_dict()) == keys  # the merge happened on a copy
 
 

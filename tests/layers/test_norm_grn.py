@@ -76,3 +76,26 @@ def test_grn_keeps_input_dtype_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = grn(torch.randn(2, 3, 3, 8).bfloat16())
     assert y.dtype == torch.bfloat16
+
+
+def test_grn_nchw_stats_same_values_and_gradients_as_plain_autograd():
+    # nchw_stats takes the norm on an NCHW copy with a hand-written backward (layout reasons, see grn.py):
+    # it must give the forward of the plain form and the gradients autograd gives through torch.norm,
+    # including the zero-norm channel (gradient 0 there, as torch's norm backward).
+    torch.manual_seed(0)
+    fast, plain = GlobalResponseNorm(6, nchw_stats=True), GlobalResponseNorm(6)
+    with torch.no_grad():
+        fast.weight.normal_()
+        fast.bias.normal_()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 5, 4, 6)
+    x[1, :, :, 2] = 0
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    g = torch.randn(2, 5, 4, 6)
+    ys = [fast(xs[0]), plain(xs[1])]
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-6, atol=1e-6)  # fp32: only the reduction order differs
+    for y in ys:
+        y.backward(g)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(xs[0].grad).all()

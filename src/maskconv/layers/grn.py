@@ -15,6 +15,26 @@ import torch
 import torch.nn as nn
 
 
+class _SpatialNormNCHW(torch.autograd.Function):
+    """||x||_2 over (H, W) of a channels-last ``x`` (B, H, W, C), reduced on an NCHW-contiguous copy (timm's
+    rounding for its conv-MLP models). Autograd through ``permute().contiguous().norm()`` would hand back an
+    NCHW-strided gradient that meets the NHWC gradients of the rest of the block: every later add/mul then
+    runs on mixed layouts, several times slower on CPU. The backward here is norm's own, d||x||/dx = x / ||x||
+    (0 where the norm is 0), computed in x's layout."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        g = x.permute(0, 3, 1, 2).contiguous().norm(p=2, dim=(2, 3), keepdim=True).permute(0, 2, 3, 1)  # (B,1,1,C)
+        ctx.save_for_backward(x, g)
+        return g
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, g = ctx.saved_tensors
+        return x * (grad / g).masked_fill(g == 0, 0)  # (B, H, W, C)
+
+
 def grn_nx(x: torch.Tensor, eps: float = 1e-6, nchw_stats: bool = False) -> torch.Tensor:
     """Divisive-normalised response ``Nx`` (B, 1, 1, C) of a channels-last ``x`` (B, H, W, C), in x's dtype
     (statistics in float32 for half-precision inputs).
@@ -25,7 +45,7 @@ def grn_nx(x: torch.Tensor, eps: float = 1e-6, nchw_stats: bool = False) -> torc
     """
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     if nchw_stats:
-        gx = xf.permute(0, 3, 1, 2).contiguous().norm(p=2, dim=(2, 3), keepdim=True).permute(0, 2, 3, 1)
+        gx = _SpatialNormNCHW.apply(xf)
     else:
         gx = xf.norm(p=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
     return (gx / (gx.mean(dim=-1, keepdim=True) + eps)).to(x.dtype)

@@ -177,3 +177,15 @@ def test_no_weight_decay_and_bn_everywhere():
     assert m.no_weight_decay() == set()
     assert not any(isinstance(mod, nn.LayerNorm) for mod in m.modules())
     assert sum(isinstance(mod, nn.BatchNorm2d) for mod in m.modules()) > 20
+
+
+def test_common_model_options():
+    ref = maskconv.create_model("test_replknet", num_classes=4)
+    torch.manual_seed(0)
+    a = maskconv.create_model("test_replknet", num_classes=4)
+    torch.manual_seed(0)
+    b = maskconv.create_model("test_replknet", num_classes=4, head_init_scale=0.001, patch_size=4)
+    torch.testing.assert_close(b.head.fc.weight, a.head.fc.weight * 0.001)
+    assert ref.head.fc.weight.abs().max() > 0.01  # the default init is not already tiny
+    with pytest.raises(ValueError, match="fixed stride of 4"):
+        maskconv.create_model("test_replknet", patch_size=2)

@@ -120,11 +120,17 @@ class RepLKNet(nn.Module):
         small_kernel: int | None = 5,
         dw_ratio: float = 1.0,
         ffn_ratio: float = 4.0,
+        head_init_scale: float = 1.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        patch_size: int = 4,
     ):
+        """``head_init_scale`` scales the classifier's init (ConvNeXt's fine-tuning option; 1.0 = official);
+        ``patch_size`` is accepted for the common model options, but the stem's stride is fixed at 4."""
         super().__init__()
+        if patch_size != 4:
+            raise ValueError(f"patch_size={patch_size}: RepLKNet's stem (two stride-2 convs) has a fixed stride of 4")
         if global_pool != "avg":
             raise ValueError(f"global_pool={global_pool!r} is not supported; RepLKNet uses 'avg'")
         if isinstance(kernel_size, int):
@@ -161,6 +167,10 @@ class RepLKNet(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.drop_rate = drop_rate
         self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        if head_init_scale != 1.0 and isinstance(self.head.fc, nn.Linear):
+            with torch.no_grad():
+                self.head.fc.weight.mul_(head_init_scale)
+                self.head.fc.bias.mul_(head_init_scale)
 
     # ---- timm model contract -------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:

@@ -164,7 +164,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
                 rep_diff = (target(x) - ref).abs().max().item()
         dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
         t0 = time.perf_counter()
-        (_write_onnx if format == "onnx" else _write_pt2)(target, x, dyn, path)
+        with torch.no_grad():  # trace the inference path (layers may pick another kernel when grads are on)
+            (_write_onnx if format == "onnx" else _write_pt2)(target, x, dyn, path)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             out = (_run_onnx if format == "onnx" else _run_pt2)(path, x)

@@ -163,3 +163,24 @@ def test_accumulation_uses_whole_cycles_and_eval_needs_validation_data(tmp_path,
     assert main(["eval", "--checkpoint", str(run)]) == 2
     assert "no validation split: pass --data" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(run), "--data", str(folder)]) == 0
+
+
+def test_linprobe_keeps_frozen_backbone_exactly_frozen(tmp_path, capsys):
+    # A frozen backbone includes its BatchNorm running statistics (RepLKNet is BN everywhere): only the probe
+    # head may change. Before train_mode, loop.fit's model.train() let every BN re-estimate its statistics.
+    from maskconv import create_model
+    from maskconv.models import save_weights
+
+    init = tmp_path / "init.safetensors"
+    torch.manual_seed(0)
+    save_weights(create_model("test_replknet", num_classes=0), init)
+    out = tmp_path / "lp"
+    assert main(["linprobe", *TINY, "--model", "test_replknet", "--out", str(out), "--init", str(init),
+                 "optim.epochs=1", "run.max_steps=3"]) == 0
+    before, after = load_file(init), load_file(out / "model.safetensors")
+    backbone = [k for k in before if not k.startswith("head.")]
+    assert any("running_mean" in k for k in backbone)
+    for k in backbone:
+        assert torch.equal(before[k], after[k]), k
+    assert "head.fc.1.weight" in after and "head.fc.0.running_mean" in after  # the probe: BN + Linear
+    assert not torch.equal(after["head.fc.0.running_mean"], torch.zeros_like(after["head.fc.0.running_mean"]))

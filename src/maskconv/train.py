@@ -97,14 +97,15 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
                 val_per_class=per_class, val_confusion=conf.tolist(), val_images=n)
 
 
-def _probe_head(model: nn.Module, num_classes: int) -> None:
-    """MAE linear-probe head: BatchNorm without affine, then Linear (std 0.01 init)."""
+def _probe_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """MAE linear-probe head: BatchNorm without affine, then Linear (std 0.01 init). Returns the head."""
     probe = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
                           nn.Linear(model.num_features, num_classes))
     nn.init.trunc_normal_(probe[1].weight, std=0.01)
     nn.init.zeros_(probe[1].bias)
     parent, _, attr = getattr(model, "classifier", "head.fc").rpartition(".")  # 'head.fc' (ConvNeXt), 'head' (ViT)
     setattr(model.get_submodule(parent) if parent else model, attr, probe)
+    return probe
 
 
 def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Module:
@@ -125,9 +126,14 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     n = num_classes_of(ds)
     classes = list(getattr(ds, "classes", []))
     model = _classifier(cfg, n, linprobe)
+    train_mode = None
     if linprobe:  # MAE protocol: frozen backbone, BatchNorm (no affine) + linear head
         model.requires_grad_(False)
-        _probe_head(model, n)
+        probe = _probe_head(model, n)
+
+        def train_mode(m: nn.Module) -> None:  # frozen means frozen: backbone BatchNorm stats / dropout stay eval
+            m.eval()
+            probe.train()
     batch_tf = None
     d = cfg.data
     if (d.mixup > 0 or d.cutmix > 0) and not linprobe:
@@ -149,12 +155,12 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
         if val is None:
             return {}
         r = evaluate_classifier(m, val, n, info.device, progress=cfg.run.progress)
-        m.train()
+        (train_mode or nn.Module.train)(m)
         return {k: v for k, v in r.items() if k in ("val_top1", "val_top5")}
 
     task = "linprobe" if linprobe else "finetune"
     res = fit(cfg, model, ds, tf, loss_fn, task=task, batch_transform=batch_tf, evaluate=evaluate,
-              backbone=model if cfg.optim.layer_decay != 1.0 else None, info=info)
+              backbone=model if cfg.optim.layer_decay != 1.0 else None, info=info, train_mode=train_mode)
     if info.is_main:
         meta = {"num_classes": str(n), "classes": json.dumps(classes)}
         save_weights(res.state_dict if res.state_dict is not None else model, res.out / "model.safetensors",

@@ -115,10 +115,12 @@ class MetricsLog:
 
 def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *, task: str,
         batch_transform: Callable | None = None, evaluate: Callable | None = None,
-        backbone: nn.Module | None = None, info: D.DistInfo | None = None) -> FitResult:
+        backbone: nn.Module | None = None, info: D.DistInfo | None = None,
+        train_mode: Callable[[nn.Module], None] | None = None) -> FitResult:
     """Train ``model`` on ``dataset`` as ``cfg`` says. ``loss_fn(model, images, labels) -> loss``;
     ``batch_transform(images, labels)`` (MixUp/CutMix) runs on each micro-batch; ``evaluate(model) -> dict``
-    runs on the main process after every epoch."""
+    runs on the main process after every epoch. ``train_mode(model)`` replaces ``model.train()`` at the start of
+    each epoch (a linear probe keeps its frozen backbone's BatchNorm statistics in eval mode)."""
     info = info or D.setup(cfg.run.device)
     out = Path(cfg.run.out)
     if info.is_main:
@@ -230,7 +232,7 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
                             sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate_skip,
                             generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
                             pin_memory=info.device.type == "cuda")
-        model.train()
+        (train_mode or nn.Module.train)(model)
         bar = None
         if info.is_main and r.progress:
             from tqdm import tqdm

@@ -95,6 +95,11 @@ def test_in_chans_patch_size_and_reset_classifier():
     assert m(torch.randn(1, 1, 16, 16)).shape == (1, 32) and m.num_classes == 0
     m4 = maskconv.create_model("test_convmae", in_chans=4, num_classes=2)
     assert m4(torch.randn(1, 4, 32, 32)).shape == (1, 2)
+    torch.manual_seed(0)
+    ref = maskconv.create_model("test_convmae", num_classes=2).head.weight
+    torch.manual_seed(0)
+    scaled = maskconv.create_model("test_convmae", num_classes=2, head_init_scale=0.001).head.weight
+    torch.testing.assert_close(scaled, ref * 0.001)
 
 
 def test_param_counts():

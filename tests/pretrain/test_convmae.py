@@ -177,6 +177,11 @@ def test_cli_pretrain_convmae_two_steps(tmp_path):
     obj = load_objective(out / "objective.safetensors")
     assert type(obj).__name__ == "ConvMAE" and obj.mask_ratio == 0.75 and len(obj.decoder_blocks) == 1
     maskconv.create_model("test_convmae", num_classes=0, pretrained=str(out / "encoder.safetensors"))
+    ft = tmp_path / "ft"  # and fine-tuning starts from it, with the official layer-wise lr decay
+    assert main(["finetune", "--model", "test_convmae", "--data", "synthetic", "--out", str(ft), "--init",
+                 str(out / "encoder.safetensors"), "data.img_size=32", "data.batch_size=4", "data.num_workers=0",
+                 "run.progress=false", "run.max_steps=2", "optim.layer_decay=0.65", "model.head_init_scale=0.001"]) == 0
+    assert any("train_loss" in r for r in (ft / "metrics.jsonl").read_text().splitlines())
 
 
 def test_mae_init_reinitialises_the_encoder_unless_disabled():

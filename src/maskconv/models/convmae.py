@@ -108,6 +108,7 @@ class ConvViT(nn.Module):
         patch_size: int = 4,
         img_size: int | tuple[int, int] = 224,
         qkv_bias: bool = True,
+        head_init_scale: float = 1.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
@@ -148,6 +149,9 @@ class ConvViT(nn.Module):
         self.apply(_init_weights)
         with torch.no_grad():  # official fine-tuning starts from the pretraining's fixed sin-cos table
             self.pos_embed.copy_(sincos_pos_embed_2d(c3, self.pos_grid, device=self.pos_embed.device).unsqueeze(0))
+            if head_init_scale != 1.0 and isinstance(self.head, nn.Linear):
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
 
     # ---- timm model contract -------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:

@@ -45,6 +45,20 @@ def test_gather_equals_dense_loss_and_gradients():
 
 
 @pytest.mark.parametrize("sparse", ["gather", "dense"])
+def test_grad_checkpointing_same_gradients(sparse):
+    obj = _pair()[0 if sparse == "gather" else 1]
+    x = torch.randn(2, 3, 32, 48)
+    mask = obj.make_mask(x)
+    obj(x, mask).loss.backward()
+    ref = {n: p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None}
+    obj.zero_grad()
+    obj.encoder.set_grad_checkpointing(True)
+    obj(x, mask).loss.backward()
+    for n, g in ref.items():
+        torch.testing.assert_close(dict(obj.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("sparse", ["gather", "dense"])
 def test_pixels_under_mask_never_reach_visible_tokens(sparse):
     """The official design masks only the depthwise input; masked cells keep (and carry on their residual/MLP
     paths) their own pixels, but no spatial op reads them, so the visible stage-3 tokens stay exactly the same."""

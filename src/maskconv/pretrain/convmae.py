@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..layers import LayerNorm, layer_norm_fp32
 from ..layers.pos_embed import sincos_pos_embed_2d
@@ -161,7 +162,7 @@ class ConvMAE(nn.Module):
             t = _embed_gather(pe, x, idx)
             for blk in blocks:
                 if enc.grad_checkpointing and torch.is_grad_enabled():
-                    t = torch.utils.checkpoint.checkpoint(_cblock_gather, blk, t, idx, b, h, w, use_reentrant=False)
+                    t = checkpoint(_cblock_gather, blk, t, idx, b, h, w, use_reentrant=False)
                 else:
                     t = _cblock_gather(blk, t, idx, b, h, w)
             x = _scatter(t, idx, b, h, w)  # (B, C, H, W), zero at masked cells

@@ -19,6 +19,11 @@ to stages 1-2, where it zeroes the input of every depthwise 5x5 conv. Two implem
 
 Neither leaks: the depthwise conv is the only spatial op in a CBlock and its input is masked, so masked
 pixels never reach a visible position (``tests/pretrain/test_convmae.py``; docs/DECISIONS.md).
+
+Pixel targets: the official ``patchify`` hard-codes p=16 and square RGB images, and its ``unpatchify`` reads a
+non-existent ``self.patch_embed`` (never called in training). Here both are the shared ``targets.py`` functions
+with ``patch_size`` = the encoder's total stride, any channel count and non-square grids (reconstruction
+pictures go through ``targets.unpatchify``).
 """
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ pictures go through ``targets.unpatchify``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -39,15 +38,11 @@ from ..layers.pos_embed import sincos_pos_embed_2d
 from ..layers.transformer import Block
 from ..models.convmae import CBlock, ConvViT, PatchEmbed
 from .fcmae import _gather, _scatter
-from .masking import check_mask, random_mask, upsample_mask, visible_index
-from .targets import patch_stats, patchify
+from ._base import MaskedImageObjective, MaskedOutput
+from .masking import check_mask, upsample_mask, visible_index
 
 
-@dataclass
-class ConvMAEOutput:
-    loss: torch.Tensor  # scalar, mean over masked patches only
-    pred: torch.Tensor  # (B, L, p*p*C), normalised-pixel space when norm_pix_loss
-    mask: torch.Tensor  # (B, h, w) bool, True = masked
+ConvMAEOutput = MaskedOutput  # loss, pred (B, L, p*p*C), mask (B, h, w) bool
 
 
 # ---- gathered stages 1-2 (pointwise work on visible positions only) ---------------------------------------
@@ -81,7 +76,7 @@ def _embed_gather(pe: PatchEmbed, x: torch.Tensor, idx: torch.Tensor) -> torch.T
 
 
 # ---- objective ---------------------------------------------------------------------------------------------
-class ConvMAE(nn.Module):
+class ConvMAE(MaskedImageObjective):
     """Masked autoencoder around a ``ConvViT`` encoder (official MaskedAutoencoderConvViT).
 
     Init as the official ``initialize_weights`` (``mae_init=True``): the encoder is re-initialised too —
@@ -134,18 +129,6 @@ class ConvMAE(nn.Module):
             w = encoder.patch_embed3.proj.weight.data
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # "like nn.Linear", as the official code
         nn.init.normal_(self.mask_token, std=0.02)
-
-    def grid(self, images: torch.Tensor) -> tuple[int, int]:
-        p = self.patch_size
-        h, w = images.shape[-2:]
-        if images.ndim != 4 or h % p or w % p:
-            raise ValueError(f"images must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
-                             f"{p} (the encoder's total stride); got {tuple(images.shape)}")
-        return h // p, w // p
-
-    def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        h, w = self.grid(images)
-        return random_mask(images.shape[0], h, w, self.mask_ratio, images.device, generator)
 
     # ---- encoder -------------------------------------------------------------------------------------------
     def _stages12_dense(self, x: torch.Tensor, mask: torch.Tensor):
@@ -206,28 +189,6 @@ class ConvMAE(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
-
-    def target(self, images: torch.Tensor) -> torch.Tensor:
-        t = patchify(images.float(), self.patch_size)
-        if self.norm_pix_loss:
-            mean, std = patch_stats(t)
-            t = (t - mean) / std
-        return t
-
-    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        per_patch = (pred.float() - self.target(images)).pow(2).mean(dim=-1)  # (B, L)
-        m = mask.flatten(1).to(per_patch.dtype)
-        return (per_patch * m).sum() / m.sum().clamp_min(1)
-
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> ConvMAEOutput:
-        mask = self.make_mask(images) if mask is None else mask.to(images.device)
-        latent = self.forward_encoder(images, mask)
-        pred = self.forward_decoder(latent, mask)
-        return ConvMAEOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights with the backbone's keys: load strict into ``create_model(name, num_classes=0)``."""
-        return self.encoder.state_dict()
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}

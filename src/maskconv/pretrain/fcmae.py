@@ -18,22 +18,17 @@ a 2×2/s2 downsample never mixes visible and masked cells and the paths agree ex
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..layers import layer_norm_fp32
 from ..models.convnext import ConvNeXt, ConvNeXtBlock, _init_weights, _pointwise
-from .masking import check_mask, random_mask, upsample_mask, visible_index
-from .targets import patch_stats, patchify
+from ._base import MaskedImageObjective, MaskedOutput
+from .masking import check_mask, upsample_mask, visible_index
 
 
-@dataclass
-class FCMAEOutput:
-    loss: torch.Tensor  # scalar, mean over masked patches only
-    pred: torch.Tensor  # (B, L, p*p*C), normalised-pixel space when norm_pix_loss
-    mask: torch.Tensor  # (B, h, w) bool, True = masked
+FCMAEOutput = MaskedOutput  # loss, pred (B, L, p*p*C), mask (B, h, w) bool
 
 
 # ---- dense-masked reference path ---------------------------------------------------------------------------
@@ -120,7 +115,7 @@ def encode_gather(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 # ---- objective ---------------------------------------------------------------------------------------------
-class FCMAE(nn.Module):
+class FCMAE(MaskedImageObjective):
     """Masked autoencoder around a ConvNeXt encoder: sparse encoder -> 1x1 proj -> mask tokens -> ConvNeXt V2
     decoder block(s) -> 1x1 pixel head; loss on masked patches only.
 
@@ -156,18 +151,6 @@ class FCMAE(nn.Module):
             m.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def grid(self, images: torch.Tensor) -> tuple[int, int]:
-        p = self.patch_size
-        h, w = images.shape[-2:]
-        if images.ndim != 4 or h % p or w % p:
-            raise ValueError(f"images must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
-                             f"{p} (the encoder's total stride); got {tuple(images.shape)}")
-        return h // p, w // p
-
-    def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        h, w = self.grid(images)
-        return random_mask(images.shape[0], h, w, self.mask_ratio, images.device, generator)
-
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W), mask (B, h, w) -> encoder map (B, C, h, w), exactly zero at masked positions."""
         self.encoder.check_input(images)
@@ -182,29 +165,6 @@ class FCMAE(nn.Module):
         x = torch.where(mask.unsqueeze(1), self.mask_token.to(x.dtype), x)
         x = self.decoder(x.contiguous(memory_format=torch.channels_last))
         return self.pred(x).flatten(2).transpose(1, 2)
-
-    def target(self, images: torch.Tensor) -> torch.Tensor:
-        t = patchify(images.float(), self.patch_size)
-        if self.norm_pix_loss:
-            mean, std = patch_stats(t)
-            t = (t - mean) / std
-        return t
-
-    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        per_patch = (pred.float() - self.target(images)).pow(2).mean(dim=-1)  # (B, L)
-        m = mask.flatten(1).to(per_patch.dtype)
-        return (per_patch * m).sum() / m.sum().clamp_min(1)
-
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> FCMAEOutput:
-        mask = self.make_mask(images) if mask is None else mask.to(images.device)
-        z = self.forward_encoder(images, mask)
-        pred = self.forward_decoder(z, mask)
-        return FCMAEOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights with the dense model's keys: load strict into ``create_model(name,
-        num_classes=0)`` or timm's same-named model."""
-        return self.encoder.state_dict()
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {

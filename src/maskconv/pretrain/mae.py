@@ -18,27 +18,22 @@ starts from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..layers import Block, LayerNorm, sincos_pos_embed_2d
 from ..models.vit import VisionTransformer
-from .masking import check_mask, random_mask
-from .targets import patch_stats, patchify
+from ._base import MaskedImageObjective, MaskedOutput
+from .masking import check_mask
 
 __all__ = ["MAE", "MAEOutput", "checkpoint_filter_fn"]
 
 
-@dataclass
-class MAEOutput:
-    loss: torch.Tensor  # scalar, mean over masked patches only
-    pred: torch.Tensor  # (B, L, p*p*C), normalised-pixel space when norm_pix_loss
-    mask: torch.Tensor  # (B, h, w) bool, True = masked
+MAEOutput = MaskedOutput  # loss, pred (B, L, p*p*C), mask (B, h, w) bool
 
 
-class MAE(nn.Module):
+class MAE(MaskedImageObjective):
     """Masked autoencoder around a ``VisionTransformer`` (official ``MaskedAutoencoderViT``): encoder on the
     visible tokens + cls -> Linear to ``decoder_dim`` -> mask tokens at hidden positions -> sin-cos positions ->
     ``decoder_depth`` Transformer blocks -> LayerNorm -> Linear to p*p*C; norm-pix MSE on masked patches.
@@ -92,18 +87,6 @@ class MAE(nn.Module):
             m.apply(_init_mae)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def grid(self, images: torch.Tensor) -> tuple[int, int]:
-        p = self.patch_size
-        h, w = images.shape[-2:]
-        if images.ndim != 4 or h % p or w % p:
-            raise ValueError(f"images must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
-                             f"{p}; got {tuple(images.shape)}")
-        return h // p, w // p
-
-    def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        h, w = self.grid(images)
-        return random_mask(images.shape[0], h, w, self.mask_ratio, images.device, generator)
-
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W), mask (B, h, w) -> normed tokens (B, 1 + L_vis, D): cls, then the visible patches in
         position order (the official code keeps them in shuffled order; attention does not care)."""
@@ -135,29 +118,6 @@ class MAE(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-    def target(self, images: torch.Tensor) -> torch.Tensor:
-        t = patchify(images.float(), self.patch_size)
-        if self.norm_pix_loss:
-            mean, std = patch_stats(t)
-            t = (t - mean) / std
-        return t
-
-    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        per_patch = (pred.float() - self.target(images)).pow(2).mean(dim=-1)  # (B, L)
-        m = mask.flatten(1).to(per_patch.dtype)
-        return (per_patch * m).sum() / m.sum().clamp_min(1)
-
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MAEOutput:
-        mask = self.make_mask(images) if mask is None else mask.to(images.device)
-        latent = self.forward_encoder(images, mask)
-        pred = self.forward_decoder(latent, mask)
-        return MAEOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights with the backbone's keys: load strict into ``create_model(name, num_classes=0)``
-        or timm's same-named model."""
-        return self.encoder.state_dict()
 
     def no_weight_decay(self) -> set[str]:
         """mask token, cls token and pos table (the project rule; the official pretraining decays the tokens)."""

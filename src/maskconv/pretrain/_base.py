@@ -1,0 +1,66 @@
+"""What every masked-image objective (FCMAE, MAE, ConvMAE) shares: the patch grid, the mask, pixel targets, the
+loss on masked patches and the forward. A subclass sets ``patch_size``, ``in_chans``, ``mask_ratio``,
+``norm_pix_loss``, ``encoder`` and defines ``forward_encoder(images, mask)`` / ``forward_decoder(latent, mask)``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .masking import random_mask
+from .targets import patch_stats, patchify
+
+
+@dataclass
+class MaskedOutput:
+    loss: torch.Tensor  # scalar, mean over masked patches only
+    pred: torch.Tensor  # (B, L, p*p*C), normalised-pixel space when norm_pix_loss
+    mask: torch.Tensor  # (B, h, w) bool, True = masked
+
+
+class MaskedImageObjective(nn.Module):
+    patch_size: int
+    in_chans: int
+    mask_ratio: float
+    norm_pix_loss: bool
+    encoder: nn.Module
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch grid (h, w) of ``images`` (B, C, H, W); a clear error if the sizes do not divide."""
+        p = self.patch_size
+        h, w = images.shape[-2:]
+        if images.ndim != 4 or h % p or w % p:
+            raise ValueError(f"images must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
+                             f"{p} (the encoder's total stride); got {tuple(images.shape)}")
+        return h // p, w // p
+
+    def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random (B, h, w) bool mask, True = masked, the same number hidden in every sample."""
+        h, w = self.grid(images)
+        return random_mask(images.shape[0], h, w, self.mask_ratio, images.device, generator)
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel targets (B, L, p*p*C), per-patch normalised when ``norm_pix_loss`` (unbiased var + 1e-6)."""
+        t = patchify(images.float(), self.patch_size)
+        if self.norm_pix_loss:
+            mean, std = patch_stats(t)
+            t = (t - mean) / std
+        return t
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        per_patch = (pred.float() - self.target(images)).pow(2).mean(dim=-1)  # (B, L)
+        m = mask.flatten(1).to(per_patch.dtype)
+        return (per_patch * m).sum() / m.sum().clamp_min(1)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedOutput:
+        """``mask`` None: drawn here; given: the forward is deterministic (the mask is made outside the model)."""
+        mask = self.make_mask(images) if mask is None else mask.to(images.device)
+        latent = self.forward_encoder(images, mask)
+        pred = self.forward_decoder(latent, mask)
+        return MaskedOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights with the backbone's keys: load strict into ``create_model(name, num_classes=0)``
+        (and timm's same-named model where timm has it)."""
+        return self.encoder.state_dict()

@@ -64,3 +64,8 @@ class MaskedImageObjective(nn.Module):
         """The encoder's weights with the backbone's keys: load strict into ``create_model(name, num_classes=0)``
         (and timm's same-named model where timm has it)."""
         return self.encoder.state_dict()
+
+    def no_weight_decay(self) -> set[str]:
+        """The mask token and the encoder's own no-decay set (MAE: cls token, pos table; the official MAE
+        pretraining decays the tokens, the project rule does not)."""
+        return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}

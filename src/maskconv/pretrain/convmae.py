@@ -38,6 +38,7 @@ from ..layers.pos_embed import sincos_pos_embed_2d
 from ..layers.transformer import Block
 from ..models.convmae import CBlock, ConvViT, PatchEmbed
 from .fcmae import _gather, _scatter
+from .mae import _init_mae
 from ._base import MaskedImageObjective, MaskedOutput
 from .masking import check_mask, upsample_mask, visible_index
 
@@ -189,20 +190,6 @@ class ConvMAE(MaskedImageObjective):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
-
-    def no_weight_decay(self) -> set[str]:
-        return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-
-def _init_mae(m: nn.Module) -> None:
-    """MAE / official ConvMAE init: xavier_uniform Linear weights, zero biases; LayerNorm 1 / 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ---- checkpoint layouts -----------------------------------------------------------------------------------

@@ -119,13 +119,9 @@ class MAE(MaskedImageObjective):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def no_weight_decay(self) -> set[str]:
-        """mask token, cls token and pos table (the project rule; the official pretraining decays the tokens)."""
-        return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
 
 def _init_mae(m: nn.Module) -> None:
-    """MAE ``_init_weights``: xavier_uniform Linear weights, zero biases; LayerNorm 1 / 0."""
+    """MAE ``_init_weights`` (also official ConvMAE's): xavier_uniform Linear weights, zero biases; LayerNorm 1 / 0."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:

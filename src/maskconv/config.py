@@ -71,7 +71,7 @@ class ObjectiveCfg:
     decoder_dim: int = 512
     decoder_depth: int | None = None
     norm_pix_loss: bool = True
-    sparse: str | None = None  # FCMAE only: gather (default) | dense
+    sparse: str | None = None  # FCMAE / ConvMAE only: gather (default) | dense
 
 
 @dataclass

@@ -213,6 +213,10 @@ def test_bad_masks_and_encoders():
         obj(x, uneven)
     with pytest.raises(TypeError, match="VisionTransformer"):
         create_objective("mae", model="test_convnextv2")
+    with pytest.raises(ValueError, match="VisionTransformer"):  # also a ValueError: one line on the CLI
+        create_objective("mae", model="test_convnextv2")
+    with pytest.raises(ValueError, match="no option sparse"):  # objective.sparse is FCMAE / ConvMAE only
+        create_objective("mae", model="test_vit", sparse="dense")
     with pytest.raises(ValueError, match="global_pool='token'"):
         create_objective("mae", encoder=maskconv.create_model("test_vit", global_pool="avg"))
     with pytest.raises(ValueError, match="decoder_heads"):

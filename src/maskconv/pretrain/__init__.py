@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import inspect
+
 import torch.nn as nn
 
 from ._io import load_objective, save_objective
@@ -28,11 +30,16 @@ def create_objective(name: str, model: str | None = None, encoder: nn.Module | N
         raise ValueError(f"unknown objective {name!r}; available: {', '.join(list_objectives())}")
     if (model is None) == (encoder is None):
         raise ValueError("pass exactly one of model=<registered name> or encoder=<module>")
+    cls = _OBJECTIVES[name]
+    options = [p for p in inspect.signature(cls).parameters if p != "encoder"]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:  # e.g. objective.sparse with MAE: a clear error, not a TypeError from __init__
+        raise ValueError(f"objective {name!r} has no option {', '.join(unknown)}; its options: {', '.join(options)}")
     if encoder is None:
         from ..models import create_model
 
         encoder = create_model(model, num_classes=0, **(model_kwargs or {}))
-    return _OBJECTIVES[name](encoder, **kwargs)
+    return cls(encoder, **kwargs)
 
 
 __all__ = ["FCMAE", "FCMAEOutput", "create_objective", "list_objectives", "load_objective", "patchify", "random_mask",

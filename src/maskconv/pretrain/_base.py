@@ -12,6 +12,10 @@ from .masking import random_mask
 from .targets import patch_stats, patchify
 
 
+class EncoderTypeError(TypeError, ValueError):
+    """The encoder is not of the family the objective needs (also a ValueError: the CLI reports it in one line)."""
+
+
 @dataclass
 class MaskedOutput:
     loss: torch.Tensor  # scalar, mean over masked patches only

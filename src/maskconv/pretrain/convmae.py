@@ -39,7 +39,7 @@ from ..layers.transformer import Block
 from ..models.convmae import CBlock, ConvViT, PatchEmbed
 from .fcmae import _gather, _scatter
 from .mae import _init_mae
-from ._base import MaskedImageObjective, MaskedOutput
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
 from .masking import check_mask, upsample_mask, visible_index
 
 
@@ -93,7 +93,7 @@ class ConvMAE(MaskedImageObjective):
                  decoder_heads: int = 16, norm_pix_loss: bool = True, sparse: str = "gather", mae_init: bool = True):
         super().__init__()
         if not isinstance(encoder, ConvViT):
-            raise TypeError(f"ConvMAE needs a maskconv ConvViT encoder (convmae_*), got {type(encoder).__name__}")
+            raise EncoderTypeError(f"ConvMAE needs a maskconv ConvViT encoder (convmae_*), got {type(encoder).__name__}")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if sparse not in ("gather", "dense"):

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..layers import layer_norm_fp32
 from ..models.convnext import ConvNeXt, ConvNeXtBlock, _init_weights, _pointwise
-from ._base import MaskedImageObjective, MaskedOutput
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
 from .masking import check_mask, upsample_mask, visible_index
 
 
@@ -127,7 +127,7 @@ class FCMAE(MaskedImageObjective):
                  norm_pix_loss: bool = True, sparse: str = "gather"):
         super().__init__()
         if not isinstance(encoder, ConvNeXt):
-            raise TypeError(f"FCMAE needs a maskconv ConvNeXt encoder, got {type(encoder).__name__}")
+            raise EncoderTypeError(f"FCMAE needs a maskconv ConvNeXt encoder, got {type(encoder).__name__}")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if sparse not in ("gather", "dense"):

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..layers import Block, LayerNorm, sincos_pos_embed_2d
 from ..models.vit import VisionTransformer
-from ._base import MaskedImageObjective, MaskedOutput
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
 from .masking import check_mask
 
 __all__ = ["MAE", "MAEOutput", "checkpoint_filter_fn"]
@@ -48,7 +48,7 @@ class MAE(MaskedImageObjective):
                  mae_init: bool = True):
         super().__init__()
         if not isinstance(encoder, VisionTransformer):
-            raise TypeError(f"MAE needs a maskconv VisionTransformer encoder (vit_*), got {type(encoder).__name__}")
+            raise EncoderTypeError(f"MAE needs a maskconv VisionTransformer encoder (vit_*), got {type(encoder).__name__}")
         if not isinstance(encoder.norm, nn.LayerNorm):
             raise ValueError("MAE pretrains the encoder with its final 'norm': build it with global_pool='token' "
                              "(the default); fine-tune later with global_pool='avg' as MAE does")

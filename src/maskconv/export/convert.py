@@ -3,7 +3,8 @@
 ONNX goes through torch's default (dynamo, ``torch.export``-based) exporter, which needs ``onnxscript``; the
 legacy TorchScript exporter is deprecated (see docs/DECISIONS.md). onnx, onnxscript and onnxruntime are the
 ``export`` extra and are imported lazily. Files are written atomically: into a temporary folder beside the
-target, then renamed (an ONNX file over 2 GB keeps its weights in ``<name>.data`` beside it, renamed first).
+target, reloaded and checked there, and renamed only when they pass (an ONNX file over 2 GB keeps its weights in
+``<name>.data`` beside it, renamed first), so a failed check never replaces an existing file.
 """
 from __future__ import annotations
 
@@ -79,12 +80,17 @@ def _replace_from_dir(tmpdir: Path, path: Path) -> None:
     os.replace(tmpdir / path.name, path)
 
 
-def _atomic_export(path: Path, write_fn) -> None:
+def _atomic_export(path: Path, write_fn, check_fn=None):
+    """``write_fn(tmp)`` then ``check_fn(tmp)`` (may raise) on a file in a temporary folder beside ``path``; only
+    when both succeed is it renamed to ``path``. Returns what ``check_fn`` returns."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        write_fn(tmpdir / path.name)  # the final name, so an ONNX external-data reference stays valid
+        tmp = tmpdir / path.name  # the final name, so an ONNX external-data reference stays valid
+        write_fn(tmp)
+        result = check_fn(tmp) if check_fn is not None else None
         _replace_from_dir(tmpdir, path)
+        return result
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -100,12 +106,13 @@ def _import_onnx_tools():
     return onnxruntime
 
 
-def _write_onnx(model, x, dynamic_shapes, path: Path) -> None:
+def _trace_onnx(model, x, dynamic_shapes):
+    """The ONNX program of ``model`` on ``x``; returns its ``save(path)``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch), not about our model
         program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dynamic_shapes, optimize=True,
                                     verbose=False)
-    _atomic_export(path, lambda tmp: program.save(tmp))
+    return program.save
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -115,9 +122,10 @@ def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _write_pt2(model, x, dynamic_shapes, path: Path) -> None:
+def _trace_pt2(model, x, dynamic_shapes):
+    """The ``torch.export`` program of ``model`` on ``x``; returns its ``save(path)``."""
     program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
-    _atomic_export(path, lambda tmp: torch.export.save(program, tmp))
+    return lambda path: torch.export.save(program, path)
 
 
 def _run_pt2(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +142,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
     (``reparameterize_model``) in a copy before exporting; the check still compares with ``model`` as given.
     ``dynamic_batch``: the batch dimension stays symbolic (the check then runs at batch 2).
     Raises ``ValueError`` for a bad format/size and ``RuntimeError`` if the outputs differ by more than
-    ``rtol · max(1, max |output|)``. ``model`` is left unchanged (its train/eval mode included).
+    ``rtol · max(1, max |output|)``; then nothing is written (a file already at ``path`` stays as it was).
+    ``model`` is left unchanged (its train/eval mode included).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
@@ -158,30 +167,37 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
             ref = model(x)
         target = model
         rep_diff = None
+        tol = rtol * max(1.0, ref.abs().max().item())
         if reparam:
             target = reparameterize_model(copy.deepcopy(model))
             with torch.no_grad():
                 rep_diff = (target(x) - ref).abs().max().item()
+            if not rep_diff <= tol:  # also catches NaN; nothing exported
+                raise RuntimeError(f"reparameterized model does not match the original: max |diff| {rep_diff:.3g} "
+                                   f"on a random {tuple(shape)} input (tolerance {tol:.3g})")
         dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
         t0 = time.perf_counter()
         with torch.no_grad():  # trace the inference path (layers may pick another kernel when grads are on)
-            (_write_onnx if format == "onnx" else _write_pt2)(target, x, dyn, path)
-        seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            out = (_run_onnx if format == "onnx" else _run_pt2)(path, x)
+            save = (_trace_onnx if format == "onnx" else _trace_pt2)(target, x, dyn)
+
+        def verify(tmp: Path) -> ExportReport:  # the written file, before it replaces anything at ``path``
+            seconds = time.perf_counter() - t0
+            with torch.no_grad():
+                out = (_run_onnx if format == "onnx" else _run_pt2)(tmp, x)
+            if out.shape != ref.shape:
+                raise RuntimeError(f"{path}: output shape {tuple(out.shape)} differs from PyTorch's "
+                                   f"{tuple(ref.shape)}")
+            diff = (out.float() - ref.float()).abs().max().item()
+            data = tmp.with_name(tmp.name + ".data")  # ONNX external weights, only for > 2 GB models
+            size_mb = (tmp.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20
+            report = ExportReport(str(path), format, tuple(shape), diff, tol, rep_diff, dynamic_batch, seconds,
+                                  size_mb)
+            if verbose:
+                print(report)
+            if not diff <= tol:  # also catches NaN
+                raise RuntimeError(f"exported model does not match PyTorch (nothing written): {report}")
+            return report
+
+        return _atomic_export(path, save, verify)
     finally:
         model.train(was_training)
-    if out.shape != ref.shape:
-        raise RuntimeError(f"{path}: output shape {tuple(out.shape)} differs from PyTorch's {tuple(ref.shape)}")
-    diff = (out.float() - ref.float()).abs().max().item()
-    tol = rtol * max(1.0, ref.abs().max().item())
-    data = path.with_name(path.name + ".data")  # ONNX external weights, only for > 2 GB models
-    size_mb = (path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20
-    report = ExportReport(str(path), format, tuple(shape), diff, tol, rep_diff, dynamic_batch, seconds, size_mb)
-    if verbose:
-        print(report)
-    if not diff <= tol:  # also catches NaN
-        raise RuntimeError(f"exported model does not match PyTorch: {report}")
-    if rep_diff is not None and not rep_diff <= tol:
-        raise RuntimeError(f"reparameterized model does not match the original: {report}")
-    return report

@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/erf_convnextv2_vs_slak.py --size 384 --num-images 4 \
         --out docs/erf_convnextv2_vs_slak.png
 
-No ImageNet checkpoint is available here, so the weights are random (seed 0); pass --checkpoint A B to use
-trained weights (one per model, in panel order, 'none' to keep random). SLaK inherits ConvNeXt V1's layer scale
+No ImageNet checkpoint is available here, so the weights are random (seed 0); pass --checkpoint A B C to use
+trained weights (one per panel, in panel order, 'none' to keep random). SLaK inherits ConvNeXt V1's layer scale
 1e-6, which at random init mutes every block (the ERF is then only the stem and downsampling convs), so a third
 panel shows slak_tiny built without layer scale (as ConvNeXt V2 is): the reach of the large kernels themselves.
 """
@@ -37,6 +37,9 @@ def main() -> None:
     p.add_argument("--out", default="docs/erf_convnextv2_vs_slak.png")
     a = p.parse_args()
     ckpts = a.checkpoint or ["none"] * len(PANELS)
+    if len(ckpts) != len(PANELS):  # zip would silently drop panels
+        p.error(f"--checkpoint: give {len(PANELS)} (one per panel, in order; 'none' keeps random init), "
+                f"got {len(ckpts)}")
     x = sample_images(a.images, a.size, 3, a.num_images)
     maps, results = {}, {}
     for (label, name, kw), ckpt in zip(PANELS, ckpts):

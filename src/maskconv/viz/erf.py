@@ -34,7 +34,8 @@ def last_feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Mean over ``images`` (N, C, H, W) of the input-gradient map of the central output pixel -> (H, W).
+    """Mean over ``images`` (N, C, H, W) of the input-gradient map of the central output pixel -> (H, W), a
+    CPU float tensor whatever device the model and images are on.
 
     Images in one batch do not interact in eval mode, so the gradient of the summed scores is each image's own
     gradient and the per-image ReLU before summing is the original per-image computation.
@@ -51,7 +52,7 @@ def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 4) -> torc
             h, w = feats.shape[-2:]
             score = torch.relu(feats[:, :, h // 2, w // 2]).sum()
             (grad,) = torch.autograd.grad(score, x)  # (B, C_in, H, W)
-            total += torch.relu(grad).sum(dim=(0, 1)).double()
+            total += torch.relu(grad).sum(dim=(0, 1)).double().cpu()  # the map lives on the CPU (plots, JSON)
     finally:
         model.train(was_training)
     return (total / len(images)).float()

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import maskconv
+from maskconv.layers import sincos_pos_embed_2d
 from maskconv.pretrain import create_objective, load_objective, save_objective
+from maskconv.pretrain.targets import patchify
 from tests.conftest import perturbed_state_dict
 
 KW = dict(decoder_dim=32, decoder_depth=2, decoder_heads=4)
@@ -23,6 +25,73 @@ def _pair(**kw):
 
 def _hidden_pixels(mask, x, p=16):
     return mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).expand_as(x)
+
+
+def _official_forward(obj, imgs, noise, mask_ratio):
+    """Transcription of Alpha-VL/ConvMAE models_convmae.py forward on the objective's own modules: random_masking
+    by noise argsort, masks upsampled by repeat/reshape/permute, (1 - mask) multiplying the depthwise input,
+    fusion maps gathered at ids_keep and added after blocks3 (before the final norm), decoder unshuffled with
+    ids_restore, norm-pix loss on removed patches. Returns (loss, pred, mask 1 = removed)."""
+    enc, n = obj.encoder, imgs.shape[0]
+    h, w = imgs.shape[2] // 16, imgs.shape[3] // 16
+    L = h * w
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(n, L)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+
+    def up(s):  # official mask_for_patch1 / mask_for_patch2
+        return (mask.reshape(-1, h, w).unsqueeze(-1).repeat(1, 1, 1, s * s).reshape(-1, h, w, s, s)
+                .permute(0, 1, 3, 2, 4).reshape(n, h * s, w * s).unsqueeze(1))
+
+    def cblock(blk, x, m):  # official CBlock.forward(x, mask) with mask = 1 - mask_for_patch
+        x = x + blk.conv2(blk.attn(m * blk.conv1(blk.norm1(x))))
+        return x + blk.mlp(blk.norm2(x))
+
+    def keep(t):
+        return torch.gather(t, 1, ids_keep[..., None].repeat(1, 1, t.shape[-1]))
+
+    x = enc.patch_embed1(imgs)
+    for blk in enc.blocks1:
+        x = cblock(blk, x, 1 - up(4))
+    s1 = obj.stage1_output_decode(x).flatten(2).permute(0, 2, 1)
+    x = enc.patch_embed2(x)
+    for blk in enc.blocks2:
+        x = cblock(blk, x, 1 - up(2))
+    s2 = obj.stage2_output_decode(x).flatten(2).permute(0, 2, 1)
+    x = enc.patch_embed4(enc.patch_embed3(x).flatten(2).permute(0, 2, 1))
+    x = keep(x + sincos_pos_embed_2d(x.shape[-1], (h, w))[None])
+    for blk in enc.blocks3:
+        x = blk(x)
+    x = obj.norm(x + keep(s1) + keep(s2))
+    x = obj.decoder_embed(x)
+    x = torch.cat([x, obj.mask_token.repeat(n, L - x.shape[1], 1)], dim=1)
+    x = torch.gather(x, 1, ids_restore[..., None].repeat(1, 1, x.shape[2]))
+    x = x + sincos_pos_embed_2d(x.shape[-1], (h, w))[None]
+    for blk in obj.decoder_blocks:
+        x = blk(x)
+    pred = obj.decoder_pred(obj.decoder_norm(x))
+    target = patchify(imgs, 16)
+    mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum(), pred, mask
+
+
+@pytest.mark.parametrize("sparse", ["gather", "dense"])
+def test_matches_official_forward(sparse):
+    obj = _pair()[0 if sparse == "gather" else 1].eval()
+    x = torch.randn(2, 3, 64, 96)  # non-square 4x6 grid (the official code hard-codes 14x14; same formula)
+    noise = torch.rand(2, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        loss_ref, pred_ref, mask_ref = _official_forward(obj, x, noise, 0.75)
+        out = obj(x, mask_ref.bool().view(2, 4, 6))  # official float mask (1 = removed) -> our bool at the edge
+    # same ops; visible tokens in position order (ours) vs shuffled order (official) changes summation order only
+    torch.testing.assert_close(out.pred, pred_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, loss_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_gather_equals_dense_loss_and_gradients():

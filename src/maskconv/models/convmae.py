@@ -30,6 +30,7 @@ from ..layers import LayerNorm, LayerNorm2d
 from ..layers.pos_embed import resample_pos_embed, sincos_pos_embed_2d
 from ..layers.transformer import Block
 from ._registry import register_model
+from .convnext import _feature_indices
 
 __all__ = ["CBlock", "ConvViT", "PatchEmbed", "checkpoint_filter_fn"]
 
@@ -215,8 +216,6 @@ class ConvViT(nn.Module):
         the fine-tuning form has no norm on token maps (``fc_norm`` follows the pooling)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
-        from .convnext import _feature_indices
-
         take = _feature_indices(indices, 3)
         last = max(take) if (stop_early or intermediates_only) else 2
         out, y = [], None

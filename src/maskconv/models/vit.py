@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block, LayerNorm, resample_pos_embed
 from ._registry import register_model
+from .convnext import _feature_indices
 
 __all__ = ["PatchEmbed", "VisionTransformer", "checkpoint_filter_fn"]
 
@@ -183,7 +184,7 @@ class VisionTransformer(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NLC'")
-        take = _feature_indices(indices, len(self.blocks))
+        take = _feature_indices(indices, len(self.blocks), unit="blocks")
         b = x.shape[0]
         x, (gh, gw) = self._embed(x)
         last = max(take) if (stop_early or intermediates_only) else len(self.blocks) - 1
@@ -238,19 +239,6 @@ class VisionTransformer(nn.Module):
         return int(m.group(1)) + 1 if m else top
 
 
-def _feature_indices(indices, n: int) -> list[int]:
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"indices={indices}: the model has {n} blocks")
-        return list(range(n - indices, n))
-    idx = [i % n if -n <= i < n else None for i in indices]
-    if None in idx:
-        raise ValueError(f"indices {list(indices)} out of range for {n} blocks")
-    return sorted(set(idx))
-
-
 def _init_weights(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
@@ -265,8 +253,9 @@ _MAE_DECODER = ("decoder_", "mask_token")  # MAE pretraining keys that are not p
 def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> tuple[dict, str]:
     """Map a ViT state dict to ours; returns ``(state_dict, layout)``.
 
-    Layouts: 'timm' (= ours), 'mae' (official MAE fine-tuned: the same names, under ``model``), 'mae-pretrain'
-    (official MAE pretraining: decoder keys dropped), a maskconv MAE objective (``encoder.*``). ``pos_embed`` is
+    Layouts: 'timm' (= ours; also official MAE fine-tuned files, which use the same names under ``model``),
+    'mae-pretrain' (official MAE pretraining: decoder keys dropped); a maskconv MAE objective's state
+    (``encoder.*``) is unwrapped first. ``pos_embed`` is
     resampled to the model's grid (as MAE ``interpolate_pos_embed`` / timm). MAE pretraining checkpoints hold the
     final ``norm``; into an ``fc_norm`` ('avg') model it is dropped and ``fc_norm`` starts at its LayerNorm init,
     exactly as MAE's ``main_finetune.py`` does (with a warning).

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from maskconv.pretrain import create_objective, list_objectives
+from maskconv.pretrain import create_objective
 
 # objective:model[:sparse] ("sparse" picks FCMAE's / ConvMAE's implementation; the default is the gathered one)
 DEFAULT_CASES = ["mae:vit_base_patch16_224", "fcmae:convnextv2_base", "convmae:convmae_base",
@@ -43,9 +43,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    cases = [c for c in args.cases if c.split(":")[0] in list_objectives()]
-    for c in sorted(set(args.cases) - set(cases)):
-        print(f"skipped {c}: objective not available (have {', '.join(list_objectives())})")
+    cases = args.cases  # an unknown objective or model fails in create_objective, naming the ones there are
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     runs = {}

@@ -163,7 +163,7 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"in_chans ({in_chans}) and patch_size ({patch_size}) must be >= 1")
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.depths, self.dims, self.kernel_sizes = tuple(depths), tuple(dims), kernel_sizes
         self.drop_rate = drop_rate
         self.stride = patch_size * 2 ** (len(depths) - 1)  # total stride: the patch size of FCMAE
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], patch_size, stride=patch_size), LayerNorm2d(dims[0]))

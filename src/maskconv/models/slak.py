@@ -40,7 +40,7 @@ class SLaK(ConvNeXt):
         self,
         depths: tuple[int, ...] = (3, 3, 9, 3),
         dims: tuple[int, ...] = (96, 192, 384, 768),
-        kernel_size: Sequence[int] = (51, 49, 47, 13),
+        kernel_size: int | Sequence[int] = (51, 49, 47, 13),
         small_kernel: int = 5,
         width_factor: float = 1.3,
         ls_init_value: float | None = 1e-6,
@@ -48,14 +48,12 @@ class SLaK(ConvNeXt):
     ):
         if width_factor <= 0:
             raise ValueError(f"width_factor={width_factor}: must be > 0")
-        if isinstance(kernel_size, int):
-            kernel_size = (kernel_size,) * len(depths)
         super().__init__(
             depths=depths, dims=tuple(int(d * width_factor) for d in dims), kernel_size=kernel_size,
             ls_init_value=ls_init_value, conv_dw=partial(DecomposedLargeKernelConv, small_kernel=small_kernel),
             **kwargs,
         )
-        self.kernel_sizes, self.small_kernel = tuple(kernel_size), small_kernel
+        self.small_kernel = small_kernel  # the per-stage M are ConvNeXt's ``kernel_sizes``
 
 
 # ---- checkpoint layouts -----------------------------------------------------------------------------------

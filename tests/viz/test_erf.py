@@ -61,6 +61,8 @@ def test_batched_erf_equals_one_image_at_a_time():
     assert batched.shape == (64, 64) and batched.max() > 0
     torch.testing.assert_close(batched, single)  # images do not interact in eval mode
     assert model.training  # the caller's mode is restored
+    with pytest.raises(ValueError, match="batch_size=0"):
+        erf_map(model, x, batch_size=0)
 
 
 def test_visualize_erf_cli(tmp_path, capsys):

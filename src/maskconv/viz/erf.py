@@ -42,6 +42,8 @@ def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 4) -> torc
     """
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"expected images as a non-empty (N, C, H, W) tensor, got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
     was_training = model.training
     model.eval()
     total = torch.zeros(images.shape[-2:], dtype=torch.float64)

@@ -159,6 +159,20 @@ def test_leak_check_detects_an_unmasked_convolution(monkeypatch):
         assert not torch.allclose(obj.forward_encoder(x, mask), obj.forward_encoder(x2, mask))
 
 
+@pytest.mark.parametrize("sparse", ["gather", "dense"])
+def test_autocast_keeps_the_residual_streams_fp32(sparse):
+    """Under autocast the official fp32 position tables / mask token keep the stage-3 and decoder residual
+    streams in fp32 (as the backbone's own forward); only the matmuls and convs run in bf16."""
+    obj = create_objective("convmae", model="test_convmae", sparse=sparse, **KW).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    obj.decoder_blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z = obj.forward_encoder(x, obj.make_mask(x))
+        obj(x)
+    assert z.dtype == torch.float32 and seen == [torch.float32]
+
+
 def test_loss_uses_masked_patches_only():
     obj = create_objective("convmae", model="test_convmae", **KW)
     x = torch.randn(2, 3, 64, 64)

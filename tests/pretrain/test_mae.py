@@ -122,6 +122,19 @@ def test_init_and_param_groups():
     assert "encoder.pos_embed" not in names and "mask_token" in names
 
 
+def test_autocast_keeps_the_residual_streams_fp32():
+    """Under autocast the official fp32 position tables / mask token keep the encoder and decoder residual
+    streams in fp32 (as the backbone's own forward); only the matmuls run in bf16."""
+    obj = _obj().eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    obj.decoder_blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z = obj.forward_encoder(x, obj.make_mask(x))
+        obj(x)
+    assert z.dtype == torch.float32 and seen == [torch.float32]
+
+
 def test_learns_on_a_fixed_batch():
     obj = _obj()
     x = torch.randn(4, 3, 32, 32)

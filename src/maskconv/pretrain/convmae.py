@@ -169,7 +169,8 @@ class ConvMAE(MaskedImageObjective):
         x, s1, s2 = stages(images, mask)
         x = enc.patch_embed3(x)  # (B, C3, h, w)
         b, c = x.shape[:2]
-        pos = sincos_pos_embed_2d(c, (h, w), dtype=x.dtype, device=x.device)  # (L, C3) fixed, as official
+        # fixed, as official; in the parameters' dtype (fp32 under autocast): the residual stream stays fp32
+        pos = sincos_pos_embed_2d(c, (h, w), dtype=enc.pos_embed.dtype, device=x.device)  # (L, C3)
         t = enc.patch_embed4(x.flatten(2).transpose(1, 2)) + pos  # (B, L, C3)
         vis = ~mask.flatten(1)  # (B, L)
         t = t[vis].view(b, -1, c)  # (B, L_vis, C3): every sample keeps the same count
@@ -182,9 +183,9 @@ class ConvMAE(MaskedImageObjective):
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L_vis, C3) visible tokens -> predictions (B, L, p*p*C_in) for every patch."""
         b, h, w = mask.shape
-        x = self.decoder_embed(latent)  # (B, L_vis, D)
+        x = self.decoder_embed(latent).to(self.mask_token.dtype)  # (B, L_vis, D); fp32 stream under autocast
         d = x.shape[-1]
-        full = self.mask_token.to(x.dtype).reshape(1, d).expand(b * h * w, d)
+        full = self.mask_token.reshape(1, d).expand(b * h * w, d)
         x = full.index_copy(0, visible_index(mask), x.reshape(-1, d)).view(b, h * w, d)  # mask tokens + visible
         x = x + sincos_pos_embed_2d(d, (h, w), dtype=x.dtype, device=x.device)
         for blk in self.decoder_blocks:

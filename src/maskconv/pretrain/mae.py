@@ -97,7 +97,9 @@ class MAE(MaskedImageObjective):
         mask = mask.to(images.device)
         x = enc.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L, D)
         b, _, d = x.shape
-        pos = sincos_pos_embed_2d(d, (h, w), cls_token=True, dtype=x.dtype, device=x.device)  # (1 + L, D)
+        # in the parameters' dtype (fp32 under autocast, as the official fp32 table and the backbone's pos_embed):
+        # the residual stream stays fp32
+        pos = sincos_pos_embed_2d(d, (h, w), cls_token=True, dtype=enc.pos_embed.dtype, device=x.device)  # (1+L, D)
         x = x + pos[1:]
         x = x[~mask.flatten(1)].view(b, -1, d)  # (B, L_vis, D): every sample keeps the same count
         cls = (enc.cls_token + pos[:1]).expand(b, -1, -1)  # the cls row of the table is zero, as official
@@ -107,9 +109,9 @@ class MAE(MaskedImageObjective):
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, 1 + L_vis, D) -> predictions (B, L, p*p*C_in) for every patch (the cls output is dropped)."""
         b, h, w = mask.shape
-        x = self.decoder_embed(latent)  # (B, 1 + L_vis, Dd)
+        x = self.decoder_embed(latent).to(self.mask_token.dtype)  # (B, 1 + L_vis, Dd); fp32 stream under autocast
         d = x.shape[-1]
-        full = self.mask_token.to(x.dtype).expand(b, h * w, d)
+        full = self.mask_token.expand(b, h * w, d)
         vis = (~mask.flatten(1))[..., None]  # (B, L, 1)
         # scatter visible tokens back to their positions: row-major order, as they were gathered
         full = full.masked_scatter(vis, x[:, 1:])

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import LayerNorm, layer_norm_fp32
 from ..layers.pos_embed import sincos_pos_embed_2d
 from ..layers.transformer import Block
 from ..models.convmae import CBlock, ConvViT, PatchEmbed
+from ..models.convnext import _pointwise  # a 1x1 conv on tokens (N_vis, C)
 from .fcmae import _gather, _scatter
 from .mae import _init_mae
 from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
@@ -47,11 +47,6 @@ ConvMAEOutput = MaskedOutput  # loss, pred (B, L, p*p*C), mask (B, h, w) bool
 
 
 # ---- gathered stages 1-2 (pointwise work on visible positions only) ---------------------------------------
-def _pw(t: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A 1x1 conv applied to tokens (..., C_in) -> (..., C_out)."""
-    return F.linear(t, conv.weight.flatten(1), conv.bias)
-
-
 def _ln(t: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
     return layer_norm_fp32(t, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
@@ -63,10 +58,10 @@ def _drop(blk: CBlock, y: torch.Tensor, b: int) -> torch.Tensor:
 
 def _cblock_gather(blk: CBlock, t: torch.Tensor, idx: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
     """``t`` (N_vis, C) visible tokens of an h x w map; only the depthwise conv sees the (zero-filled) map."""
-    y = _pw(_ln(t, blk.norm1), blk.conv1)
+    y = _pointwise(_ln(t, blk.norm1), blk.conv1)
     y = blk.attn(_scatter(y, idx, b, h, w))  # (B, C, H, W); masked inputs are zero = the masked convolution
-    t = t + _drop(blk, _pw(_gather(y.permute(0, 2, 3, 1), idx), blk.conv2), b)
-    y = _pw(blk.mlp.act(_pw(_ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
+    t = t + _drop(blk, _pointwise(_gather(y.permute(0, 2, 3, 1), idx), blk.conv2), b)
+    y = _pointwise(blk.mlp.act(_pointwise(_ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
     return t + _drop(blk, y, b)
 
 

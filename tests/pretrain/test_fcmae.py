@@ -216,3 +216,9 @@ def test_pretrain_demo_writes_run_recon_and_curves(tmp_path):
     assert paths["reconstructions"].stat().st_size > 0 and paths["curves"].stat().st_size > 0
     obj = load_objective(paths["pretraining run"] / "objective.safetensors")
     assert obj.patch_size == 32 and obj.config["decoder_dim"] == 16
+
+
+def test_batchnorm_encoder_is_flagged():
+    # SLaK is a ConvNeXt with conv-BN branches: FCMAE runs it, but BN batch statistics see masked zeros.
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        create_objective("fcmae", model="test_slak", decoder_dim=16)

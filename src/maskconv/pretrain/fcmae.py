@@ -18,6 +18,8 @@ a 2×2/s2 downsample never mixes visible and masked cells and the paths agree ex
 """
 from __future__ import annotations
 
+import warnings
+
 
 import torch
 import torch.nn as nn
@@ -130,6 +132,11 @@ class FCMAE(MaskedImageObjective):
             raise EncoderTypeError(f"FCMAE needs a maskconv ConvNeXt encoder, got {type(encoder).__name__}")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules()):
+            # e.g. SLaK's conv-BN branches: no leak (BN is per channel), but not submanifold-sparse semantics
+            warnings.warn(f"{type(encoder).__name__} has BatchNorm layers: under FCMAE their training-mode batch "
+                          "statistics include the zeroed masked positions (LayerNorm/GRN use visible ones only)",
+                          stacklevel=2)
         if sparse not in ("gather", "dense"):
             raise ValueError(f"sparse must be 'gather' or 'dense', got {sparse!r}")
         if decoder_depth < 0 or decoder_dim < 1:

@@ -143,7 +143,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
     ``dynamic_batch``: the batch dimension stays symbolic (the check then runs at batch 2).
     Raises ``ValueError`` for a bad format/size and ``RuntimeError`` if the outputs differ by more than
     ``rtol · max(1, max |output|)``; then nothing is written (a file already at ``path`` stays as it was).
-    ``model`` is left unchanged (its train/eval mode included).
+    ``model`` is left unchanged (its train/eval mode included); a model on an accelerator is exported from a
+    CPU copy.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
@@ -155,6 +156,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
     if format == "torch-export" and path.suffix != ".pt2":
         raise ValueError(f"{path}: a torch.export program must be saved as a .pt2 file (torch.export.load reads "
                          "only those)")
+    if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
+        # export and check on CPU (onnxruntime runs on CPU here); the caller's model stays where it is
+        model = copy.deepcopy(model).cpu()
     shape = _input_shape(model, input_size, batch=2 if dynamic_batch else 1)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     check = getattr(model, "check_input", None)

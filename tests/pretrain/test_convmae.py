@@ -63,7 +63,7 @@ def _official_forward(obj, imgs, noise, mask_ratio):
         x = cblock(blk, x, 1 - up(2))
     s2 = obj.stage2_output_decode(x).flatten(2).permute(0, 2, 1)
     x = enc.patch_embed4(enc.patch_embed3(x).flatten(2).permute(0, 2, 1))
-    x = keep(x + sincos_pos_embed_2d(x.shape[-1], (h, w))[None])
+    x = keep(x + enc.pos_embed)  # official self.pos_embed: the fixed table of the (one) grid
     for blk in enc.blocks3:
         x = blk(x)
     x = obj.norm(x + keep(s1) + keep(s2))
@@ -83,8 +83,9 @@ def _official_forward(obj, imgs, noise, mask_ratio):
 
 @pytest.mark.parametrize("sparse", ["gather", "dense"])
 def test_matches_official_forward(sparse):
-    obj = _pair()[0 if sparse == "gather" else 1].eval()
-    x = torch.randn(2, 3, 64, 96)  # non-square 4x6 grid (the official code hard-codes 14x14; same formula)
+    # stored grid = input grid (4x6, non-square): the official case (one fixed 14x14 table there; same formula)
+    obj = _pair(model_kwargs=dict(img_size=(64, 96)))[0 if sparse == "gather" else 1].eval()
+    x = torch.randn(2, 3, 64, 96)
     noise = torch.rand(2, 24, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         loss_ref, pred_ref, mask_ref = _official_forward(obj, x, noise, 0.75)

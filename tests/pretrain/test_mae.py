@@ -15,9 +15,10 @@ SMALL = dict(decoder_dim=32, decoder_depth=2, decoder_heads=4)
 DEPTH = 2  # test_vit with 2 of its 6 blocks: the semantics do not depend on depth, the test time does
 
 
-def _obj(seed=0, **kw):
+def _obj(seed=0, model_kwargs=None, **kw):
     torch.manual_seed(seed)
-    return create_objective("mae", model="test_vit", model_kwargs=dict(depth=DEPTH), **{**SMALL, **kw})
+    return create_objective("mae", model="test_vit", model_kwargs=dict(depth=DEPTH, **(model_kwargs or {})),
+                            **{**SMALL, **kw})
 
 
 def _official_forward(obj: MAE, imgs, noise, mask_ratio):
@@ -57,7 +58,7 @@ def _official_forward(obj: MAE, imgs, noise, mask_ratio):
 
 
 def test_matches_official_forward():
-    obj = _obj().eval()
+    obj = _obj(model_kwargs=dict(img_size=(64, 96))).eval()  # stored grid = input grid: the official case
     x = torch.randn(2, 3, 64, 96)
     noise = torch.rand(2, 24, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -67,6 +68,18 @@ def test_matches_official_forward():
     torch.testing.assert_close(out.pred, pred_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, loss_ref, rtol=1e-5, atol=1e-6)
     assert out.pred.shape == (2, 24, 16 * 16 * 3) and int(out.mask.sum()) == 2 * 18
+
+
+def test_encoder_with_nothing_masked_is_the_backbone_at_any_grid():
+    """Pretraining reads the encoder's own position table (resampled off its stored 10x10 grid) exactly as
+    fine-tuning and linear probing will, so with no patch hidden the objective's encoder is the backbone."""
+    obj = _obj().eval()
+    for size in ((64, 96), (160, 160)):  # 4x6 (resampled) and the stored 10x10 grid
+        x = torch.randn(2, 3, *size)
+        none = torch.zeros(2, size[0] // 16, size[1] // 16, dtype=torch.bool)
+        with torch.no_grad():
+            torch.testing.assert_close(obj.forward_encoder(x, none), obj.encoder.forward_features(x),
+                                       rtol=1e-6, atol=1e-6)
 
 
 def test_loss_only_on_masked_patches():

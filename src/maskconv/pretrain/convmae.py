@@ -78,10 +78,10 @@ class ConvMAE(MaskedImageObjective):
     Init as the official ``initialize_weights`` (``mae_init=True``): the encoder is re-initialised too —
     xavier_uniform for every Linear (zero bias) and for ``patch_embed3``'s conv viewed 2-D, LayerNorm 1 / 0,
     mask token normal std .02; the other convs keep PyTorch's default. Pass ``mae_init=False`` to keep the
-    weights of an ``encoder`` you hand in. Position tables are the fixed 2-D sin-cos
-    of the actual grid (official: fixed buffers for 14x14), so any input size divisible by 16 works; the
-    encoder's learnable ``pos_embed`` is frozen and unused here and leaves with its sin-cos init, which is what
-    official fine-tuning starts from.
+    weights of an ``encoder`` you hand in. The encoder's ``pos_embed`` (sin-cos of its stored grid, as the
+    official fixed 14x14 buffer) is frozen and read as the backbone reads it: exact at the stored grid, resampled
+    for any other input size divisible by 16, so pretraining, fine-tuning and linear probing see the same
+    positions. The decoder's table is the sin-cos table of the actual grid (official: a fixed buffer).
     """
 
     def __init__(self, encoder: ConvViT, mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8,
@@ -100,7 +100,7 @@ class ConvMAE(MaskedImageObjective):
             raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4 "
                              "(2-D sin-cos position table)")
         self.encoder = encoder
-        # Unused in pretraining: frozen so DDP does not wait for their gradients (head, fc_norm, pos_embed).
+        # Frozen: fc_norm is unused in pretraining (DDP must not wait for its gradient), pos_embed is the fixed table.
         encoder.reset_classifier(0)
         encoder.fc_norm.requires_grad_(False)
         encoder.pos_embed.requires_grad_(False)
@@ -124,6 +124,8 @@ class ConvMAE(MaskedImageObjective):
             encoder.apply(_init_mae)
             w = encoder.patch_embed3.proj.weight.data
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # "like nn.Linear", as the official code
+            with torch.no_grad():  # the fixed sin-cos table (a handed-in encoder may hold a learned one)
+                encoder.pos_embed.copy_(sincos_pos_embed_2d(c3, encoder.pos_grid, device=w.device)[None])
         nn.init.normal_(self.mask_token, std=0.02)
 
     # ---- encoder -------------------------------------------------------------------------------------------
@@ -164,9 +166,9 @@ class ConvMAE(MaskedImageObjective):
         x, s1, s2 = stages(images, mask)
         x = enc.patch_embed3(x)  # (B, C3, h, w)
         b, c = x.shape[:2]
-        # fixed, as official; in the parameters' dtype (fp32 under autocast): the residual stream stays fp32
-        pos = sincos_pos_embed_2d(c, (h, w), dtype=enc.pos_embed.dtype, device=x.device)  # (L, C3)
-        t = enc.patch_embed4(x.flatten(2).transpose(1, 2)) + pos  # (B, L, C3)
+        # the encoder's own (frozen sin-cos) table, resampled for a grid other than its stored one exactly as
+        # fine-tuning / linear probing will see it; an fp32 parameter, so the residual stream stays fp32
+        t = enc.patch_embed4(x.flatten(2).transpose(1, 2)) + enc.pos_embed_for(h, w)  # (B, L, C3)
         vis = ~mask.flatten(1)  # (B, L)
         t = t[vis].view(b, -1, c)  # (B, L_vis, C3): every sample keeps the same count
         t = enc._run(enc.blocks3, t)

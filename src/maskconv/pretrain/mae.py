@@ -11,10 +11,11 @@ The objective owns what only pretraining has, under the official names: ``mask_t
 The mask is made **outside** the encoder (``masking.py`` convention: bool (B, h, w), True = masked, the same
 number of visible patches per sample) and passed in: with a given mask the forward is deterministic (HF's
 ViTMAE draws its noise inside the model; docs/DECISIONS.md). Only the visible patch tokens (+ cls) enter the
-encoder, so masked pixels can never influence the encoder output. Position tables are the fixed 2-D sin-cos
-of the actual patch grid (official: fixed tables for 14x14), so any input size divisible by the patch works;
-the encoder's ``pos_embed`` is set to that sin-cos table at init and frozen, which is what official fine-tuning
-starts from.
+encoder, so masked pixels can never influence the encoder output. The encoder's ``pos_embed`` is set to the
+fixed 2-D sin-cos table of its stored grid at init and frozen (official: a fixed 14x14 table), and the encoder
+reads it as the backbone does: exact at the stored grid, resampled for any other input size divisible by the
+patch, so pretraining, fine-tuning and linear probing see the same positions. The decoder's table is the sin-cos
+table of the actual grid.
 """
 from __future__ import annotations
 
@@ -95,14 +96,12 @@ class MAE(MaskedImageObjective):
         h, w = self.grid(images)
         check_mask(mask, images.shape[0], h, w)
         mask = mask.to(images.device)
-        x = enc.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L, D)
+        # the encoder's own (frozen sin-cos) position table, resampled for a grid other than its stored one exactly
+        # as fine-tuning / linear probing will see it; an fp32 parameter, so the residual stream stays fp32
+        x, _ = enc.patchify_tokens(images)  # (B, L, D) with positions
         b, _, d = x.shape
-        # in the parameters' dtype (fp32 under autocast, as the official fp32 table and the backbone's pos_embed):
-        # the residual stream stays fp32
-        pos = sincos_pos_embed_2d(d, (h, w), cls_token=True, dtype=enc.pos_embed.dtype, device=x.device)  # (1+L, D)
-        x = x + pos[1:]
         x = x[~mask.flatten(1)].view(b, -1, d)  # (B, L_vis, D): every sample keeps the same count
-        cls = (enc.cls_token + pos[:1]).expand(b, -1, -1)  # the cls row of the table is zero, as official
+        cls = enc.cls_with_pos().expand(b, -1, -1)  # the cls row of the table is zero, as official
         x = enc.run_blocks(torch.cat([cls, x], dim=1))  # grad checkpointing follows the encoder's setting
         return enc.norm(x)
 

@@ -15,6 +15,11 @@ import torch
 import torch.nn as nn
 
 
+def _norm_nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) channels-last -> ||x||_2 over (H, W) as (B, 1, 1, C), reduced on an NCHW-contiguous copy."""
+    return x.permute(0, 3, 1, 2).contiguous().norm(p=2, dim=(2, 3), keepdim=True).permute(0, 2, 3, 1)
+
+
 class _SpatialNormNCHW(torch.autograd.Function):
     """||x||_2 over (H, W) of a channels-last ``x`` (B, H, W, C), reduced on an NCHW-contiguous copy (timm's
     rounding for its conv-MLP models). Autograd through ``permute().contiguous().norm()`` would hand back an
@@ -24,7 +29,7 @@ class _SpatialNormNCHW(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        g = x.permute(0, 3, 1, 2).contiguous().norm(p=2, dim=(2, 3), keepdim=True).permute(0, 2, 3, 1)  # (B,1,1,C)
+        g = _norm_nchw(x)
         ctx.save_for_backward(x, g)
         return g
 
@@ -45,7 +50,8 @@ def grn_nx(x: torch.Tensor, eps: float = 1e-6, nchw_stats: bool = False) -> torc
     """
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     if nchw_stats:
-        gx = _SpatialNormNCHW.apply(xf)
+        # the custom backward only where a gradient is taken: inference / export trace the plain ops
+        gx = _SpatialNormNCHW.apply(xf) if torch.is_grad_enabled() and xf.requires_grad else _norm_nchw(xf)
     else:
         gx = xf.norm(p=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
     return (gx / (gx.mean(dim=-1, keepdim=True) + eps)).to(x.dtype)

@@ -206,7 +206,10 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
         if not data:  # never report accuracy on the images the model was trained on
             raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
         val = _eval_loader(cfg, classes, "train", batch_size)  # --data is a plain labeled folder
-    head_key = next(k for k in ("head.fc.weight", "head.fc.1.weight", "head.weight", "head.1.weight") if k in ck["model"])
+    head_key = next((k for k in ("head.fc.weight", "head.fc.1.weight", "head.weight", "head.1.weight")
+                     if k in ck["model"]), None)
+    if head_key is None:
+        raise ValueError(f"{ckpt} holds no classifier weights (head.fc / head): nothing to evaluate")
     num_classes = ck["model"][head_key].shape[0]
     model = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg))
     if ck["task"] == "linprobe":

@@ -41,7 +41,8 @@ class MAE(MaskedImageObjective):
 
     Init as the official ``initialize_weights`` (``mae_init=True``): the encoder is re-initialised too —
     xavier_uniform for every Linear (zero bias) and for the patch conv viewed 2-D, LayerNorm 1 / 0, cls and
-    mask tokens normal std .02. Pass ``mae_init=False`` to keep the weights of an ``encoder`` you hand in.
+    mask tokens normal std .02. Pass ``mae_init=False`` to keep the weights of an ``encoder`` you hand in
+    (all but ``pos_embed``, which is always set to the fixed sin-cos table and frozen).
     """
 
     def __init__(self, encoder: VisionTransformer, mask_ratio: float = 0.75, decoder_dim: int = 512,

@@ -282,6 +282,17 @@ def test_engine_resume_gives_the_same_weights_and_masks(tmp_path):
     assert res.state.step == ref.state.step == 16
 
 
+def test_engine_refuses_to_switch_sparse_and_dense_on_resume(tmp_path):
+    with pytest.raises(_Stop):
+        _fit(tmp_path / "s", SPARSE, stop_at=8)
+    with pytest.raises(ValueError, match="sparse run"):  # dense resume would regrow the pruned weights
+        _fit(tmp_path / "s", [])
+    with pytest.raises(_Stop):
+        _fit(tmp_path / "d", [], stop_at=8)
+    with pytest.raises(ValueError, match="dense run"):
+        _fit(tmp_path / "d", SPARSE)
+
+
 def test_engine_amp_keeps_exact_sparsity_in_model_and_ema(tmp_path):
     import json
 

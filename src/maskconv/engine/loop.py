@@ -189,6 +189,9 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             if ck.get("sparse") is None:
                 raise ValueError(f"{last} was written by a dense run; sparse.sparsity>0 needs its own run.out")
             sparse.load_state_dict(ck["sparse"])
+        elif ck.get("sparse") is not None:  # resuming dense would let the pruned weights grow back silently
+            raise ValueError(f"{last} was written by a sparse run (sparse.sparsity>0); resume it with the same sparse.* "
+                             "settings, or start a dense run in another run.out")
         state = TrainState(**ck["state"])
         rng = ck.get("rng", [])
         if len(rng) == info.world:

@@ -211,7 +211,7 @@ def run_export(model: str, out: str | Path, format: str = "onnx", checkpoint: st
     torch.export .pt2 file, check the reloaded file against PyTorch and print the max difference.
     ``num_classes`` defaults to the checkpoint's classifier rows (0 = encoder only when it has none)."""
     from .export import FORMATS, export_model
-    from .models import load_checkpoint, read_state_dict
+    from .models import checkpoint_num_classes, load_checkpoint, read_state_dict
 
     if format not in FORMATS:  # before loading or building anything
         raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
@@ -219,8 +219,8 @@ def run_export(model: str, out: str | Path, format: str = "onnx", checkpoint: st
     if checkpoint is not None:
         sd = read_state_dict(checkpoint)  # a missing / unreadable file fails here, before building anything
         if num_classes is None:
-            head = next((sd[k] for k in ("head.fc.weight", "head.weight", "classifier.weight") if k in sd), None)
-            num_classes = 0 if head is None else head.shape[0]
+            with torch.device("meta"):
+                num_classes = checkpoint_num_classes(sd, create_model(model))
     net = create_model(model, **({} if num_classes is None else {"num_classes": num_classes}))
     if sd is not None:
         load_checkpoint(net, sd)

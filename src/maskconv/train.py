@@ -14,7 +14,7 @@ from .data.build import build_dataset, build_transform, num_classes_of
 from .data.datasets import collate_skip
 from .engine import dist as D
 from .engine.loop import FitResult, fit
-from .models import create_model, load_checkpoint, save_weights
+from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights
 
 
 def _model_kwargs(cfg: Config) -> dict:
@@ -206,11 +206,10 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
         if not data:  # never report accuracy on the images the model was trained on
             raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
         val = _eval_loader(cfg, classes, "train", batch_size)  # --data is a plain labeled folder
-    head_key = next((k for k in ("head.fc.weight", "head.fc.1.weight", "head.weight", "head.1.weight")
-                     if k in ck["model"]), None)
-    if head_key is None:
-        raise ValueError(f"{ckpt} holds no classifier weights (head.fc / head): nothing to evaluate")
-    num_classes = ck["model"][head_key].shape[0]
+    with torch.device("meta"):  # the family's classifier name, without building real weights
+        num_classes = checkpoint_num_classes(ck["model"], create_model(cfg.model.name, **_model_kwargs(cfg)))
+    if num_classes == 0:
+        raise ValueError(f"{ckpt} holds no classifier weights: nothing to evaluate")
     model = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg))
     if ck["task"] == "linprobe":
         _probe_head(model, num_classes)

@@ -214,3 +214,14 @@ def test_encoder_file_with_head_norm_is_backbone_only(tmp_path):
         rep = load_checkpoint(clf, path)  # plain load_checkpoint, strict otherwise
     assert rep.skipped == ["head.fc.weight", "head.fc.bias"]
     assert torch.equal(clf.head.norm.weight, enc.head.norm.weight)
+
+
+def test_checkpoint_num_classes_reads_each_family_and_linear_probe_heads():
+    from maskconv.models import checkpoint_num_classes
+
+    vit, cnx = maskconv.create_model("test_vit", num_classes=7), maskconv.create_model("test_convnextv2", num_classes=5)
+    assert checkpoint_num_classes(vit.state_dict(), vit) == 7  # 'head'
+    assert checkpoint_num_classes(cnx.state_dict(), cnx) == 5  # 'head.fc'
+    probe = {"head.fc.0.running_mean": torch.zeros(8), "head.fc.1.weight": torch.zeros(3, 8)}
+    assert checkpoint_num_classes(probe, cnx) == 3  # linear probe: BN + Linear
+    assert checkpoint_num_classes(maskconv.create_model("test_convnextv2", num_classes=0).state_dict(), cnx) == 0

@@ -36,6 +36,14 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 10 and head[8:10] in (b"{\"", b"{ ")
 
 
+def checkpoint_num_classes(sd: dict[str, torch.Tensor], model: nn.Module) -> int:
+    """Rows of the classifier in state dict ``sd`` for ``model``'s family (0: a backbone-only checkpoint).
+    Reads ``<model.classifier>.weight`` and a linear probe's ``<model.classifier>.1.weight`` (BN + Linear)."""
+    cls = getattr(model, "classifier", "head.fc")
+    w = next((sd[k] for k in (f"{cls}.weight", f"{cls}.1.weight") if k in sd), None)
+    return 0 if w is None else int(w.shape[0])
+
+
 def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
     """Flat ``{name: tensor}`` from a file (safetensors or torch, never unpickling code) or a dict.
 

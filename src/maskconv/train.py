@@ -37,8 +37,12 @@ def run_pretrain(cfg: Config) -> FitResult:
     if cfg.model.init:  # continue pretraining: a whole objective, or encoder weights in any layout
         try:
             load_checkpoint(obj, cfg.model.init)
-        except ValueError:
-            load_checkpoint(obj.encoder, cfg.model.init)
+        except ValueError as whole_err:
+            try:
+                load_checkpoint(obj.encoder, cfg.model.init)
+            except ValueError as enc_err:  # say both: a whole-objective file may fail for its own reason
+                raise ValueError(f"{cfg.model.init} loads neither as a whole {ob.name} objective ({whole_err}) nor as "
+                                 f"encoder weights ({enc_err})") from enc_err
     ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=False, seed=cfg.run.seed)
     tf = build_transform(cfg.data, cfg.model.in_chans, train=True, pretrain=True)
     res = fit(cfg, obj, ds, tf, lambda m, x, y: m(x).loss, task="pretrain", info=info)

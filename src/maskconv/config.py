@@ -28,6 +28,7 @@ class ModelCfg:
     patch_size: int | None = None  # patch / stem stride; none = the model's own (ConvNeXt 4, ViT 16); 1-2 suit 28-32 px
     drop_path_rate: float = 0.0
     head_init_scale: float = 1.0
+    global_pool: str | None = None  # classifier pooling; none = the model's own (ViT 'token'; MAE fine-tuning 'avg')
     init: str | None = None  # checkpoint to start from (pretraining run or any layout load_checkpoint reads)
 
 

@@ -17,9 +17,11 @@ from .engine.loop import FitResult, fit
 from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights
 
 
-def _model_kwargs(cfg: Config) -> dict:
+def _model_kwargs(cfg: Config, classifier: bool = False) -> dict:
     m = cfg.model
     kw = dict(in_chans=m.in_chans, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate)
+    if classifier:  # pooling belongs to the classifier; a pretraining encoder keeps its own
+        kw["global_pool"] = m.global_pool
     return {k: v for k, v in kw.items() if v is not None}  # None: the model's own default
 
 
@@ -113,7 +115,7 @@ def _probe_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Module:
-    kw = _model_kwargs(cfg)
+    kw = _model_kwargs(cfg, classifier=True)
     if linprobe:
         kw["drop_path_rate"] = 0.0  # the frozen backbone must give the same features every time
     model = create_model(cfg.model.name, num_classes=num_classes, head_init_scale=cfg.model.head_init_scale, **kw)
@@ -211,10 +213,10 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
             raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
         val = _eval_loader(cfg, classes, "train", batch_size)  # --data is a plain labeled folder
     with torch.device("meta"):  # the family's classifier name, without building real weights
-        num_classes = checkpoint_num_classes(ck["model"], create_model(cfg.model.name, **_model_kwargs(cfg)))
+        num_classes = checkpoint_num_classes(ck["model"], create_model(cfg.model.name, **_model_kwargs(cfg, True)))
     if num_classes == 0:
         raise ValueError(f"{ckpt} holds no classifier weights: nothing to evaluate")
-    model = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg))
+    model = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg, classifier=True))
     if ck["task"] == "linprobe":
         _probe_head(model, num_classes)
     weights, which = ck["model"], "trained"

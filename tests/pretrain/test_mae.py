@@ -282,6 +282,8 @@ def test_cli_mae_encoder_into_linprobe_and_finetune_then_eval(tmp_path):
     assert torch.equal(probe["blocks.0.attn.qkv.weight"], enc["blocks.0.attn.qkv.weight"])  # backbone frozen
     assert main(["eval", "--checkpoint", str(lp)]) == 0
     assert main(["finetune", *tiny, "--out", str(ft), "--init", str(pre / "encoder.safetensors"),
-                 "optim.layer_decay=0.75"]) == 0
-    assert main(["eval", "--checkpoint", str(ft)]) == 0
+                 "optim.layer_decay=0.75", "model.global_pool=avg"]) == 0  # MAE fine-tuning: mean pool + fc_norm
+    tuned = load_file(ft / "model.safetensors")
+    assert "fc_norm.weight" in tuned and "norm.weight" not in tuned
+    assert main(["eval", "--checkpoint", str(ft)]) == 0  # eval rebuilds the avg-pool model from the run config
     assert json.loads((ft / "eval" / "eval.json").read_text())["val_images"] > 0

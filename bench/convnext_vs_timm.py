@@ -28,14 +28,17 @@ def _train_step(model, opt, x, y):
     opt.step()
 
 
-def _time(fn, reps: int) -> float:
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time (all threads)
+
+
+def _time(fn, reps: int, clock=time.perf_counter) -> float:
+    t0 = clock()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - t0) / reps
+    return (clock() - t0) / reps
 
 
-def run_case(name: str, size: int, batch: int, rounds: int, reps: int) -> dict:
+def run_case(name: str, size: int, batch: int, rounds: int, reps: int, clock=time.perf_counter) -> dict:
     import timm
 
     torch.manual_seed(0)
@@ -58,10 +61,10 @@ def run_case(name: str, size: int, batch: int, rounds: int, reps: int) -> dict:
         for k in order:
             m = models[k]
             m.train()
-            times[f"{k}_train"].append(_time(lambda: _train_step(m, opts[k], x, y), reps))
+            times[f"{k}_train"].append(_time(lambda: _train_step(m, opts[k], x, y), reps, clock))
             m.eval()
             with torch.inference_mode():
-                times[f"{k}_infer"].append(_time(lambda: m(x), reps))
+                times[f"{k}_infer"].append(_time(lambda: m(x), reps, clock))
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(
         case=f"{name} @{size} b{batch}",
@@ -76,16 +79,21 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="model:size:batch")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--reps", type=int, default=2, help="steps per timing sample")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="cpu: process CPU time, less disturbed by other jobs on a shared machine (use with --threads 1)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import timm
 
     print(f"torch {torch.__version__}, timm {timm.__version__}, maskconv {maskconv.__version__}, "
-          f"threads {torch.get_num_threads()}, rounds {args.rounds} x {args.reps} steps (median)")
+          f"threads {torch.get_num_threads()}, {args.clock} clock, rounds {args.rounds} x {args.reps} steps (median)")
     print("| case | train ms timm | train ms maskconv | train ratio | infer ms timm | infer ms maskconv | infer ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for case in args.cases:
         name, size, batch = case.split(":")
-        r = run_case(name, int(size), int(batch), args.rounds, args.reps)
+        r = run_case(name, int(size), int(batch), args.rounds, args.reps, CLOCKS[args.clock])
         print(f"| {r['case']} | {r['timm_train']:.1f} | {r['maskconv_train']:.1f} | **{r['train_ratio']:.2f}×** "
               f"| {r['timm_infer']:.1f} | {r['maskconv_infer']:.1f} | **{r['infer_ratio']:.2f}×** |", flush=True)
 

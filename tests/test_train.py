@@ -184,3 +184,16 @@ def test_linprobe_keeps_frozen_backbone_exactly_frozen(tmp_path, capsys):
         assert torch.equal(before[k], after[k]), k
     assert "head.fc.1.weight" in after and "head.fc.0.running_mean" in after  # the probe: BN + Linear
     assert not torch.equal(after["head.fc.0.running_mean"], torch.zeros_like(after["head.fc.0.running_mean"]))
+
+
+def test_rerunning_a_finished_max_steps_run_trains_nothing(tmp_path, capsys):
+    # `make demo` re-run with the same --out used to take one extra (lr 0) step and rewrite the checkpoint.
+    out = tmp_path / "r"
+    args = ["pretrain", *TINY, "--out", str(out), "optim.epochs=1", "run.max_steps=2"]
+    assert main(args) == 0
+    before = (out / "last.pt").read_bytes()
+    metrics = (out / "metrics.jsonl").read_text()
+    assert main(args) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert (out / "last.pt").read_bytes() == before
+    assert (out / "metrics.jsonl").read_text() == metrics

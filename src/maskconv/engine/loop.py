@@ -228,7 +228,10 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     stop = False
     cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
     t_start = time.perf_counter()
-    for epoch in range(state.epoch, o.epochs):
+    finished = state.step >= total_steps  # e.g. a run.max_steps run re-run with the same --out: nothing to add
+    if finished and info.is_main:
+        print(f"{out} is already at step {state.step} of {total_steps}: nothing to train", flush=True)
+    for epoch in range(state.epoch, state.epoch if finished else o.epochs):
         sampler = ResumableSampler(len(dataset), cfg.data.batch_size, r.seed, epoch, info.rank, info.world,
                                    start_batch=state.batch_in_epoch, max_batches=per_epoch_batches)
         loader = DataLoader(SeededDataset(dataset, transform, r.seed), batch_size=cfg.data.batch_size,

@@ -156,6 +156,8 @@ def test_bad_config_is_a_clear_error():
         ConvViT(depths=(1, 1))
     with pytest.raises(ValueError, match="divisible by num_heads"):
         maskconv.create_model("test_convmae", num_heads=3)
+    with pytest.raises(ValueError, match="multiple of the total stride 16"):  # was floored silently
+        maskconv.create_model("test_convmae", img_size=100)
 
 
 def _official_pretrain_state(m: ConvViT) -> dict:

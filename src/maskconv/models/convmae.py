@@ -127,7 +127,10 @@ class ConvViT(nn.Module):
         self.embed_dims, self.depths = tuple(embed_dims), tuple(depths)
         self.stride = patch_size * 4  # total stride: the pixel patch of one stage-3 token (MAE patch size)
         ih, iw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.pos_grid = (max(1, ih // self.stride), max(1, iw // self.stride))  # grid of the stored pos_embed table
+        if ih < self.stride or iw < self.stride or ih % self.stride or iw % self.stride:
+            raise ValueError(f"img_size {(ih, iw)} must be a positive multiple of the total stride {self.stride} "
+                             f"(patch_size {patch_size} x 4)")
+        self.pos_grid = (ih // self.stride, iw // self.stride)  # grid of the stored pos_embed table
         c1, c2, c3 = embed_dims
         self.patch_embed1 = PatchEmbed(in_chans, c1, patch_size)
         self.patch_embed2 = PatchEmbed(c1, c2, 2)

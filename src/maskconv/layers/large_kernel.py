@@ -151,7 +151,8 @@ class DecomposedLargeKernelConv(_Reparameterizable):
 
 class ReparamLargeKernelConv(_Reparameterizable):
     """RepLKNet's depthwise M×M conv-BN (``lkb_origin``) + parallel N×N conv-BN (``small_conv``; none when
-    ``small_kernel`` is None, as RepLKNet-XL), summed. Also SLaK's non-decomposed path (``Decom=False``)."""
+    ``small_kernel`` is None, as RepLKNet-XL), summed. SLaK's non-decomposed path (``Decom=False``) is this with
+    ``small_kernel=None`` when N == M (SLaK adds its small conv only for N < M; RepLKNet always does)."""
 
     _branch_names = ("lkb_origin", "small_conv")
 

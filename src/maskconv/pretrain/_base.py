@@ -4,6 +4,7 @@ loss on masked patches and the forward. A subclass sets ``patch_size``, ``in_cha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -73,3 +74,19 @@ class MaskedImageObjective(nn.Module):
         """The mask token and the encoder's own no-decay set (MAE: cls token, pos table; the official MAE
         pretraining decays the tokens, the project rule does not)."""
         return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+
+def split_official_state(state_dict: dict, model: MaskedImageObjective, backbone_filter: Callable,
+                         what: str) -> dict:
+    """An official whole pretraining state (encoder keys bare, decoder keys ``decoder_*`` / ``mask_token``) in
+    our objective layout: encoder keys through the backbone's ``checkpoint_filter_fn`` and prefixed ``encoder.``,
+    the objective's own keys as they are, the fixed ``decoder_pos_embed`` dropped (computed per grid)."""
+    if not any(k.startswith("decoder_") for k in state_dict):
+        raise ValueError(f"not a whole {what} pretraining state (no 'decoder_*' keys); a backbone-only checkpoint "
+                         "loads into the encoder: load_checkpoint(objective.encoder, path)")
+    own = {k for k in model.state_dict() if not k.startswith("encoder.")}
+    enc = {k: v for k, v in state_dict.items() if k not in own and k != "decoder_pos_embed"}
+    enc, _ = backbone_filter(enc, model.encoder)  # e.g. resamples pos_embed to the encoder's table
+    sd = {f"encoder.{k}": v for k, v in enc.items()}
+    sd.update({k: v for k, v in state_dict.items() if k in own})
+    return sd

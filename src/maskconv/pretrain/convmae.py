@@ -39,7 +39,7 @@ from ..models.convmae import CBlock, ConvViT, PatchEmbed
 from ..models.convnext import _pointwise  # a 1x1 conv on tokens (N_vis, C)
 from .fcmae import _gather, _scatter
 from .mae import _init_mae
-from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, split_official_state
 from .masking import check_mask, upsample_mask, visible_index
 
 
@@ -197,16 +197,9 @@ def checkpoint_filter_fn(state_dict: dict, model: ConvMAE) -> tuple[dict, str]:
     encoder's pretraining-unused ``fc_norm`` keeps the model's own values. Our own layout passes through."""
     if any(k.startswith("encoder.") for k in state_dict):
         return dict(state_dict), "native"
-    if not any(k.startswith("decoder_") for k in state_dict):
-        raise ValueError("not a whole ConvMAE pretraining state (no 'decoder_*' keys); a backbone-only checkpoint "
-                         "loads into the encoder: load_checkpoint(objective.encoder, path)")
     from ..models.convmae import checkpoint_filter_fn as backbone_filter
 
-    own = {k for k in model.state_dict() if not k.startswith("encoder.")}
-    enc = {k: v for k, v in state_dict.items() if k not in own and k != "decoder_pos_embed"}
-    enc, _ = backbone_filter(enc, model.encoder)  # resamples pos_embed to the encoder's table if needed
-    sd = {f"encoder.{k}": v for k, v in enc.items()}
-    sd.update({k: v for k, v in state_dict.items() if k in own})
+    sd = split_official_state(state_dict, model, backbone_filter, "ConvMAE")
     for k, v in model.encoder.fc_norm.state_dict().items():
         sd.setdefault(f"encoder.fc_norm.{k}", v.clone())
     return sd, "official-pretrain"

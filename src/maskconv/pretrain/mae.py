@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..layers import Block, LayerNorm, sincos_pos_embed_2d
 from ..models.vit import VisionTransformer
-from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, split_official_state
 from .masking import check_mask
 
 __all__ = ["MAE", "MAEOutput", "checkpoint_filter_fn"]
@@ -140,14 +140,7 @@ def checkpoint_filter_fn(state_dict: dict, model: MAE) -> tuple[dict, str]:
     fixed ``decoder_pos_embed`` is dropped (computed per grid). Our own layout passes through."""
     if any(k.startswith("encoder.") for k in state_dict):
         return dict(state_dict), "native"
-    if not any(k.startswith("decoder_") for k in state_dict):
-        raise ValueError("not a whole MAE pretraining state (no 'decoder_*' keys); a backbone-only checkpoint "
-                         "loads into the encoder: load_checkpoint(objective.encoder, path)")
     from ..models.vit import checkpoint_filter_fn as backbone_filter
 
-    own = {k for k in model.state_dict() if not k.startswith("encoder.")}
-    enc = {k: v for k, v in state_dict.items() if k not in own and k != "decoder_pos_embed"}
-    enc, _ = backbone_filter(enc, model.encoder)
-    sd = {f"encoder.{k}": v for k, v in enc.items()}
-    sd.update({k: v for k, v in state_dict.items() if k in own})
+    sd = split_official_state(state_dict, model, backbone_filter, "MAE")
     return sd, "mae-pretrain"

@@ -122,7 +122,7 @@ def test_two_process_gloo_equals_one_process(tmp_path, mode):
                           f"--master_port={_free_port()}", "-m", "maskconv", *common, "data.batch_size=4",
                           f"run.fsdp={mode == 'fsdp'}", "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300, env=ENV)
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-6000:]
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())["resolved"]
     assert cfg["world_size"] == 2 and cfg["effective_batch"] == 8
 

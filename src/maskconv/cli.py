@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import api
     from .config import ConfigError
 
+    clean = False  # every rank got to the end without an error: safe to meet at a barrier before teardown
     try:
         if args.command == "models":
             rows = api.model_table(args.pattern, args.img_size,
@@ -154,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         elif args.command == "demo":
             api.run_demo(args.out)
+        clean = True
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:  # one line, no traceback
         print(f"maskconv: error: {e}", file=sys.stderr)
         return 2
     finally:
         from .engine.dist import teardown
 
-        teardown()
+        teardown(clean)
     return 0
 
 

@@ -44,9 +44,23 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(clean: bool = True) -> None:
+    """Destroy the process group while the interpreter is fully alive.
+
+    ``clean``: this rank finished without error, so every rank is expected here: meet at a barrier first, so no
+    rank tears down its gloo/nccl threads while a peer still has work in flight with it. Then drop the last
+    Python references (FSDP / DeviceMesh hold the group) so the backend's C++ threads are joined now, not during
+    interpreter finalization, where a still-joinable worker thread aborts the process ("terminate called without
+    an active exception") and torchrun reports a finished run as failed. After an error there is no barrier (a
+    failed peer would never arrive)."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+    import gc
+
+    gc.collect()
 
 
 def all_gather_object(obj, info: DistInfo) -> list:

@@ -1,4 +1,5 @@
 """LayerNorm2d / GRN: formulas from OFFICIAL.md §1.1 and §2.2, and fp16 safety."""
+import pytest
 import torch
 
 from maskconv.layers import GlobalResponseNorm, LayerNorm, LayerNorm2d
@@ -78,24 +79,85 @@ def test_grn_keeps_input_dtype_under_autocast():
     assert y.dtype == torch.bfloat16
 
 
-def test_grn_nchw_stats_same_values_and_gradients_as_plain_autograd():
-    # nchw_stats takes the norm on an NCHW copy with a hand-written backward (layout reasons, see grn.py):
-    # it must give the forward of the plain form and the gradients autograd gives through torch.norm,
-    # including the zero-norm channel (gradient 0 there, as torch's norm backward).
+def _plain_grn(x, weight, bias, eps=1e-6):
+    """The official dense formula, differentiated by autograd: the reference for the hand-written backward."""
+    gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+    return weight * (x * (gx / (gx.mean(dim=-1, keepdim=True) + eps))) + bias + x
+
+
+@pytest.mark.parametrize("sumsq_stats", [False, True])
+def test_grn_forward_and_gradients_match_plain_autograd(sumsq_stats):
+    # GRN trains through a hand-written backward (grn.py): it must give the values and the input, weight and
+    # bias gradients that autograd gives through the plain formula, including a channel whose norm is 0
+    # (gradient 0 there, as torch's norm backward), for both ways of taking the statistics.
     torch.manual_seed(0)
-    fast, plain = GlobalResponseNorm(6, nchw_stats=True), GlobalResponseNorm(6)
+    grn = GlobalResponseNorm(6, sumsq_stats=sumsq_stats)
     with torch.no_grad():
-        fast.weight.normal_()
-        fast.bias.normal_()
-    plain.load_state_dict(fast.state_dict())
+        grn.weight.normal_()
+        grn.bias.normal_()
+    w, b = (p.detach().clone().requires_grad_(True) for p in (grn.weight, grn.bias))
     x = torch.randn(2, 5, 4, 6)
     x[1, :, :, 2] = 0
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     g = torch.randn(2, 5, 4, 6)
-    ys = [fast(xs[0]), plain(xs[1])]
+    ys = [grn(xs[0]), _plain_grn(xs[1], w, b)]
     torch.testing.assert_close(ys[0], ys[1], rtol=1e-6, atol=1e-6)  # fp32: only the reduction order differs
     for y in ys:
         y.backward(g)
-    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
+    # different (shorter) fp32 summation for the same derivative: agreement to a few ulps of the largest term
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grn.weight.grad, w.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grn.bias.grad, b.grad, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(xs[0].grad).all()
+
+
+@pytest.mark.parametrize("sumsq_stats", [False, True])
+def test_grn_backward_passes_gradcheck_in_float64(sumsq_stats):
+    torch.manual_seed(0)
+    grn = GlobalResponseNorm(5, sumsq_stats=sumsq_stats).double()
+    with torch.no_grad():
+        grn.weight.normal_()
+        grn.bias.normal_()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: GlobalResponseNorm.forward(_Params(grn, w, b), x),
+                                    (x, grn.weight, grn.bias))
+
+
+class _Params:
+    """Stand-in ``self`` so gradcheck can pass weight and bias as explicit inputs."""
+
+    def __init__(self, grn, weight, bias):
+        self.eps, self.sumsq_stats, self.weight, self.bias = grn.eps, grn.sumsq_stats, weight, bias
+
+
+def test_grn_forward_is_bit_identical_with_and_without_grad():
+    # training (custom Function) and inference (plain ops) run the same forward ops: same bits
+    grn = GlobalResponseNorm(8, sumsq_stats=True)
+    with torch.no_grad():
+        grn.weight.normal_()
+        grn.bias.normal_()
+    x = torch.randn(2, 7, 7, 8)
+    y_train = grn(x.clone().requires_grad_(True))
+    with torch.inference_mode():
+        y_infer = grn(x)
+    assert torch.equal(y_train.detach(), y_infer)
+
+
+def test_grn_bf16_gradients_follow_fp32():
+    torch.manual_seed(0)
+    grn = GlobalResponseNorm(8)
+    with torch.no_grad():
+        grn.weight.normal_()
+        grn.bias.normal_()
+    x = torch.randn(2, 6, 6, 8)
+    g = torch.randn(2, 6, 6, 8)
+    grads = []
+    for dt in (torch.float32, torch.bfloat16):
+        grn.zero_grad()
+        xi = x.to(dt).detach().requires_grad_(True)
+        grn(xi).backward(g.to(dt))
+        assert xi.grad.dtype == dt and grn.weight.grad.dtype == torch.float32
+        grads.append((xi.grad.float(), grn.weight.grad.clone()))
+    # bf16 keeps ~3 significant digits: compare at that precision
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=3e-2, atol=3e-2)

@@ -46,8 +46,8 @@ class Mlp(nn.Module):
         make = (lambda i, o: nn.Conv2d(i, o, 1)) if conv_mlp else nn.Linear
         self.fc1 = make(dim, hidden)
         self.act = nn.GELU()
-        # conv_mlp models are timm's NCHW ones: take GRN statistics the way timm does there (same rounding)
-        self.grn = GlobalResponseNorm(hidden, nchw_stats=conv_mlp) if use_grn else None
+        # conv_mlp (atto..nano): square-and-sum GRN statistics, the fast form at their wide, small-C maps
+        self.grn = GlobalResponseNorm(hidden, sumsq_stats=conv_mlp) if use_grn else None
         self.fc2 = make(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
@@ -89,6 +89,8 @@ class ConvNeXtBlock(nn.Module):
         if self.gamma is not None:
             x = x * self.gamma
         x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not torch.is_grad_enabled():  # x is this block's fresh output: add into it (same bits, no new buffer)
+            return self.drop_path(x).add_(shortcut)
         return shortcut + self.drop_path(x)
 
 

@@ -184,3 +184,28 @@ def test_constructor_rejects_bad_config():
         ConvNeXt(depths=(1, 1), dims=(8, 16, 32))
     with pytest.raises(ValueError, match="global_pool"):
         ConvNeXt(global_pool="max")
+
+
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny", "convnext_atto"])
+def test_inference_path_gives_the_training_path_bits_and_leaves_input_alone(name):
+    # Without autograd the blocks reuse buffers (GELU and GRN in place, residual added into the block output):
+    # the logits must be bit-identical to the autograd path, and the caller's tensor must not change.
+    torch.manual_seed(0)
+    m = maskconv.create_model(name, num_classes=5).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".grn." in n or n.endswith("gamma"):
+                p.normal_(0, 0.5)  # GRN / layer scale away from their identity-ish init
+    x = torch.randn(2, 3, 64, 64)
+    x0 = x.clone()
+    with_grad = m(x.clone().requires_grad_(True)).detach()
+    with torch.inference_mode():
+        no_grad = m(x)
+    assert torch.equal(x, x0)
+    assert torch.equal(no_grad, with_grad)
+    block = m.stages[0].blocks[0]
+    h = torch.randn(2, block.norm.weight.numel(), 16, 16).contiguous(memory_format=torch.channels_last)
+    h0 = h.clone()
+    with torch.no_grad():
+        block(h)
+    assert torch.equal(h, h0)

@@ -51,7 +51,12 @@ class Mlp(nn.Module):
         self.fc2 = make(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        x = self.act(_pointwise(x, self.fc1))  # (B, H, W, 4C)
+        x = _pointwise(x, self.fc1)  # (B, H, W, 4C)
+        # no autograd: GELU into fc1's fresh output (same kernel, same bits, one 4C-wide buffer fewer)
+        if not torch.is_grad_enabled() and type(self.act) is nn.GELU:
+            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+        else:
+            x = self.act(x)
         if self.grn is not None:
             x = self.grn(x)
         return _pointwise(x, self.fc2)  # (B, H, W, C)

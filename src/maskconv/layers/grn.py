@@ -59,7 +59,8 @@ class _GRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, sumsq_stats: bool):
-        y, g, denom, nx = _grn_forward(x, weight, bias, eps, sumsq_stats)
+        # no autograd inside a Function's forward: the in-place form is safe here too (same bits)
+        y, g, denom, nx = _grn_forward(x, weight, bias, eps, sumsq_stats, inplace=True)
         ctx.save_for_backward(x, weight, g, denom, nx)
         return y
 
@@ -69,7 +70,8 @@ class _GRNFunction(torch.autograd.Function):
         x, weight, g, denom, nx = ctx.saved_tensors
         f32 = torch.float32
         w, nxf = weight.float(), nx.float()
-        s = torch.sum(gy * x, dim=(1, 2), keepdim=True, dtype=f32)  # (B, 1, 1, C)
+        buf = gy * x  # (B, H, W, C): the one full-size buffer of the backward, reused for dL/dx
+        s = torch.sum(buf, dim=(1, 2), keepdim=True, dtype=f32)  # (B, 1, 1, C)
         g_weight = (s * nxf).sum(dim=(0, 1, 2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         g_bias = gy.sum(dim=(0, 1, 2), dtype=f32).to(weight.dtype) if ctx.needs_input_grad[2] else None
         g_x = None
@@ -77,7 +79,8 @@ class _GRNFunction(torch.autograd.Function):
             g_nx = w * s  # (B, 1, 1, C)
             g_g = g_nx / denom - (g_nx * g).sum(dim=-1, keepdim=True) / (g.shape[-1] * denom * denom)
             coef = (g_g / g).masked_fill(g == 0, 0).to(x.dtype)
-            g_x = torch.addcmul(gy * (1 + w * nxf).to(x.dtype), x, coef)  # (B, H, W, C), x's layout
+            torch.mul(gy, (1 + w * nxf).to(x.dtype), out=buf)
+            g_x = torch.addcmul(buf, x, coef, out=buf)  # (B, H, W, C), x's layout
         return g_x, g_weight, g_bias, None, None
 
 

@@ -94,9 +94,9 @@ class ConvNeXtBlock(nn.Module):
         if self.gamma is not None:
             x = x * self.gamma
         x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
-        if not torch.is_grad_enabled():  # x is this block's fresh output: add into it (same bits, no new buffer)
-            return self.drop_path(x).add_(shortcut)
-        return shortcut + self.drop_path(x)
+        # x is this block's fresh output, which no backward needs: add the shortcut into it (same bits as
+        # shortcut + x, one buffer fewer; autograd's version check would flag it if that ever changed)
+        return self.drop_path(x).add_(shortcut)
 
 
 class ConvNeXtStage(nn.Module):

@@ -54,7 +54,8 @@ class _GRNFunction(torch.autograd.Function):
         dL/dg = dL/dnx / denom - sum_c(dL/dnx * g) / (C * denom^2)           (nx = g / (mean_c g + eps))
         dL/dx = gy * (1 + weight * nx) + x * dL/dg / g                        (0 where g = 0, as norm's backward)
 
-    The gradient stays in x's (channels-last) layout. Per-(sample, channel) terms are computed in float32 for half-precision inputs.
+    The gradient stays in x's (channels-last) layout. Per-(sample, channel) terms are computed in float32 for
+    half-precision inputs.
     """
 
     @staticmethod

@@ -27,15 +27,20 @@ def _spatial_norm(x: torch.Tensor, sumsq_stats: bool) -> torch.Tensor:
     return x.norm(p=2, dim=(1, 2), keepdim=True)
 
 
-def _grn_forward(x, weight, bias, eps: float, sumsq_stats: bool, inplace: bool = False):
-    """timm's op sequence (so the same fp32 rounding). Returns ``(y, g, denom, nx)``: g = ||x||_hw and
-    denom = mean_c(g) + eps in float32 for half inputs, nx in x's dtype. ``inplace`` (no autograd only): reuse
-    the x * nx buffer for the rest. Fresh large CPU buffers are costly here: past glibc's mmap threshold each one
-    is new pages, faulted in and zeroed by the kernel on first touch."""
+def _stats(x: torch.Tensor, eps: float, sumsq_stats: bool):
+    """(g, denom, nx): g = ||x||_hw (B, 1, 1, C) and denom = mean_c(g) + eps, in float32 for half inputs;
+    nx = g / denom in x's dtype."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     g = _spatial_norm(xf, sumsq_stats)  # (B, 1, 1, C)
     denom = g.mean(dim=-1, keepdim=True) + eps  # (B, 1, 1, 1)
-    nx = (g / denom).to(x.dtype)
+    return g, denom, (g / denom).to(x.dtype)
+
+
+def _grn_forward(x, weight, bias, eps: float, sumsq_stats: bool, inplace: bool = False):
+    """timm's op sequence (so the same fp32 rounding). Returns ``(y, g, denom, nx)`` (see ``_stats``).
+    ``inplace`` (no autograd only): reuse the x * nx buffer for the rest. Fresh large CPU buffers are costly
+    here: past glibc's mmap threshold each one is new pages, faulted in and zeroed by the kernel on first touch."""
+    g, denom, nx = _stats(x, eps, sumsq_stats)
     if inplace:  # one full-size allocation instead of three; same values bit for bit (x + u == u + x)
         t = x * nx
         return torch.addcmul(bias.to(x.dtype), weight.to(x.dtype), t, out=t).add_(x), g, denom, nx
@@ -88,9 +93,7 @@ class _GRNFunction(torch.autograd.Function):
 def grn_nx(x: torch.Tensor, eps: float = 1e-6, sumsq_stats: bool = False) -> torch.Tensor:
     """Divisive-normalised response ``Nx`` (B, 1, 1, C) of a channels-last ``x`` (B, H, W, C), in x's dtype
     (statistics in float32 for half-precision inputs). ``sumsq_stats``: see ``_spatial_norm``."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    gx = _spatial_norm(xf, sumsq_stats)  # (B, 1, 1, C)
-    return (gx / (gx.mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return _stats(x, eps, sumsq_stats)[2]
 
 
 class GlobalResponseNorm(nn.Module):

@@ -130,7 +130,7 @@ class _Params:
 
 
 def test_grn_forward_is_bit_identical_with_and_without_grad():
-    # training (custom Function) and inference (plain ops) run the same forward ops: same bits
+    # training (custom Function) and inference (direct call) run the same forward ops: same bits
     grn = GlobalResponseNorm(8, sumsq_stats=True)
     with torch.no_grad():
         grn.weight.normal_()

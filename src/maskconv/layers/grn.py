@@ -36,16 +36,14 @@ def _stats(x: torch.Tensor, eps: float, sumsq_stats: bool):
     return g, denom, (g / denom).to(x.dtype)
 
 
-def _grn_forward(x, weight, bias, eps: float, sumsq_stats: bool, inplace: bool = False):
-    """timm's op sequence (so the same fp32 rounding). Returns ``(y, g, denom, nx)`` (see ``_stats``).
-    ``inplace`` (no autograd only): reuse the x * nx buffer for the rest. Fresh large CPU buffers are costly
-    here: past glibc's mmap threshold each one is new pages, faulted in and zeroed by the kernel on first touch."""
+def _grn_forward(x, weight, bias, eps: float, sumsq_stats: bool):
+    """timm's op sequence, ``x + addcmul(bias, weight, x * nx)`` (so the same fp32 rounding), computed in the one
+    buffer of ``x * nx``: fresh large CPU buffers are costly here (past glibc's mmap threshold each one is new
+    pages, faulted in and zeroed by the kernel on first touch). Same bits (x + u == u + x). Not differentiable by
+    autograd (in-place): callers run it without autograd. Returns ``(y, g, denom, nx)`` (see ``_stats``)."""
     g, denom, nx = _stats(x, eps, sumsq_stats)
-    if inplace:  # one full-size allocation instead of three; same values bit for bit (x + u == u + x)
-        t = x * nx
-        return torch.addcmul(bias.to(x.dtype), weight.to(x.dtype), t, out=t).add_(x), g, denom, nx
-    y = x + torch.addcmul(bias.to(x.dtype), weight.to(x.dtype), x * nx)
-    return y, g, denom, nx
+    t = x * nx  # (B, H, W, C)
+    return torch.addcmul(bias.to(x.dtype), weight.to(x.dtype), t, out=t).add_(x), g, denom, nx
 
 
 class _GRNFunction(torch.autograd.Function):
@@ -65,8 +63,7 @@ class _GRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, sumsq_stats: bool):
-        # no autograd inside a Function's forward: the in-place form is safe here too (same bits)
-        y, g, denom, nx = _grn_forward(x, weight, bias, eps, sumsq_stats, inplace=True)
+        y, g, denom, nx = _grn_forward(x, weight, bias, eps, sumsq_stats)  # no autograd inside forward
         ctx.save_for_backward(x, weight, g, denom, nx)
         return y
 
@@ -108,5 +105,4 @@ class GlobalResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> same, in x's dtype
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
             return _GRNFunction.apply(x, self.weight, self.bias, self.eps, self.sumsq_stats)
-        # inference / export: the plain forward ops, reusing one buffer
-        return _grn_forward(x, self.weight, self.bias, self.eps, self.sumsq_stats, inplace=True)[0]
+        return _grn_forward(x, self.weight, self.bias, self.eps, self.sumsq_stats)[0]  # inference / export

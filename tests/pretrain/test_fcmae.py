@@ -288,3 +288,23 @@ def test_official_fcmae_state_of_another_decoder_or_encoder_only_is_a_clear_erro
     enc_only = {k: v for k, v in sd.items() if k not in dec}
     with pytest.raises(maskconv.CheckpointError, match=r"load_checkpoint\(objective.encoder"):
         maskconv.load_checkpoint(create_objective("fcmae", model="test_convnextv2", decoder_dim=32), enc_only)
+
+
+def test_cli_pretrain_continues_from_a_whole_official_fcmae_state(tmp_path):
+    # `pretrain --init` reads the whole official state (decoder included), not only its encoder: after one step at
+    # lr 1e-8 the saved decoder is still the official one (a fresh decoder would differ by ~0.1).
+    from maskconv.cli import main
+    from maskconv.pretrain import load_objective
+
+    sd, dec, _, _ = _official_fcmae_state(True)
+    init = tmp_path / "fcmae_official.pt"
+    torch.save({"model": sd}, init)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--model", "test_convnextv2", "--data", "synthetic", "--out", str(out), "--init", str(init),
+                 "data.img_size=64", "data.batch_size=2", "data.num_workers=0", "run.progress=false", "run.max_steps=1",
+                 "objective.decoder_dim=16", "optim.lr=1e-8", "optim.weight_decay=0"]) == 0
+    obj = load_objective(out / "objective.safetensors")
+    got = obj.state_dict()
+    for k, name in (("proj.weight", "proj.weight"), ("decoder.0.pwconv1.weight", "decoder.0.mlp.fc1.weight"),
+                    ("pred.weight", "pred.weight"), ("mask_token", "mask_token")):
+        assert (got[name] - dec[k]).abs().max().item() <= 1e-6, k

@@ -57,9 +57,9 @@ def detect_layout(sd: dict) -> str:
 def _me_kernel_to_conv(k: str, v: torch.Tensor) -> torch.Tensor:
     """MinkowskiEngine kernel -> Conv2d weight. ME enumerates offsets with the first spatial axis fastest, hence
     the final transpose (official ``remap_checkpoint_keys``)."""
-    kv = v.shape[0]
+    kv = v.shape[0] if v.ndim in (2, 3) else 0
     ks = math.isqrt(kv)
-    if v.ndim not in (2, 3) or ks * ks != kv:
+    if kv == 0 or ks * ks != kv:
         raise ValueError(f"{k}: a MinkowskiEngine kernel is (k*k, C) or (k*k, in, out), got {tuple(v.shape)}")
     if v.ndim == 3:  # (kv, in, out)
         _, cin, cout = v.shape

@@ -386,3 +386,17 @@ def test_registering_a_filter_twice_is_an_error():
 
     with pytest.raises(ValueError, match="registered twice"):
         register_checkpoint_filter(maskconv.models.ConvNeXt)(lambda sd, m: (sd, "x"))
+
+
+@pytest.mark.parametrize("name,model", [("fcmae", "test_convnextv2"), ("mae", "test_vit"), ("convmae", "test_convmae")])
+def test_backbone_only_state_into_an_objective_is_its_own_error(name, model):
+    # the one whole-objective failure after which loading into objective.encoder is right (pretrain --init)
+    from maskconv.models import BackboneOnlyCheckpointError
+    from maskconv.pretrain import create_objective
+
+    obj = create_objective(name, model=model, decoder_dim=16)
+    with pytest.raises(BackboneOnlyCheckpointError, match=r"load_checkpoint\(objective.encoder"):
+        load_checkpoint(obj, obj.encoder_state_dict())
+    with pytest.raises(CheckpointError) as e:  # a whole state of another decoder width is another error
+        load_checkpoint(obj, create_objective(name, model=model, decoder_dim=32).state_dict())
+    assert not isinstance(e.value, BackboneOnlyCheckpointError)

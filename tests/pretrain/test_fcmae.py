@@ -281,13 +281,21 @@ def test_whole_official_fcmae_state_loads_into_the_objective(tmp_path, sparse):
 
 
 def test_official_fcmae_state_of_another_decoder_or_encoder_only_is_a_clear_error():
+    from maskconv.models import BackboneOnlyCheckpointError
+
     sd, dec, _, _ = _official_fcmae_state(True, decoder_dim=32)
     with pytest.raises(maskconv.CheckpointError, match=r"shape mismatch for proj.weight \(32, 64, 1, 1\) vs model "
-                                                       r"\(16, 64, 1, 1\)"):
+                                                       r"\(16, 64, 1, 1\)") as e:
         maskconv.load_checkpoint(create_objective("fcmae", model="test_convnextv2", decoder_dim=16), sd)
-    enc_only = {k: v for k, v in sd.items() if k not in dec}
-    with pytest.raises(maskconv.CheckpointError, match=r"load_checkpoint\(objective.encoder"):
-        maskconv.load_checkpoint(create_objective("fcmae", model="test_convnextv2", decoder_dim=32), enc_only)
+    # a decoder that does not fit is not "backbone only": a caller must not fall back to loading just the encoder
+    assert not isinstance(e.value, BackboneOnlyCheckpointError)
+    obj = create_objective("fcmae", model="test_convnextv2", decoder_dim=32)
+    for enc_only in ({k: v for k, v in sd.items() if k not in dec}, obj.encoder_state_dict()):  # official, ours
+        with pytest.raises(BackboneOnlyCheckpointError, match=r"load_checkpoint\(objective.encoder"):
+            maskconv.load_checkpoint(obj, enc_only)
+    with pytest.raises(maskconv.CheckpointError, match=r"native layout.*shape mismatch for mask_token") as e:  # ours too
+        maskconv.load_checkpoint(create_objective("fcmae", model="test_convnextv2", decoder_dim=16), obj.state_dict())
+    assert not isinstance(e.value, BackboneOnlyCheckpointError)
 
 
 def test_cli_pretrain_continues_from_a_whole_official_fcmae_state(tmp_path):

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "LoadReport", "load_checkpoint", "read_state_dict", "save_weights", "atomic_write"]
+__all__ = ["BackboneOnlyCheckpointError", "CheckpointError", "LoadReport",
+           "load_checkpoint", "read_state_dict", "save_weights", "atomic_write"]
 
 _WRAPPERS = ("model", "state_dict", "module", "model_state")  # official, timm/Lightning, DeepSpeed, misc
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -20,6 +21,11 @@ _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read, or does not fit the model (the message lists what and why)."""
+
+
+class BackboneOnlyCheckpointError(CheckpointError):
+    """A pretraining objective was given backbone weights only (no decoder): the one case where loading them into
+    ``objective.encoder`` instead is right. Any other error of a whole-objective load is not this one."""
 
 
 @dataclass
@@ -152,6 +158,8 @@ def load_checkpoint(
     if filter_fn is not None:
         try:
             sd, layout = filter_fn(sd, model)
+        except CheckpointError:
+            raise
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     target = model.state_dict()

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import layer_norm_fp32
-from ..models import register_checkpoint_filter
+from ..models import BackboneOnlyCheckpointError, register_checkpoint_filter
 from ..models.convnext import ConvNeXt, ConvNeXtBlock, _init_weights, _pointwise
 from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
 from .masking import check_mask, upsample_mask, visible_index
@@ -193,7 +193,7 @@ def checkpoint_filter_fn(state_dict: dict, model: FCMAE) -> tuple[dict, str]:
     if any(k.startswith("encoder.stem.") for k in state_dict):
         return dict(state_dict), "native"
     if not any(k.startswith("encoder.downsample_layers.") for k in state_dict) or "mask_token" not in state_dict:
-        raise ValueError("not a whole FCMAE pretraining state ('encoder.downsample_layers.*' + 'mask_token' / "
+        raise BackboneOnlyCheckpointError("not a whole FCMAE pretraining state ('encoder.downsample_layers.*' + 'mask_token' / "
                          "'decoder.*'); a backbone-only checkpoint loads into the encoder: "
                          "load_checkpoint(objective.encoder, path)")
     enc, layout = backbone_filter({k: v for k, v in state_dict.items() if k.startswith("encoder.")}, model.encoder)

@@ -202,3 +202,37 @@ def test_official_finetune_layout_and_other_grids_load():
     assert big.pos_embed.shape == (1, 36, 32) and torch.equal(big.head.weight, sd["head.weight"])
     with pytest.raises(maskconv.CheckpointError, match="unrecognised checkpoint layout"):
         maskconv.load_checkpoint(m, maskconv.create_model("test_convnext").state_dict())
+
+
+def _official_cls_token_state(num_classes: int = 5) -> dict:
+    """An official fine-tuning state trained with ``--cls_token`` (models_convvit.py with global_pool=False): the
+    backbone, the final ``norm`` and ``head``; no ``fc_norm``."""
+    src = maskconv.create_model("test_convmae", num_classes=num_classes)
+    sd = {k: v for k, v in perturbed_state_dict(src).items() if not k.startswith("fc_norm.")}
+    c3 = src.embed_dims[2]
+    return sd | {"norm.weight": 1 + 0.1 * torch.randn(c3), "norm.bias": 0.1 * torch.randn(c3)}
+
+
+def test_official_cls_token_finetune_state_is_refused_never_read_as_pretraining(tmp_path):
+    sd = _official_cls_token_state()
+    path = tmp_path / "convmae_cls_token.pth"
+    torch.save({"model": sd}, path)
+    msg = r"official-cls-token.*--cls_token|--cls_token.*official-cls-token"
+    with pytest.raises(maskconv.CheckpointError, match=msg):  # used to load as 'official-pretrain', norm dropped
+        maskconv.load_checkpoint(maskconv.create_model("test_convmae", num_classes=5), path)
+    with pytest.raises(maskconv.CheckpointError, match=msg):  # fine-tuning from it (another class count) as well
+        maskconv.create_model("test_convmae", num_classes=3, pretrained=str(path))
+    # the hint in the message works: without its head it is read as a pretraining encoder, saying so
+    backbone = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    m = maskconv.create_model("test_convmae", num_classes=0)
+    with pytest.warns(UserWarning, match=r"fits both .*pretraining encoder and an 'official-cls-token' backbone"):
+        assert maskconv.load_checkpoint(m, backbone).layout == "official-pretrain"
+    assert torch.equal(m.blocks3[1].mlp.fc2.weight, sd["blocks3.1.mlp.fc2.weight"])
+    assert torch.equal(m.fc_norm.weight, torch.ones(32))
+
+
+def test_convmae_state_with_finetune_and_pretrain_keys_is_refused():
+    sd = perturbed_state_dict(maskconv.create_model("test_convmae", num_classes=5))
+    sd["mask_token"] = torch.zeros(1, 1, 16)
+    with pytest.raises(maskconv.CheckpointError, match="mixes the official fine-tuning .* and pretraining"):
+        maskconv.load_checkpoint(maskconv.create_model("test_convmae", num_classes=5), sd)

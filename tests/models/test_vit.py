@@ -267,3 +267,16 @@ def test_param_counts_match_timm(name):
         ours = sum(p.numel() for p in maskconv.create_model(name, num_classes=1000).parameters())
         ref = sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters())
     assert ours == ref
+
+
+def test_cls_token_classifier_is_never_read_as_pretraining():
+    # ConvMAE's rule, here too: norm + head (global_pool='token' fine-tuning) into an 'avg' model used to warn and
+    # drop the final norm; it is a classifier state, so it is an error naming the pooling to build.
+    _, sd = _timm_sd("token", 10)
+    for kw in (dict(), dict(drop_mismatched_head=True)):
+        with pytest.raises(CheckpointError, match=r"global_pool='token'.*not a pretraining state"):
+            load_checkpoint(maskconv.create_model("test_vit", global_pool="avg", num_classes=10), {"model": sd}, **kw)
+    assert load_checkpoint(maskconv.create_model("test_vit", num_classes=10), {"model": sd}).layout == "timm"
+    _, backbone = _timm_sd("token", 0)  # no head, no decoder: fits an MAE encoder and a token backbone; says both
+    with pytest.warns(UserWarning, match="an MAE pretraining encoder, or a global_pool='token' backbone"):
+        load_checkpoint(maskconv.create_model("test_vit", global_pool="avg", num_classes=0), backbone)

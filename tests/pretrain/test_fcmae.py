@@ -222,3 +222,97 @@ def test_batchnorm_encoder_is_flagged():
     # SLaK is a ConvNeXt with conv-BN branches: FCMAE runs it, but BN batch statistics see masked zeros.
     with pytest.warns(UserWarning, match="BatchNorm"):
         create_objective("fcmae", model="test_slak", decoder_dim=16)
+
+
+# ---- the whole official FCMAE state (encoder + decoder) continues pretraining -------------------------------------
+def _official_fcmae_state(sparse: bool, decoder_dim: int = 16):
+    """A state dict in facebookresearch/ConvNeXt-V2 ``models/fcmae.py``'s layout for test_convnextv2's shapes:
+    ``encoder.*`` (MinkowskiEngine ``SparseConvNeXtV2`` or dense names), ``proj``, ``mask_token``, ``decoder.0.*`` (a
+    dense official ConvNeXt V2 ``Block``) and ``pred``; plus the official modules, from tests/models/_official.py."""
+    from tests.models._official import Block, OfficialConvNeXt, dense_to_minkowski
+
+    torch.manual_seed(0)
+    ref = OfficialConvNeXt((1, 1, 2, 1), (8, 16, 32, 64), v2=True)
+    ref.load_state_dict(perturbed_state_dict(ref, 0.1))
+    enc = {k: v for k, v in ref.state_dict().items() if not k.startswith(("head.", "norm."))}
+    enc = dense_to_minkowski(enc) if sparse else {f"encoder.{k}": v for k, v in enc.items()}
+    parts = torch.nn.ModuleDict(dict(proj=torch.nn.Conv2d(64, decoder_dim, 1),
+                                     decoder=torch.nn.Sequential(Block(decoder_dim, v2=True)),
+                                     pred=torch.nn.Conv2d(decoder_dim, 32 * 32 * 3, 1)))
+    parts.load_state_dict(perturbed_state_dict(parts, 0.1))  # GRN gamma/beta non-zero
+    dec = dict(parts.state_dict()) | {"mask_token": 0.02 * torch.randn(1, decoder_dim, 1, 1)}
+    return enc | dec, dec, ref, parts
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_whole_official_fcmae_state_loads_into_the_objective(tmp_path, sparse):
+    sd, dec, ref, parts = _official_fcmae_state(sparse)
+    assert len(dec) == 15  # the official decoder keys, mapped one-to-one
+    path = tmp_path / "fcmae_official.pt"
+    torch.save({"model": sd}, path)  # official checkpoints wrap the weights in 'model'
+    obj = create_objective("fcmae", model="test_convnextv2", decoder_dim=16)
+    rep = maskconv.load_checkpoint(obj, path)
+    assert rep.layout == ("official-fb-sparse" if sparse else "official-fb")
+    assert rep.loaded == len(obj.state_dict())
+    ours = obj.state_dict()
+    for k, name in (("proj.weight", "proj.weight"), ("mask_token", "mask_token"), ("pred.bias", "pred.bias"),
+                    ("decoder.0.dwconv.weight", "decoder.0.conv_dw.weight"), ("decoder.0.norm.bias", "decoder.0.norm.bias"),
+                    ("decoder.0.pwconv1.weight", "decoder.0.mlp.fc1.weight"),
+                    ("decoder.0.pwconv2.bias", "decoder.0.mlp.fc2.bias")):
+        assert torch.equal(ours[name], dec[k]), k
+    assert torch.equal(ours["decoder.0.mlp.grn.weight"], dec["decoder.0.grn.gamma"].flatten())  # (1, 1, 1, C)
+    assert torch.equal(ours["decoder.0.mlp.grn.bias"], dec["decoder.0.grn.beta"].flatten())
+    # the decoder computes the official forward_decoder: proj -> mask tokens -> dense V2 block -> 1x1 pred
+    z = torch.randn(2, 64, 2, 3)
+    mask = torch.tensor([[[True, False, True], [False, True, False]], [[False, False, True], [True, True, False]]])
+    m = mask.unsqueeze(1).float()
+    with torch.no_grad():
+        x = parts["proj"](z)
+        x = x * (1 - m) + dec["mask_token"].repeat(2, 1, 2, 3) * m
+        want = parts["pred"](parts["decoder"](x)).flatten(2).transpose(1, 2)  # official forward_loss's (N, L, p*p*3)
+        torch.testing.assert_close(obj.eval().forward_decoder(z, mask), want, rtol=1e-5, atol=1e-5)
+        # and the encoder is the official one (unmasked: every cell visible)
+        y = torch.randn(2, 3, 64, 96)
+        feats = y
+        for ds, st in zip(ref.downsample_layers, ref.stages):
+            feats = st(ds(feats))
+        got = obj.forward_encoder(y, torch.zeros(2, 2, 3, dtype=torch.bool))
+        torch.testing.assert_close(got, feats, rtol=1e-5, atol=1e-5)
+
+
+def test_official_fcmae_state_of_another_decoder_or_encoder_only_is_a_clear_error():
+    from maskconv.models import BackboneOnlyCheckpointError
+
+    sd, dec, _, _ = _official_fcmae_state(True, decoder_dim=32)
+    with pytest.raises(maskconv.CheckpointError, match=r"shape mismatch for proj.weight \(32, 64, 1, 1\) vs model "
+                                                       r"\(16, 64, 1, 1\)") as e:
+        maskconv.load_checkpoint(create_objective("fcmae", model="test_convnextv2", decoder_dim=16), sd)
+    # a decoder that does not fit is not "backbone only": a caller must not fall back to loading just the encoder
+    assert not isinstance(e.value, BackboneOnlyCheckpointError)
+    obj = create_objective("fcmae", model="test_convnextv2", decoder_dim=32)
+    for enc_only in ({k: v for k, v in sd.items() if k not in dec}, obj.encoder_state_dict()):  # official, ours
+        with pytest.raises(BackboneOnlyCheckpointError, match=r"load_checkpoint\(objective.encoder"):
+            maskconv.load_checkpoint(obj, enc_only)
+    with pytest.raises(maskconv.CheckpointError, match=r"native layout.*shape mismatch for mask_token") as e:  # ours too
+        maskconv.load_checkpoint(create_objective("fcmae", model="test_convnextv2", decoder_dim=16), obj.state_dict())
+    assert not isinstance(e.value, BackboneOnlyCheckpointError)
+
+
+def test_cli_pretrain_continues_from_a_whole_official_fcmae_state(tmp_path):
+    # `pretrain --init` reads the whole official state (decoder included), not only its encoder: after one step at
+    # lr 1e-8 the saved decoder is still the official one (a fresh decoder would differ by ~0.1).
+    from maskconv.cli import main
+    from maskconv.pretrain import load_objective
+
+    sd, dec, _, _ = _official_fcmae_state(True)
+    init = tmp_path / "fcmae_official.pt"
+    torch.save({"model": sd}, init)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--model", "test_convnextv2", "--data", "synthetic", "--out", str(out), "--init", str(init),
+                 "data.img_size=64", "data.batch_size=2", "data.num_workers=0", "run.progress=false", "run.max_steps=1",
+                 "objective.decoder_dim=16", "optim.lr=1e-8", "optim.weight_decay=0"]) == 0
+    obj = load_objective(out / "objective.safetensors")
+    got = obj.state_dict()
+    for k, name in (("proj.weight", "proj.weight"), ("decoder.0.pwconv1.weight", "decoder.0.mlp.fc1.weight"),
+                    ("pred.weight", "pred.weight"), ("mask_token", "mask_token")):
+        assert (got[name] - dec[k]).abs().max().item() <= 1e-6, k

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "LoadReport", "load_checkpoint", "read_state_dict", "save_weights", "atomic_write"]
+__all__ = ["BackboneOnlyCheckpointError", "CheckpointError", "LoadReport",
+           "load_checkpoint", "read_state_dict", "save_weights", "atomic_write"]
 
 _WRAPPERS = ("model", "state_dict", "module", "model_state")  # official, timm/Lightning, DeepSpeed, misc
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -20,6 +21,11 @@ _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read, or does not fit the model (the message lists what and why)."""
+
+
+class BackboneOnlyCheckpointError(CheckpointError):
+    """A pretraining objective was given backbone weights only (no decoder): the one case where loading them into
+    ``objective.encoder`` instead is right. Any other error of a whole-objective load is not this one."""
 
 
 @dataclass
@@ -125,23 +131,35 @@ def load_checkpoint(
     source: str | os.PathLike | dict,
     strict: bool = True,
     drop_mismatched_head: bool = False,
+    filter_fn: Callable[[dict, nn.Module], tuple[dict, str]] | None = None,
+    allow_nonfinite: bool = False,
+    allow_non_float: bool = False,
 ) -> LoadReport:
     """Load weights in any layout the model family reads (ours = timm, official FB incl. FCMAE/MinkowskiEngine,
-    HF transformers) into ``model``; the layout is detected.
+    HF transformers) into ``model``; the layout is detected by the family's checkpoint filter (registered with
+    ``register_checkpoint_filter``; ``filter_fn`` overrides it, as timm's ``load_checkpoint(filter_fn=...)``).
 
     Strict by default: any missing, unexpected or mis-shaped key raises ``CheckpointError`` listing them, so a
-    GRN can never silently stay at its zero init. Two deliberate exceptions, each reported with a warning:
+    GRN can never silently stay at its zero init. A filter reshapes only where its layout is known to store a
+    tensor differently, so a tensor with the right element count but another shape (a transposed classifier) is
+    an error naming the key and both shapes. Two deliberate exceptions, each reported with a warning:
     a backbone-only checkpoint (no ``head.*`` at all, e.g. FCMAE) leaves the head at init, and with
     ``drop_mismatched_head`` a classifier of another class count is dropped (fine-tuning).
     A stem made for another channel count is adapted to the model's ``in_chans``.
+    Non-finite values and integer/bool tensors for float parameters are errors unless ``allow_nonfinite`` /
+    ``allow_non_float`` say they are wanted.
     """
     sd = read_state_dict(source)
-    family = sys.modules[type(model).__module__]
-    filter_fn = getattr(family, "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        from ._registry import checkpoint_filter_for
+
+        filter_fn = checkpoint_filter_for(model)
     layout = "native"
     if filter_fn is not None:
         try:
             sd, layout = filter_fn(sd, model)
+        except CheckpointError:
+            raise
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     target = model.state_dict()
@@ -149,15 +167,20 @@ def load_checkpoint(
 
     first = getattr(model, "first_conv", None)
     wkey = f"{first}.weight" if first else None
-    if wkey in sd and wkey in target and sd[wkey].ndim == 4 and sd[wkey].shape[1] != target[wkey].shape[1]:
-        sd[wkey] = adapt_input_conv(target[wkey].shape[1], sd[wkey])
-        report.adapted_in_chans = True
+    if wkey in sd and wkey in target:
+        w, t = sd[wkey], target[wkey]
+        if w.ndim == 4 and w.shape[1] != t.shape[1] and (w.shape[0], *w.shape[2:]) == (t.shape[0], *t.shape[2:]):
+            sd[wkey] = adapt_input_conv(t.shape[1], w)
+            report.adapted_in_chans = True
 
     cls = getattr(model, "classifier", "head.fc") + "."  # classifier key prefix (timm's pretrained_cfg name)
     had_head = any(k.startswith(cls) for k in sd)  # no classifier = a backbone-only checkpoint
     if drop_mismatched_head:
         for k in [k for k in sd if k.startswith(cls)]:
-            if k not in target or sd[k].shape != target[k].shape:
+            # another class count: only dim 0 differs. Any other shape (e.g. a transposed classifier) is malformed
+            # and stays in the state dict, so the shape check below refuses it.
+            other_count = k in target and sd[k].shape[1:] == target[k].shape[1:] and sd[k].shape != target[k].shape
+            if k not in target or other_count:
                 warnings.warn(f"checkpoint classifier {k} {tuple(sd[k].shape)} does not fit the model: left at init")
                 del sd[k]
                 report.skipped.append(k)
@@ -185,9 +208,32 @@ def load_checkpoint(
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s): {_fmt(unexpected)}")
         raise CheckpointError(f"checkpoint ({layout} layout) does not fit the model: " + "; ".join(parts))
-    model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
-    report.loaded = sum(k in target for k in sd)
+    load = {k: sd[k] for k in target if k in sd}  # in the model's order, so errors list keys as the model does
+    _check_values(load, target, layout, allow_nonfinite, allow_non_float)
+    model.load_state_dict(load, strict=False)
+    report.loaded = len(load)
     return report
+
+
+def _check_values(sd: dict, target: dict, layout: str, allow_nonfinite: bool, allow_non_float: bool) -> None:
+    """Refuse integer/bool tensors for float parameters (``load_state_dict`` would cast them silently) and NaN/Inf
+    values, naming the keys; each has its opt-out."""
+    if not allow_non_float:
+        bad = [f"{k} ({v.dtype})" for k, v in sd.items()
+               if target[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
+        if bad:
+            raise CheckpointError(f"checkpoint ({layout} layout) stores non-float values for float parameters: "
+                                  f"{_fmt(bad)} (pass allow_non_float=True to cast them anyway)")
+    if not allow_nonfinite:
+        bad = []
+        for k, v in sd.items():
+            if v.is_floating_point() or v.is_complex():
+                n = v.numel() - int(torch.isfinite(v).sum())
+                if n:
+                    bad.append(f"{k} ({n} of {v.numel()})")
+        if bad:
+            raise CheckpointError(f"checkpoint ({layout} layout) has NaN/Inf values in {len(bad)} tensor(s): "
+                                  f"{_fmt(bad)} (pass allow_nonfinite=True to load them anyway)")
 
 
 def atomic_write(path: str | os.PathLike, write_fn) -> Path:

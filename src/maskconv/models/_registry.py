@@ -1,4 +1,5 @@
-"""Model registry: ``register_model``, ``create_model``, ``list_models`` (timm's names and behaviour)."""
+"""Model registry: ``register_model``, ``create_model``, ``list_models`` (timm's names and behaviour), and each model
+class's checkpoint filter (``register_checkpoint_filter``; timm's ``pretrained_filter_fn``)."""
 from __future__ import annotations
 
 import difflib
@@ -9,6 +10,9 @@ import torch.nn as nn
 
 # name -> constructor. Filled at import time by @register_model in each family file (the only registry state).
 _MODEL_FNS: dict[str, Callable[..., nn.Module]] = {}
+# model class -> fn(state_dict, model) -> (state_dict, layout) that maps other checkpoint layouts to the class's keys.
+# Filled at import time by @register_checkpoint_filter next to each filter (registry state, like _MODEL_FNS).
+_FILTERS: dict[type, Callable[[dict, nn.Module], tuple[dict, str]]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -18,6 +22,24 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         raise ValueError(f"model {name!r} registered twice")
     _MODEL_FNS[name] = fn
     return fn
+
+
+def register_checkpoint_filter(*classes: type) -> Callable:
+    """Decorator: record ``fn(state_dict, model) -> (state_dict, layout)`` as the checkpoint filter of ``classes``
+    (what timm passes as ``pretrained_filter_fn`` when it builds a model); ``load_checkpoint`` applies it."""
+    def deco(fn: Callable) -> Callable:
+        for cls in classes:
+            if cls in _FILTERS:
+                raise ValueError(f"a checkpoint filter for {cls.__name__} is registered twice")
+            _FILTERS[cls] = fn
+        return fn
+    return deco
+
+
+def checkpoint_filter_for(model: nn.Module) -> Callable[[dict, nn.Module], tuple[dict, str]] | None:
+    """The checkpoint filter registered for ``model``'s class or its nearest registered base class (a subclass
+    that renames nothing reads what its base reads); None: the model reads its own keys only."""
+    return next((_FILTERS[c] for c in type(model).__mro__ if c in _FILTERS), None)
 
 
 def list_models(pattern: str = "*", exclude_test: bool = False) -> list[str]:
@@ -47,12 +69,16 @@ def create_model(
     num_classes: int | None = None,
     in_chans: int | None = None,
     drop_path_rate: float | None = None,
+    allow_nonfinite: bool = False,
+    allow_non_float: bool = False,
     **kwargs,
 ) -> nn.Module:
     """Build a registered model; ``pretrained`` is a checkpoint path (any layout ``load_checkpoint`` reads).
 
     ``num_classes=0`` gives the encoder only (``forward`` returns pooled, normed features). When the
-    checkpoint's classifier does not fit ``num_classes`` it is dropped and the new head keeps its init.
+    checkpoint's classifier has another class count it is dropped and the new head keeps its init.
+    ``allow_nonfinite`` / ``allow_non_float``: ``load_checkpoint``'s opt-outs (NaN/Inf weights, integer or bool
+    tensors into float parameters), for the rare checkpoint that needs them.
     """
     fn = model_entrypoint(name)
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans), ("drop_path_rate", drop_path_rate)):
@@ -69,5 +95,6 @@ def create_model(
     if pretrained:
         from ._helpers import load_checkpoint
 
-        load_checkpoint(model, pretrained, strict=True, drop_mismatched_head=True)
+        load_checkpoint(model, pretrained, strict=True, drop_mismatched_head=True, allow_nonfinite=allow_nonfinite,
+                        allow_non_float=allow_non_float)
     return model

@@ -20,6 +20,7 @@ Grids come from the input: any H, W divisible by the total stride. The learnable
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ from torchvision.ops import StochasticDepth
 from ..layers import LayerNorm, LayerNorm2d
 from ..layers.pos_embed import resample_pos_embed, sincos_pos_embed_2d
 from ..layers.transformer import Block
-from ._registry import register_model
+from ._registry import register_checkpoint_filter, register_model
 from .convnext import _feature_indices
 
 __all__ = ["CBlock", "ConvViT", "PatchEmbed", "checkpoint_filter_fn"]
@@ -277,25 +278,48 @@ def _init_weights(m: nn.Module) -> None:
 # ---- checkpoint layouts -----------------------------------------------------------------------------------
 # Official pretraining keys that are not part of the backbone: fusion convs, final norm, decoder, mask token.
 _PRETRAIN_ONLY = re.compile(r"^(stage[12]_output_decode|norm|decoder_\w+|mask_token)(\.|$)")
+_DECODER = re.compile(r"^(stage[12]_output_decode|decoder_\w+|mask_token)(\.|$)")  # only a pretraining state has these
 
 
 def detect_layout(sd: dict) -> str:
-    """'official-pretrain' (MaskedAutoencoderConvViT) or 'official' (ConvViT fine-tuning = ours)."""
+    """'official-pretrain' (MaskedAutoencoderConvViT) or 'official' (ConvViT fine-tuning with global_pool = ours).
+
+    An official fine-tuning state trained with ``--cls_token`` (global_pool off: final ``norm`` + ``head``, no
+    ``fc_norm``) is refused: its head reads the final-normed *first patch token* (``models_convvit.py``; ConvViT
+    has no cls token), a head this ConvViT does not build, and it must never pass as a pretraining state. A final
+    ``norm`` with neither ``head`` nor decoder keys fits both a pretraining encoder and such a backbone: read as
+    pretraining, with a warning naming both."""
     keys = list(sd)
     if not any(k.startswith(("patch_embed1.", "blocks3.")) for k in keys):
         raise ValueError("unrecognised checkpoint layout: expected ConvMAE keys ('patch_embed1.proj.weight', "
                          f"'blocks3.0.attn.qkv.weight', ...); first keys are {keys[:5]}")
-    if any(_PRETRAIN_ONLY.match(k) for k in keys) and not any(k.startswith("fc_norm.") for k in keys):
-        return "official-pretrain"
-    return "official"
+    fc_norm, norm = any(k.startswith("fc_norm.") for k in keys), any(k.startswith("norm.") for k in keys)
+    head, decoder = any(k.startswith("head.") for k in keys), any(_DECODER.match(k) for k in keys)
+    if fc_norm:
+        if decoder or norm:
+            raise ValueError("checkpoint mixes the official fine-tuning ('fc_norm.*') and pretraining ('norm.*', "
+                             "decoder / fusion) layouts; refusing to guess which one it is")
+        return "official"
+    if norm and head:
+        raise ValueError("checkpoint is an official ConvMAE fine-tuning state trained with --cls_token (layout "
+                         "'official-cls-token': final 'norm' + 'head', no 'fc_norm'), not a pretraining state; its "
+                         "classifier reads the normed first patch token, which maskconv's ConvViT (global average pool "
+                         "-> fc_norm, the official default) does not build. To start from its backbone only (as from "
+                         "pretraining: norm dropped, fc_norm at its init), remove the 'head.*' keys")
+    if norm and not decoder:
+        warnings.warn("ConvMAE checkpoint with a final 'norm' and no 'fc_norm', 'head' or decoder keys: it fits both "
+                      "an official pretraining encoder and an 'official-cls-token' backbone; read as 'official-pretrain' "
+                      "(norm dropped, fc_norm at its init)")
+    return "official-pretrain" if norm or decoder else "official"
 
 
+@register_checkpoint_filter(ConvViT)
 def checkpoint_filter_fn(state_dict: dict, model: ConvViT) -> tuple[dict, str]:
     """Map a ConvMAE state dict to the backbone: the official fine-tuning layout is ours; the official
     pretraining layout loses its decoder / fusion / final-norm keys (``fc_norm`` is filled with the model's own
     init values and ``head`` is reported missing: official fine-tuning starts both from init); from a maskconv
-    ``ConvMAE`` objective's state the ``encoder.*`` keys are taken. A pos-embed table stored for another grid is
-    resampled to the model's."""
+    ``ConvMAE`` objective's state the ``encoder.*`` keys are taken. A pos-embed table stored for another grid (same
+    width) is resampled to the model's; nothing is reshaped."""
     if any(k.startswith("encoder.patch_embed1.") for k in state_dict):  # a maskconv pretraining objective
         state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
     layout = detect_layout(state_dict)
@@ -303,8 +327,8 @@ def checkpoint_filter_fn(state_dict: dict, model: ConvViT) -> tuple[dict, str]:
     if layout == "official-pretrain":  # no fc_norm there: it starts at the model's init (1, 0), as official fine-tuning
         for k, v in model.fc_norm.state_dict().items():
             sd.setdefault(f"fc_norm.{k}", v.clone())
-    pe = sd.get("pos_embed")
-    if pe is not None and pe.shape != model.pos_embed.shape and pe.ndim == 3:
+    pe, own = sd.get("pos_embed"), model.pos_embed
+    if pe is not None and pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == own.shape[2] and pe.shape != own.shape:
         sd["pos_embed"] = resample_pos_embed(pe, model.pos_grid, num_prefix_tokens=0)
     return sd, layout
 

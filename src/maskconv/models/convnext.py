@@ -4,8 +4,8 @@ Papers: "A ConvNet for the 2020s" (Liu et al., 2022, arXiv:2201.03545) and "Conv
 Scaling ConvNets with Masked Autoencoders" (Woo et al., 2023, arXiv:2301.00808).
 Origin: facebookresearch/ConvNeXt and facebookresearch/ConvNeXt-V2 (MIT-licensed code; official weights are
 CC-BY-NC-4.0). Parameter names and shapes follow timm's ``convnext.py`` so a state dict is interchangeable with
-timm's same-named model; ``checkpoint_filter_fn`` also reads the official FB (incl. MinkowskiEngine FCMAE) and
-HF transformers layouts.
+timm's same-named model; ``convnext_layouts.checkpoint_filter_fn`` also reads the official FB (incl.
+MinkowskiEngine FCMAE) and HF transformers layouts.
 
 Activations are kept in ``torch.channels_last`` memory, so the NCHW <-> NHWC permutes around the per-pixel
 LayerNorm/MLP are free views instead of copies. Atto..nano store their MLP weights as 1x1 convs (timm's
@@ -13,7 +13,6 @@ LayerNorm/MLP are free views instead of copies. Atto..nano store their MLP weigh
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Callable, Sequence
 
@@ -26,7 +25,7 @@ from torchvision.ops import StochasticDepth
 from ..layers import GlobalResponseNorm, LayerNorm, LayerNorm2d
 from ._registry import register_model
 
-__all__ = ["ConvNeXt", "ConvNeXtBlock", "checkpoint_filter_fn"]
+__all__ = ["ConvNeXt", "ConvNeXtBlock"]
 
 
 def _pointwise(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -345,104 +344,6 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-
-
-# ---- checkpoint layouts -----------------------------------------------------------------------------------
-_FCMAE_DECODER = ("decoder", "mask_token", "proj.", "pred.")
-
-
-def detect_layout(sd: dict) -> str:
-    """Name the layout of a ConvNeXt state dict: 'timm', 'fb', 'fb-sparse' (MinkowskiEngine FCMAE) or 'hf'."""
-    keys = list(sd)
-    if any(k.startswith("stem.") or (k.startswith("stages.") and ".blocks." in k) for k in keys):
-        return "timm"
-    if any(k.startswith(("convnextv2.", "convnext.", "embeddings.patch_embeddings")) for k in keys):
-        return "hf"
-    if any(k.endswith(".kernel") or ".linear." in k or ".ln." in k for k in keys):
-        return "fb-sparse"
-    if any(k.startswith(("downsample_layers.", "encoder.downsample_layers.")) for k in keys):
-        return "fb"
-    raise ValueError(
-        "unrecognised checkpoint layout: expected ConvNeXt keys in timm/maskconv ('stem.0.weight'), official FB "
-        f"('downsample_layers.0.0.weight') or HF transformers layout; first keys are {keys[:5]}"
-    )
-
-
-def _me_kernel_to_conv(v: torch.Tensor) -> torch.Tensor:
-    """MinkowskiEngine kernel -> Conv2d weight. ME enumerates offsets with the first spatial axis fastest, hence
-    the final transpose (official ``remap_checkpoint_keys``)."""
-    if v.ndim == 3:  # (kv, in, out)
-        kv, cin, cout = v.shape
-        ks = math.isqrt(kv)
-        return v.permute(2, 1, 0).reshape(cout, cin, ks, ks).transpose(3, 2)
-    kv, c = v.shape  # depthwise (kv, C)
-    ks = math.isqrt(kv)
-    return v.permute(1, 0).reshape(c, 1, ks, ks).transpose(3, 2)
-
-
-def _fb_to_timm(sd: dict, sparse: bool) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("encoder."):
-            k = k[len("encoder."):]
-        if any(k.startswith(p) or f".{p}" in k for p in _FCMAE_DECODER):
-            continue  # FCMAE decoder / mask token: not part of the backbone
-        if sparse:
-            if k.endswith(".kernel"):
-                k, v = k[: -len("kernel")] + "weight", _me_kernel_to_conv(v)
-            k = k.replace(".ln.", ".").replace(".linear.", ".")
-            if k.endswith("bias") and v.ndim == 2:  # ME biases are (1, C)
-                v = v.flatten()
-        k = re.sub(r"^downsample_layers\.0\.", "stem.", k)
-        k = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", k)
-        k = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", k)
-        k = k.replace(".dwconv.", ".conv_dw.").replace(".pwconv1.", ".mlp.fc1.").replace(".pwconv2.", ".mlp.fc2.")
-        k = k.replace(".grn.gamma", ".mlp.grn.weight").replace(".grn.beta", ".mlp.grn.bias")
-        if k.startswith("head."):
-            k = "head.fc." + k[len("head."):]
-        elif k.startswith("norm."):
-            k = "head." + k
-        out[k] = v
-    return out
-
-
-def _hf_to_timm(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"^convnext(v2)?\.", "", k)
-        if k.startswith("classifier."):
-            k = "head.fc." + k[len("classifier."):]
-        elif k.startswith("layernorm."):
-            k = "head.norm." + k[len("layernorm."):]
-        elif k.startswith("pooler."):
-            continue
-        k = k.replace("embeddings.patch_embeddings.", "stem.0.").replace("embeddings.layernorm.", "stem.1.")
-        k = re.sub(r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample.", k)
-        k = re.sub(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.blocks.\2.", k)
-        k = k.replace(".dwconv.", ".conv_dw.").replace(".layernorm.", ".norm.")
-        k = k.replace(".pwconv1.", ".mlp.fc1.").replace(".pwconv2.", ".mlp.fc2.").replace(".grn.", ".mlp.grn.")
-        k = k.replace(".layer_scale_parameter", ".gamma")
-        out[k] = v
-    return out
-
-
-def checkpoint_filter_fn(state_dict: dict, model: ConvNeXt) -> tuple[dict, str]:
-    """Map a ConvNeXt state dict in any known layout to ours; reshape tensors whose layout differs only in
-    shape (GRN (1,1,1,C) / (1,C) -> (C,), Linear <-> 1x1 conv). Returns ``(state_dict, layout)``."""
-    if any(k.startswith("encoder.stem.") for k in state_dict):  # a maskconv pretraining objective's state
-        state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-    layout = detect_layout(state_dict)
-    if layout == "timm":
-        sd = dict(state_dict)
-    elif layout == "hf":
-        sd = _hf_to_timm(state_dict)
-    else:
-        sd = _fb_to_timm(state_dict, sparse=layout == "fb-sparse")
-    target = model.state_dict()
-    for k, v in sd.items():
-        if k in target and v.shape != target[k].shape and v.numel() == target[k].numel():
-            sd[k] = v.reshape(target[k].shape)
-    return sd, layout
 
 
 # ---- configs and registered variants (shapes from OFFICIAL.md §1.1, §2.1 and timm) --------------------------

@@ -25,7 +25,7 @@ from torchvision.ops import StochasticDepth
 
 from ..layers import ConvBN, ReparamLargeKernelConv
 from ..layers.large_kernel import check_merge_state
-from ._registry import register_model
+from ._registry import register_checkpoint_filter, register_model
 from .convnext import _feature_indices
 
 __all__ = ["RepLKNet", "RepLKBlock", "ConvFFN", "checkpoint_filter_fn"]
@@ -291,9 +291,11 @@ class RepLKNet(nn.Module):
 
 
 # ---- checkpoint layouts -----------------------------------------------------------------------------------
+@register_checkpoint_filter(RepLKNet)
 def checkpoint_filter_fn(state_dict: dict, model: RepLKNet) -> tuple[dict, str]:
     """Map an official RepLKNet state dict (head ``norm.*`` / ``head.*``) or ours (``head.norm`` / ``head.fc``) to
-    ours. Returns ``(state_dict, layout)``: ``'replknet'`` (official) or ``'maskconv'``."""
+    ours. Returns ``(state_dict, layout)``: ``'replknet'`` (official) or ``'maskconv'``. No reshapes: the official
+    modules store every tensor as ours."""
     if not any(k.startswith("stem.0.conv.") for k in state_dict):
         raise ValueError(f"not a RepLKNet checkpoint: no 'stem.0.conv.weight'; first keys are {list(state_dict)[:5]}")
     check_merge_state(state_dict, model)

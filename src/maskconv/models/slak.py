@@ -22,8 +22,8 @@ from typing import Sequence
 
 from ..layers import DecomposedLargeKernelConv
 from ..layers.large_kernel import check_merge_state
-from . import convnext
-from ._registry import register_model
+from . import convnext_layouts
+from ._registry import register_checkpoint_filter, register_model
 from .convnext import ConvNeXt
 
 __all__ = ["SLaK", "checkpoint_filter_fn"]
@@ -57,10 +57,12 @@ class SLaK(ConvNeXt):
 
 
 # ---- checkpoint layouts -----------------------------------------------------------------------------------
+@register_checkpoint_filter(SLaK)
 def checkpoint_filter_fn(state_dict: dict, model: SLaK) -> tuple[dict, str]:
     """Map an official SLaK state dict (``downsample_layers.*``, ``stages.i.j.large_kernel.LoRA1.conv.weight``,
     ``pwconv1``, ``gamma``, ``norm``, ``head``; older commits name the branches ``Decom1``/``Decom2``) or ours to
-    ours. Returns ``(state_dict, layout)`` with layout ``'slak'`` (official) or ``'timm'`` (maskconv/timm keys)."""
+    ours. Returns ``(state_dict, layout)`` with layout ``'slak'`` (official) or ``'timm'`` (maskconv/timm keys).
+    Reshapes: ConvNeXt's per-layout ones only (the large-kernel convs and BNs are stored as ours)."""
     if not any(".large_kernel." in k or ".conv_dw." in k for k in state_dict):
         raise ValueError(
             "not a SLaK checkpoint: no large-kernel keys ('stages.0.0.large_kernel.LoRA1.conv.weight' official, "
@@ -68,7 +70,7 @@ def checkpoint_filter_fn(state_dict: dict, model: SLaK) -> tuple[dict, str]:
         )
     check_merge_state(state_dict, model)
     # ConvNeXt's filter does the stem / downsample / block / MLP / head renames of the official FB layout
-    sd, layout = convnext.checkpoint_filter_fn(state_dict, model)
+    sd, layout = convnext_layouts.checkpoint_filter_fn(state_dict, model)
     out = {}
     for k, v in sd.items():
         k = k.replace(".large_kernel.", ".conv_dw.").replace(".Decom1.", ".LoRA1.").replace(".Decom2.", ".LoRA2.")

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block, LayerNorm, resample_pos_embed
-from ._registry import register_model
+from ._registry import register_checkpoint_filter, register_model
 from .convnext import _feature_indices
 
 __all__ = ["PatchEmbed", "VisionTransformer", "checkpoint_filter_fn"]
@@ -250,6 +250,7 @@ def _init_weights(m: nn.Module) -> None:
 _MAE_DECODER = ("decoder_", "mask_token")  # MAE pretraining keys that are not part of the backbone
 
 
+@register_checkpoint_filter(VisionTransformer)
 def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> tuple[dict, str]:
     """Map a ViT state dict to ours; returns ``(state_dict, layout)``.
 
@@ -258,7 +259,9 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> tuple[di
     (``encoder.*``) is unwrapped first. ``pos_embed`` is
     resampled to the model's grid (as MAE ``interpolate_pos_embed`` / timm). MAE pretraining checkpoints hold the
     final ``norm``; into an ``fc_norm`` ('avg') model it is dropped and ``fc_norm`` starts at its LayerNorm init,
-    exactly as MAE's ``main_finetune.py`` does (with a warning).
+    exactly as MAE's ``main_finetune.py`` does (with a warning). A classifier fine-tuned with the cls token (``norm``
+    and ``head``, no ``fc_norm``) is never read as such a pretraining state: into an 'avg' model it is an error.
+    No reshapes: only ``pos_embed`` is resampled (another grid, same width).
     """
     if any(k.startswith("encoder.patch_embed.") for k in state_dict):  # a maskconv pretraining objective
         state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
@@ -272,15 +275,21 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> tuple[di
     if "dist_token" in sd or any(k.startswith("head_dist.") for k in sd):
         raise ValueError("DeiT distilled checkpoints (dist_token, head_dist) are not supported")
     pe = sd["pos_embed"]
-    if pe.ndim == 3 and pe.shape[1] != model.pos_embed.shape[1] and pe.shape[-1] == model.pos_embed.shape[-1]:
+    if pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[1] != model.pos_embed.shape[1] and pe.shape[-1] == model.embed_dim:
         n = pe.shape[1] - 1
         side = math.isqrt(n)
         if side * side != n:
             raise ValueError(f"checkpoint pos_embed has {n} grid rows, not a square grid; resample it first")
         sd["pos_embed"] = resample_pos_embed(pe, model.pos_grid, old_size=(side, side), num_prefix_tokens=1)
     if isinstance(model.fc_norm, nn.LayerNorm) and "fc_norm.weight" not in sd and "norm.weight" in sd:
-        warnings.warn("checkpoint has a final 'norm' but the model pools with 'fc_norm' (global_pool='avg'): norm "
-                      "dropped, fc_norm left at its init (as MAE main_finetune.py)")
+        if any(k.startswith("head.") for k in sd):  # a classifier state: its head reads the normed cls token
+            raise ValueError("checkpoint is a classifier fine-tuned with global_pool='token' (final 'norm' + 'head', no "
+                             "'fc_norm'), not a pretraining state: build the model with global_pool='token'")
+        what = "an MAE pretraining state" if pretrain else ("an MAE pretraining encoder, or a global_pool='token' "
+                                                            "backbone saved without its classifier")
+        warnings.warn(f"checkpoint has a final 'norm' and no 'fc_norm' ({what}) but the model pools with 'fc_norm' "
+                      "(global_pool='avg'): read as pretraining, norm dropped, fc_norm left at its init (as MAE "
+                      "main_finetune.py)")
         sd.pop("norm.weight")
         sd.pop("norm.bias", None)
         sd.update({f"fc_norm.{k}": v.detach().clone() for k, v in model.fc_norm.state_dict().items()})

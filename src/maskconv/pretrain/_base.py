@@ -82,8 +82,10 @@ def split_official_state(state_dict: dict, model: MaskedImageObjective, backbone
     our objective layout: encoder keys through the backbone's ``checkpoint_filter_fn`` and prefixed ``encoder.``,
     the objective's own keys as they are, the fixed ``decoder_pos_embed`` dropped (computed per grid)."""
     if not any(k.startswith("decoder_") for k in state_dict):
-        raise ValueError(f"not a whole {what} pretraining state (no 'decoder_*' keys); a backbone-only checkpoint "
-                         "loads into the encoder: load_checkpoint(objective.encoder, path)")
+        from ..models import BackboneOnlyCheckpointError
+
+        raise BackboneOnlyCheckpointError(f"not a whole {what} pretraining state (no 'decoder_*' keys); a backbone-only "
+                                          "checkpoint loads into the encoder: load_checkpoint(objective.encoder, path)")
     own = {k for k in model.state_dict() if not k.startswith("encoder.")}
     enc = {k: v for k, v in state_dict.items() if k not in own and k != "decoder_pos_embed"}
     enc, _ = backbone_filter(enc, model.encoder)  # e.g. resamples pos_embed to the encoder's table

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import LayerNorm, layer_norm_fp32
 from ..layers.pos_embed import sincos_pos_embed_2d
 from ..layers.transformer import Block
+from ..models import register_checkpoint_filter
 from ..models.convmae import CBlock, ConvViT, PatchEmbed
 from ..models.convnext import _pointwise  # a 1x1 conv on tokens (N_vis, C)
 from .fcmae import _gather, _scatter
@@ -191,6 +192,7 @@ class ConvMAE(MaskedImageObjective):
 
 
 # ---- checkpoint layouts -----------------------------------------------------------------------------------
+@register_checkpoint_filter(ConvMAE)
 def checkpoint_filter_fn(state_dict: dict, model: ConvMAE) -> tuple[dict, str]:
     """Read a whole official ``MaskedAutoencoderConvViT`` state (encoder + fusion + decoder) into the objective:
     encoder keys gain ``encoder.``, the fixed ``decoder_pos_embed`` is dropped (computed per grid), and the

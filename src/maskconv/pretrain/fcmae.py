@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import layer_norm_fp32
+from ..models import BackboneOnlyCheckpointError, register_checkpoint_filter
 from ..models.convnext import ConvNeXt, ConvNeXtBlock, _init_weights, _pointwise
 from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
 from .masking import check_mask, upsample_mask, visible_index
@@ -176,3 +177,29 @@ class FCMAE(MaskedImageObjective):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {
             n for n, _ in self.named_parameters() if n.startswith("decoder.") and ".grn." in n}
+
+
+# ---- checkpoint layouts -----------------------------------------------------------------------------------
+@register_checkpoint_filter(FCMAE)
+def checkpoint_filter_fn(state_dict: dict, model: FCMAE) -> tuple[dict, str]:
+    """Read a whole official FCMAE state (facebookresearch/ConvNeXt-V2 ``models/fcmae.py``: ``encoder.*`` in the
+    MinkowskiEngine or dense layout, ``proj``, ``mask_token``, ``decoder.i.*`` dense ConvNeXt V2 blocks, ``pred``)
+    into the objective to continue pretraining. The encoder goes through the ConvNeXt filter; the decoder keys map
+    one-to-one (block names as timm's, GRN (1, 1, 1, C) -> (C,), the official dense block's known forms); the
+    encoder's ``head.norm``, unused in pretraining and absent there, keeps the model's values. Our own layout
+    (``encoder.stem.*``) passes through; a backbone-only state is refused with a hint."""
+    from ..models.convnext_layouts import checkpoint_filter_fn as backbone_filter, fb_block_key, known_reshapes
+
+    if any(k.startswith("encoder.stem.") for k in state_dict):
+        return dict(state_dict), "native"
+    if not any(k.startswith("encoder.downsample_layers.") for k in state_dict) or "mask_token" not in state_dict:
+        raise BackboneOnlyCheckpointError("not a whole FCMAE pretraining state ('encoder.downsample_layers.*' + 'mask_token' / "
+                         "'decoder.*'); a backbone-only checkpoint loads into the encoder: "
+                         "load_checkpoint(objective.encoder, path)")
+    enc, layout = backbone_filter({k: v for k, v in state_dict.items() if k.startswith("encoder.")}, model.encoder)
+    sd = {f"encoder.{k}": v for k, v in enc.items()}
+    for k, v in model.encoder.head.state_dict().items():  # the official encoder has no head / final norm
+        sd.setdefault(f"encoder.head.{k}", v.clone())
+    dec = {fb_block_key(k): v for k, v in state_dict.items() if not k.startswith("encoder.")}
+    sd.update(known_reshapes(dec, model.state_dict(), "fb"))  # the decoder is dense in every official FCMAE
+    return sd, f"official-{layout}"

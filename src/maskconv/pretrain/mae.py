@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import Block, LayerNorm, sincos_pos_embed_2d
+from ..models import register_checkpoint_filter
 from ..models.vit import VisionTransformer
 from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, split_official_state
 from .masking import check_mask
@@ -134,6 +135,7 @@ def _init_mae(m: nn.Module) -> None:
 
 
 # ---- checkpoint layouts -----------------------------------------------------------------------------------
+@register_checkpoint_filter(MAE)
 def checkpoint_filter_fn(state_dict: dict, model: MAE) -> tuple[dict, str]:
     """Read a whole official ``MaskedAutoencoderViT`` state (encoder + decoder, ``models_mae.py`` names) into
     the objective: encoder keys gain ``encoder.`` (pos_embed resampled to the encoder's table if needed), the

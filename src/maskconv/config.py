@@ -46,6 +46,7 @@ class DataCfg:
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
+    max_pixels: int = 50_000_000  # images decoding to more pixels are skipped (after JPEG reduce-on-decode); 0 = off
 
 
 @dataclass
@@ -253,7 +254,7 @@ _RANGES = [
     ("data.num_workers", lambda v: v >= 0, ">= 0"), ("data.labels_per_class", lambda v: v >= 0, ">= 0"),
     ("data.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"), ("data.reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
-    ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("data.max_pixels", lambda v: v >= 0, ">= 0"),
     ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.patch_size", lambda v: v is None or v >= 1, ">= 1"),
     ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"), ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),

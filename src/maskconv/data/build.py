@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .datasets import FashionMNIST, ImageFolderDataset, SyntheticImages
+from .datasets import FashionMNIST, ImageFolderDataset, SyntheticImages, decode_min_side
 from .photos import bundled_photos, default_norm
 
 NAMED = ("synthetic", "fashion-mnist", "photos")
@@ -88,7 +88,8 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
             root = root / split
         elif split != "train":
             raise FileNotFoundError(f"{root} has no {split}/ folder (expected {root}/train and {root}/val)")
-        ds = ImageFolderDataset(root, in_chans, labeled=labeled, classes=classes if labeled else None)
+        ds = ImageFolderDataset(root, in_chans, labeled=labeled, classes=classes if labeled else None,
+                                max_pixels=cfg.max_pixels, min_side=decode_min_side(cfg.img_size, cfg.crop_scale_min))
     if split == "train" and labeled and cfg.labels_per_class > 0:
         ds = labels_subset(ds, cfg.labels_per_class, seed)
     return ds

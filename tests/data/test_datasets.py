@@ -144,3 +144,24 @@ def test_pixel_limit_skips_and_jpeg_decodes_reduced(tmp_path):
     ds = ImageFolderDataset(tmp_path, max_pixels=100_000, min_side=100)
     items = {p.name: ds[i] for i, (p, _) in enumerate(ds.samples)}
     assert items["big.png"].reason.endswith("over data.max_pixels=100000") and items["big.jpg"][0].shape[1] == 200
+
+
+def test_load_images_reads_as_training_does(messy_folder, tmp_path):
+    # One decoder: visualize's loader gives exactly what the validation pipeline gives for the same file,
+    # so a 16-bit PNG is a picture, not solid white (PIL's convert('RGB') clips 16-bit values at 255).
+    import os
+    import time
+
+    from maskconv.data import load_images
+
+    ramp = (np.linspace(0, 65535, 48 * 48).reshape(48, 48)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    x = load_images(tmp_path / "g16.png", 32, in_chans=3)
+    cfg = DataCfg(path=str(tmp_path), img_size=32)
+    ref = build_transform(cfg, 3, train=False)(ImageFolderDataset(tmp_path)[0][0])
+    assert torch.equal(x[0], ref)
+    assert x.std() > 0.5 and x.min() < -1.5  # a ramp from black to white (normalised), not all 255
+    os.mkfifo(messy_folder / "aaa_pipe.png")  # sorted first: it would block the loader if it were opened
+    t0 = time.time()
+    imgs = load_images(messy_folder, 16, in_chans=3, limit=8)
+    assert imgs.shape == (5, 3, 16, 16) and time.time() - t0 < 10

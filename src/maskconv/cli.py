@@ -112,6 +112,18 @@ def config_from_args(args) -> "Config":  # noqa: F821
     return validate(cfg)
 
 
+def error_line(e: BaseException) -> str:
+    """One line for a user-level error. An exception re-raised from a DataLoader worker carries the worker's
+    whole traceback in its message ("Caught ValueError in DataLoader worker process 0. Original Traceback ...");
+    keep only what the original exception said."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        name = f"{type(e).__name__}: "
+        return (last[len(name):] if last.startswith(name) else last) + " (in a data loader worker)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     # key=value overrides may stand anywhere among the flags: argparse takes one positional run, so collect
@@ -165,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             api.run_demo(args.out)
         clean = True
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:  # one line, no traceback
-        print(f"maskconv: error: {e}", file=sys.stderr)
+        print(f"maskconv: error: {error_line(e)}", file=sys.stderr)
         return 2
     finally:
         from .engine.dist import teardown

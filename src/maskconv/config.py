@@ -34,7 +34,7 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    path: str = "synthetic"  # an image folder, or a named dataset: synthetic | fashion-mnist | photos
+    path: str = ""  # required: an image folder, or a named dataset: synthetic | fashion-mnist | photos
     img_size: int = 224
     batch_size: int = 64  # per process
     num_workers: int = 2

@@ -11,14 +11,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .config import Config, DataCfg
-from .data.build import build_dataset, build_transform, num_classes_of
+from .data.build import build_dataset, build_transform
 from .data.datasets import collate_skip
 from .engine import dist as D
 from .engine.loop import FitResult, fit
+from .inputs import Inputs, check_inputs
 from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights
 
 
-def _model_kwargs(cfg: Config, classifier: bool = False) -> dict:
+def model_kwargs(cfg: Config, classifier: bool = False) -> dict:
+    """``create_model`` keyword arguments from ``cfg.model`` (None values left to the model's own defaults)."""
     m = cfg.model
     kw = dict(in_chans=m.in_chans, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate)
     if classifier:  # pooling belongs to the classifier; a pretraining encoder keeps its own
@@ -30,12 +32,14 @@ def run_pretrain(cfg: Config) -> FitResult:
     """Masked-image pretraining of ``cfg.model`` with ``cfg.objective`` on unlabeled images."""
     from .pretrain import create_objective, save_objective
 
+    inputs = check_inputs(cfg, "pretrain")  # before any work or file
     info = D.setup(cfg.run.device)
+    _print_notes(inputs, info)
     torch.manual_seed(cfg.run.seed)
     ob = cfg.objective
     ob_kw = dict(mask_ratio=ob.mask_ratio, decoder_dim=ob.decoder_dim, decoder_depth=ob.decoder_depth,
                  norm_pix_loss=ob.norm_pix_loss, sparse=ob.sparse)
-    obj = create_objective(ob.name, model=cfg.model.name, model_kwargs=_model_kwargs(cfg),
+    obj = create_objective(ob.name, model=cfg.model.name, model_kwargs=model_kwargs(cfg),
                            **{k: v for k, v in ob_kw.items() if v is not None})  # None: the objective's default
     if cfg.model.init:  # continue pretraining: a whole objective, or encoder weights in any layout
         try:
@@ -46,7 +50,7 @@ def run_pretrain(cfg: Config) -> FitResult:
             except ValueError as enc_err:  # say both: a whole-objective file may fail for its own reason
                 raise ValueError(f"{cfg.model.init} loads neither as a whole {ob.name} objective ({whole_err}) nor as "
                                  f"encoder weights ({enc_err})") from enc_err
-    ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=False, seed=cfg.run.seed)
+    ds = inputs.train
     tf = build_transform(cfg.data, cfg.model.in_chans, train=True, pretrain=True)
     res = fit(cfg, obj, ds, tf, lambda m, x, y: m(x).loss, task="pretrain", info=info)
     if info.is_main:
@@ -59,18 +63,16 @@ def run_pretrain(cfg: Config) -> FitResult:
     return res
 
 
-def _eval_loader(cfg: Config, classes: list[str] | None, split: str = "val",
-                 batch_size: int | None = None) -> DataLoader | None:
-    """Eval-transformed loader of ``split`` (None when the data has no such split); undecodable files are
-    dropped, not replaced, so no image is counted twice."""
+def _print_notes(inputs: Inputs, info) -> None:
+    if info.is_main:
+        for note in inputs.notes:
+            print(f"note: {note}", flush=True)
+
+
+def _eval_loader(cfg: Config, ds, batch_size: int | None = None) -> DataLoader:
+    """Eval-transformed loader of ``ds``; unreadable files are dropped, not replaced, so no image counts twice."""
     from .data.datasets import SeededDataset
 
-    try:
-        ds = build_dataset(cfg.data, cfg.model.in_chans, split, labeled=True, classes=classes)
-    except FileNotFoundError:
-        if split == "val":
-            return None
-        raise
     tf = build_transform(cfg.data, cfg.model.in_chans, train=False)
     return DataLoader(SeededDataset(ds, tf, replace_bad=False), batch_size=batch_size or cfg.data.batch_size,
                       num_workers=cfg.data.num_workers, collate_fn=collate_skip)
@@ -145,7 +147,7 @@ def _probe_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Module:
-    kw = _model_kwargs(cfg, classifier=True)
+    kw = model_kwargs(cfg, classifier=True)
     if linprobe:
         kw["drop_path_rate"] = 0.0  # the frozen backbone must give the same features every time
     model = create_model(cfg.model.name, num_classes=num_classes, head_init_scale=cfg.model.head_init_scale, **kw)
@@ -156,11 +158,12 @@ def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Mod
 
 
 def _supervised(cfg: Config, linprobe: bool) -> FitResult:
+    inputs = check_inputs(cfg, "linprobe" if linprobe else "finetune")  # before any work or file
     info = D.setup(cfg.run.device)
+    _print_notes(inputs, info)
     torch.manual_seed(cfg.run.seed)
-    ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True, seed=cfg.run.seed)
-    n = num_classes_of(ds)
-    classes = list(getattr(ds, "classes", []))
+    ds, classes = inputs.train, inputs.classes
+    n = len(classes)
     model = _classifier(cfg, n, linprobe)
     train_mode = None
     if linprobe:  # MAE protocol: frozen backbone, BatchNorm (no affine) + linear head
@@ -179,7 +182,7 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
                   ([v2.CutMix(alpha=d.cutmix, num_classes=n)] if d.cutmix > 0 else [])
         batch_tf = v2.RandomChoice(choices)
     tf = build_transform(d, cfg.model.in_chans, train=not linprobe)  # the probe sees eval-style crops
-    val = _eval_loader(cfg, classes) if info.is_main else None
+    val = _eval_loader(cfg, inputs.val) if info.is_main and inputs.val is not None else None
     if info.is_main:
         Path(cfg.run.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.out) / "classes.json").write_text(json.dumps(classes))  # eval numbers classes the same way
@@ -296,7 +299,7 @@ def load_eval_source(checkpoint: str | Path, model: str | None = None, **overrid
     any_sd = next(iter(weights.values()))
     if task is None:  # a bare weights file: a linear probe's head is BatchNorm + Linear
         with torch.device("meta"):
-            cls = getattr(create_model(cfg.model.name, **_model_kwargs(cfg, True)), "classifier", "head.fc")
+            cls = getattr(create_model(cfg.model.name, **model_kwargs(cfg, True)), "classifier", "head.fc")
         task = "linprobe" if f"{cls}.1.weight" in any_sd else "finetune"
     classes = None
     cls_file = home / "classes.json"
@@ -347,14 +350,17 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
     elif not src.has_config:
         raise ValueError(f"{checkpoint} comes without its run's config.json: name the data with --data")
     info = D.setup(device)
-    split, val = "val", _eval_loader(cfg, src.classes, "val", batch_size)
-    if val is None:
+    try:
+        split, ds = "val", build_dataset(cfg.data, cfg.model.in_chans, "val", labeled=True, classes=src.classes)
+    except FileNotFoundError:
         if not data:  # never report accuracy on the images the model was trained on
             raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
-        split, val = "all", _eval_loader(cfg, src.classes, "train", batch_size)  # --data is a plain labeled folder
+        split = "all"  # --data is a plain labeled folder
+        ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True, classes=src.classes)
+    val = _eval_loader(cfg, ds, batch_size)
     with torch.device("meta"):  # the family's classifier name, without building real weights
         num_classes = checkpoint_num_classes(next(iter(chosen.values())),
-                                             create_model(cfg.model.name, **_model_kwargs(cfg, True)))
+                                             create_model(cfg.model.name, **model_kwargs(cfg, True)))
     if num_classes == 0:
         raise ValueError(f"{checkpoint} holds no classifier weights: nothing to evaluate")
     classes = src.classes or getattr(val.dataset.base, "classes", None) or [str(i) for i in range(num_classes)]
@@ -362,7 +368,7 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
         raise ValueError(f"{checkpoint} has a {num_classes}-class classifier but names {len(classes)} classes")
     models = {}
     for kind, sd in chosen.items():
-        net = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg, classifier=True))
+        net = create_model(cfg.model.name, num_classes=num_classes, **model_kwargs(cfg, classifier=True))
         if src.task == "linprobe":
             _probe_head(net, num_classes)
         try:

@@ -71,6 +71,8 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
     and ``val/`` sub-folders is split by them; otherwise the folder itself is the training set (and holds class
     sub-folders when ``labeled``). ``classes`` fixes the class numbering (validation / eval of a trained model)."""
     name = cfg.path
+    if not name:  # never the current folder, never noise by default
+        raise ValueError(f"no data named (data.path is empty): an image folder or one of {', '.join(NAMED)}")
     if name == "synthetic":
         ds = SyntheticImages(n=64 if split == "train" else 32, num_classes=4, size=cfg.img_size, in_chans=in_chans,
                              seed=0 if split == "train" else 1)

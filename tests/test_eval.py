@@ -153,3 +153,36 @@ def test_eval_of_a_folder_without_checkpoint_says_so(tmp_path, capsys):
     assert "holds no checkpoint" in err and "resume" not in err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no such run folder or weights file" in capsys.readouterr().err
+
+
+def test_eval_of_last_pt_and_linprobe_weights_and_missing_ema(run, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "pt")]) == 0
+    assert main(["eval", "--checkpoint", str(run / "model_ema.safetensors"), "--weights", "raw"]) == 2
+    assert "holds only ema weights" in capsys.readouterr().err
+    lp = tmp_path / "lp"
+    assert main(["linprobe", *TINY, "--out", str(lp), "optim.epochs=1", "run.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(lp), "--weights", "ema"]) == 2
+    assert "the run kept no EMA" in capsys.readouterr().err
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "probe.safetensors").write_bytes((lp / "model.safetensors").read_bytes())
+    # a bare linear-probe weights file: BN + Linear head recognised from its keys, scored like its run
+    assert main(["eval", "--checkpoint", str(lp), "--out", str(tmp_path / "a")]) == 0
+    assert main(["eval", "--checkpoint", str(alone / "probe.safetensors"), "--data", "synthetic", "--img-size", "64",
+                 "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in "ab")
+    assert b["task"] == "linprobe" and a["raw"]["val_confusion"] == b["raw"]["val_confusion"]
+    assert "no EMA weights in this run" in capsys.readouterr().out
+
+
+def test_fifo_in_eval_data_is_skipped_and_named(run, tmp_path, capsys):
+    import os
+
+    data = _folder(tmp_path / "d")
+    os.mkfifo(data / "class1" / "0_pipe.png")  # reading it would block forever
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--data", str(data), "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert res["images"] == 6 and list(res["unreadable"]["first"].values()) == ["FIFO"]
+    assert "0_pipe.png (FIFO)" in capsys.readouterr().out

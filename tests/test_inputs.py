@@ -93,3 +93,16 @@ def test_worker_error_is_one_line(tmp_path, capsys):
 def test_named_unlabeled_data_refused_for_labeled_tasks(tmp_path, capsys, task):
     err = _refused(tmp_path, capsys, task, "--data", "photos")
     assert "no labels" in err
+
+
+def test_fifo_in_training_data_is_skipped_and_reported(tmp_path, capsys):
+    import os
+    import time
+
+    data = tmp_path / "data"
+    _images(data, 8)
+    os.mkfifo(data / "000_pipe.png")  # sorted first: reading it would hang the run forever
+    t0 = time.time()
+    assert main(["pretrain", *COMMON, "--data", str(data), "--out", str(tmp_path / "r"), "data.num_workers=1"]) == 0
+    assert time.time() - t0 < 120
+    assert "note: training data: 1 file(s) skipped:" in capsys.readouterr().out

@@ -106,3 +106,13 @@ def test_fifo_in_training_data_is_skipped_and_reported(tmp_path, capsys):
     assert main(["pretrain", *COMMON, "--data", str(data), "--out", str(tmp_path / "r"), "data.num_workers=1"]) == 0
     assert time.time() - t0 < 120
     assert "note: training data: 1 file(s) skipped:" in capsys.readouterr().out
+
+
+def test_finetune_into_a_pretrain_run_folder_is_refused_writing_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", *COMMON, "--data", "synthetic", "--out", str(out), "objective.decoder_dim=16"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["finetune", *COMMON, "--data", "synthetic", "--out", str(out)]) == 2
+    assert "holds a pretrain run of test_convnextv2; this is a finetune run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no classes.json, config.json untouched

@@ -35,13 +35,16 @@ def _folder(ds: Dataset) -> ImageFolderDataset | None:
 
 def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
     """Raise a one-line error (ConfigError / ValueError / FileNotFoundError) for input the run cannot use, else
-    return its data sets. Checks: the data is named (no silent synthetic default); the image size suits the model
+    return its data sets. Checks: the data is named (no silent synthetic default); ``run.out`` holds no run of
+    another task or model; the image size suits the model
     (its stride, via a forward on the meta device: no memory, no time); a labeled task has >= 2 classes; the first
     files of every split can be read. Notes: no validation split, loose files beside class folders, skipped
     non-regular files. ``task``: pretrain | finetune | linprobe (default ``cfg.task``)."""
     d, task = cfg.data, task or cfg.task
+    cfg.task = task  # what config.json records is the task that ran
     if not d.path:
         raise ConfigError(f"{task} needs data: pass --data <image folder> or a named dataset ({', '.join(NAMED)})")
+    _check_out(cfg, task)
     _check_size(cfg, task)
     labeled = task != "pretrain"
     train = build_dataset(d, cfg.model.in_chans, "train", labeled=labeled, seed=cfg.run.seed)
@@ -71,6 +74,22 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
         if f is not None and f.skipped:
             inputs.notes.append(f"{name} data: {describe_unreadable(f.skipped)}")
     return inputs
+
+
+def _check_out(cfg: Config, task: str) -> None:
+    """``run.out`` may hold this run (resume) but not another task's or model's run: refuse before a file of the
+    new run (config.json, classes.json) lands in it."""
+    import json
+
+    prev = Path(cfg.run.out) / "config.json"
+    try:
+        saved = json.loads(prev.read_text()) if prev.is_file() else {}
+    except ValueError:  # unreadable: resume reports it
+        return
+    was = (saved.get("task"), (saved.get("model") or {}).get("name"))
+    if saved and was != (task, cfg.model.name):
+        raise ConfigError(f"run.out={cfg.run.out} holds a {was[0]} run of {was[1]}; this is a {task} run of "
+                          f"{cfg.model.name}: choose another --out")
 
 
 def _check_size(cfg: Config, task: str) -> None:

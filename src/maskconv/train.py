@@ -279,7 +279,8 @@ def load_eval_source(checkpoint: str | Path, model: str | None = None, **overrid
         run_cfg = home / "config.json"
         if run_cfg.is_file():
             saved = json.loads(run_cfg.read_text())
-            task, cfg = saved.get("task"), _run_config(saved, model, overrides)
+            cfg = _run_config(saved, model, overrides)
+            task = saved.get("task") if saved.get("task") in ("finetune", "linprobe") else None  # else: from the keys
         else:
             arch = model
             if arch is None and chosen[0].suffix == ".safetensors":

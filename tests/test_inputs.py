@@ -116,3 +116,24 @@ def test_finetune_into_a_pretrain_run_folder_is_refused_writing_nothing(tmp_path
     assert main(["finetune", *COMMON, "--data", "synthetic", "--out", str(out)]) == 2
     assert "holds a pretrain run of test_convnextv2; this is a finetune run" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no classes.json, config.json untouched
+
+
+def test_val_fraction_holds_out_the_same_images_for_training_and_eval(tmp_path, capsys):
+    import json
+
+    data = tmp_path / "data"
+    _images(data / "a", 10)
+    _images(data / "b", 10, start=10)
+    cfg = load_config(overrides={"task": "finetune", "model.name": "test_convnextv2", "data.path": str(data),
+                                 "data.img_size": 64, "data.val_fraction": 0.2})
+    inputs = check_inputs(cfg)
+    tr, va = inputs.train, inputs.val
+    assert len(tr) == 16 and len(va) == 4 and not set(tr.indices) & set(va.indices)
+    assert sorted(va.labels) == [0, 0, 1, 1] and any("4 images (0.2 of each class) held out" in n for n in inputs.notes)
+    assert check_inputs(cfg).val.indices == va.indices  # a function of the file list only
+    out = tmp_path / "run"
+    assert main(["finetune", *COMMON, "--data", str(data), "data.val_fraction=0.2", "run.max_steps=0", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "val_top1" in rows[-1]
+    assert main(["eval", "--checkpoint", str(out)]) == 0  # the run's own held-out images, not its training ones
+    assert json.loads((out / "eval" / "val" / "eval.json").read_text())["images"] == 4

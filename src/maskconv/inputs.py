@@ -60,19 +60,26 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
             names = ", ".join(p.name for p in folder.loose[:5]) + (", ..." if len(folder.loose) > 5 else "")
             inputs.notes.append(f"{len(folder.loose)} image file(s) directly in {where} belong to no class and are "
                                 f"not used ({names})")
-        if d.path in NAMED or (Path(d.path) / "train").is_dir() and (Path(d.path) / "val").is_dir():
+        split_dirs = (Path(d.path) / "train").is_dir() and (Path(d.path) / "val").is_dir()
+        if d.path in NAMED or split_dirs or d.val_fraction > 0:
             inputs.val = build_dataset(d, cfg.model.in_chans, "val", labeled=True, classes=inputs.classes)
+            if not split_dirs and d.path not in NAMED:
+                inputs.notes.append(f"{where}: {len(inputs.val)} images ({d.val_fraction:g} of each class) held out "
+                                    f"for validation, {len(train)} for training")
         else:
             inputs.notes.append(f"{where} has no train/ and val/ sub-folders: training on all {len(train)} images "
                                 f"of {len(inputs.classes)} classes, with no validation (no accuracy is measured); "
-                                f"split them as {where}/train/<class> and {where}/val/<class> to validate")
+                                f"set data.val_fraction=0.1 to hold out 10% of each class, or split them as "
+                                f"{where}/train/<class> and {where}/val/<class>")
+    seen = []
     for name, ds in (("training", train), ("validation", inputs.val)):
         if ds is None:
             continue
         _check_readable(ds, name)
         f = _folder(ds)
-        if f is not None and f.skipped:
+        if f is not None and f.skipped and f not in seen:  # a held-out val shares its folder with training
             inputs.notes.append(f"{name} data: {describe_unreadable(f.skipped)}")
+        seen.append(f)
     return inputs
 
 

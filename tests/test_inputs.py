@@ -124,6 +124,9 @@ def test_val_fraction_holds_out_the_same_images_for_training_and_eval(tmp_path, 
     data = tmp_path / "data"
     _images(data / "a", 10)
     _images(data / "b", 10, start=10)
+    import os
+
+    os.mkfifo(data / "b" / "pipe.png")
     cfg = load_config(overrides={"task": "finetune", "model.name": "test_convnextv2", "data.path": str(data),
                                  "data.img_size": 64, "data.val_fraction": 0.2})
     inputs = check_inputs(cfg)
@@ -131,9 +134,11 @@ def test_val_fraction_holds_out_the_same_images_for_training_and_eval(tmp_path, 
     assert len(tr) == 16 and len(va) == 4 and not set(tr.indices) & set(va.indices)
     assert sorted(va.labels) == [0, 0, 1, 1] and any("4 images (0.2 of each class) held out" in n for n in inputs.notes)
     assert check_inputs(cfg).val.indices == va.indices  # a function of the file list only
+    assert [n for n in inputs.notes if "skipped" in n] == [f"training data: 1 file(s) skipped: {data}/b/pipe.png (FIFO)"]
     out = tmp_path / "run"
     assert main(["finetune", *COMMON, "--data", str(data), "data.val_fraction=0.2", "run.max_steps=0", "--out", str(out)]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "val_top1" in rows[-1]
     assert main(["eval", "--checkpoint", str(out)]) == 0  # the run's own held-out images, not its training ones
-    assert json.loads((out / "eval" / "val" / "eval.json").read_text())["images"] == 4
+    res = json.loads((out / "eval" / "val" / "eval.json").read_text())
+    assert res["images"] == 4 and res["unreadable"]["count"] == 1  # the FIFO, named in eval too

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from .config import Config, ConfigError
 from .data.build import NAMED, build_dataset
-from .data.datasets import ImageFolderDataset, SeededDataset, Unreadable, describe_unreadable
+from .data.datasets import SeededDataset, Unreadable, describe_unreadable, image_folder_of
 
 
 @dataclass
@@ -25,12 +25,6 @@ class Inputs:
     val: Dataset | None = None  # labeled tasks with a validation split
     classes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def _folder(ds: Dataset) -> ImageFolderDataset | None:
-    while isinstance(ds, Subset):
-        ds = ds.dataset
-    return ds if isinstance(ds, ImageFolderDataset) else None
 
 
 def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
@@ -49,7 +43,7 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
     labeled = task != "pretrain"
     train = build_dataset(d, cfg.model.in_chans, "train", labeled=labeled, seed=cfg.run.seed)
     inputs = Inputs(train)
-    folder = _folder(train)
+    folder = image_folder_of(train)
     if labeled:
         inputs.classes = list(getattr(train, "classes", []))
         where = folder.root if folder is not None else d.path
@@ -76,10 +70,10 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
         if ds is None:
             continue
         _check_readable(ds, name)
-        f = _folder(ds)
-        if f is not None and f.skipped and f not in seen:  # a held-out val shares its folder with training
+        f = image_folder_of(ds)
+        if f is not None and f.skipped and f.root not in seen:  # a held-out val shares its folder with training
             inputs.notes.append(f"{name} data: {describe_unreadable(f.skipped)}")
-        seen.append(f)
+            seen.append(f.root)
     return inputs
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .config import Config, DataCfg
 from .data.build import build_dataset, build_transform
-from .data.datasets import collate_skip
+from .data.datasets import collate_skip, image_folder_of
 from .engine import dist as D
 from .engine.loop import FitResult, fit
 from .inputs import Inputs, check_inputs
@@ -120,8 +120,8 @@ def evaluate_classifiers(models: dict[str, nn.Module], loader: DataLoader, num_c
             if k:
                 top5[name] += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum().item()
         n += len(labels)
-    base = getattr(loader.dataset, "base", loader.dataset)
-    unreadable.update({u.path: u.reason for u in getattr(base, "skipped", [])})  # e.g. FIFOs, never listed
+    folder = image_folder_of(loader.dataset)
+    unreadable.update({u.path: u.reason for u in (folder.skipped if folder else [])})  # e.g. FIFOs, never listed
     if n == 0:
         from .data.datasets import describe_unreadable
 
@@ -364,7 +364,7 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
                                              create_model(cfg.model.name, **model_kwargs(cfg, True)))
     if num_classes == 0:
         raise ValueError(f"{checkpoint} holds no classifier weights: nothing to evaluate")
-    classes = src.classes or getattr(val.dataset.base, "classes", None) or [str(i) for i in range(num_classes)]
+    classes = src.classes or getattr(ds, "classes", None) or [str(i) for i in range(num_classes)]
     if len(classes) != num_classes:
         raise ValueError(f"{checkpoint} has a {num_classes}-class classifier but names {len(classes)} classes")
     models = {}

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .photos import IMAGE_SUFFIXES
 
@@ -190,6 +190,13 @@ class ImageFolderDataset(Dataset):
             return decode_image(path, self.in_chans, self.max_pixels, self.min_side), label
         except Exception as e:  # counted and reported by the caller (collate_skip)
             return Unreadable(str(path), unreadable_reason(e))
+
+
+def image_folder_of(ds: Dataset) -> ImageFolderDataset | None:
+    """The ``ImageFolderDataset`` under ``ds`` (through ``Subset`` / ``SeededDataset`` wrappers), if any."""
+    while isinstance(ds, (Subset, SeededDataset)):
+        ds = ds.dataset if isinstance(ds, Subset) else ds.base
+    return ds if isinstance(ds, ImageFolderDataset) else None
 
 
 def unreadable_reason(e: Exception) -> str:

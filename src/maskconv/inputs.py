@@ -29,11 +29,12 @@ class Inputs:
 
 def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
     """Raise a one-line error (ConfigError / ValueError / FileNotFoundError) for input the run cannot use, else
-    return its data sets. Checks: the data is named (no silent synthetic default); ``run.out`` holds no run of
-    another task or model; the image size suits the model
-    (its stride, via a forward on the meta device: no memory, no time); a labeled task has >= 2 classes; the first
-    files of every split can be read. Notes: no validation split, loose files beside class folders, skipped
-    non-regular files. ``task``: pretrain | finetune | linprobe (default ``cfg.task``)."""
+    return its data sets. ``task``: pretrain | finetune | linprobe (default ``cfg.task``).
+
+    Checks: the data is named (no silent synthetic default); ``run.out`` holds no run of another task or model;
+    the image size suits the model (its stride, via a forward on the meta device: no memory, no time); a labeled
+    task has >= 2 classes; the first files of every split can be read. Notes: the validation split (held out, or
+    none), loose files beside class folders, skipped non-regular files."""
     d, task = cfg.data, task or cfg.task
     cfg.task = task  # what config.json records is the task that ran
     if not d.path:

@@ -41,9 +41,10 @@ def test_pretrain_finetune_eval_end_to_end(tmp_path, capsys):
     assert len(hist) == 2 and all(0 <= h["val_top1"] <= 100 for h in hist)
     assert (ft / "model.safetensors").is_file() and (ft / "model_ema.safetensors").is_file()
     assert main(["eval", "--checkpoint", str(ft)]) == 0
-    res = json.loads((ft / "eval" / "eval.json").read_text())
-    assert res["val_images"] == 32 and len(res["val_per_class"]) == 4
-    assert sum(map(sum, res["val_confusion"])) == 32
+    res = json.loads((ft / "eval" / "val" / "eval.json").read_text())
+    assert res["images"] == 32 and set(res["weights"]) == {"raw", "ema"}
+    for kind in ("raw", "ema"):
+        assert len(res[kind]["val_per_class"]) == 4 and sum(map(sum, res[kind]["val_confusion"])) == 32
     assert main(["visualize", "curves", str(ft)]) == 0 and (ft / "curves.png").is_file()
 
 
@@ -197,3 +198,20 @@ def test_rerunning_a_finished_max_steps_run_trains_nothing(tmp_path, capsys):
     assert "nothing to train" in capsys.readouterr().out
     assert (out / "last.pt").read_bytes() == before
     assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_unreadable_training_files_are_counted_once_and_named(tmp_path, capsys):
+    # Two adjacent broken files, two epochs: met 6 times (a file and its broken neighbour), but 2 files.
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i:02d}.png")
+    (data / "05b_broken.png").write_bytes(b"\x89PNG broken")
+    (data / "05c_broken.jpg").write_bytes(b"\xff\xd8 broken")
+    assert main(["pretrain", *TINY, "--data", str(data), "--out", str(tmp_path / "r"), "optim.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 file(s) skipped:" in out and "05b_broken.png (not a decodable image)" in out and "05c_broken.jpg" in out

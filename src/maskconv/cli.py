@@ -40,10 +40,17 @@ def _build_parser() -> argparse.ArgumentParser:
                        ("linprobe", "linear probe on a frozen backbone")):
         _add_config_flags(sub.add_parser(task, help=text))
     e = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a run")
-    e.add_argument("--checkpoint", required=True, help="a finetune/linprobe run folder or its last.pt")
-    e.add_argument("--data", default=None, help="dataset (default: the run's own validation data)")
-    e.add_argument("--out", default=None)
+    e.add_argument("--checkpoint", required=True,
+                   help="a finetune/linprobe run folder, its last.pt, or a weights file (model[_ema].safetensors)")
+    e.add_argument("--weights", choices=("both", "raw", "ema"), default="both",
+                   help="score the trained (raw) weights, their EMA, or both (default)")
+    e.add_argument("--data", default=None, help="labeled dataset (default: the run's own validation data)")
+    e.add_argument("--out", default=None, help="output folder (default: <run>/eval/<split> or eval/<data>-<split>)")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--model", default=None, help="architecture, when the weights file has no config.json beside it")
+    e.add_argument("--img-size", type=int, default=None, help="default: the run's data.img_size")
+    e.add_argument("--in-chans", type=int, default=None, help="default: the run's model.in_chans")
+    e.add_argument("--patch-size", type=int, default=None, help="default: the run's model.patch_size")
     v = sub.add_parser("visualize", help="pictures of what a model learned")
     vsub = v.add_subparsers(dest="what", required=True)
     r = vsub.add_parser("recon", help="masked reconstructions from a pretraining checkpoint")
@@ -105,6 +112,18 @@ def config_from_args(args) -> "Config":  # noqa: F821
     return validate(cfg)
 
 
+def error_line(e: BaseException) -> str:
+    """One line for a user-level error. An exception re-raised from a DataLoader worker carries the worker's
+    whole traceback in its message ("Caught ValueError in DataLoader worker process 0. Original Traceback ...");
+    keep only what the original exception said."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        name = f"{type(e).__name__}: "
+        return (last[len(name):] if last.startswith(name) else last) + " (in a data loader worker)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     # key=value overrides may stand anywhere among the flags: argparse takes one positional run, so collect
@@ -131,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_args(args)
             getattr(api, f"run_{args.command}")(cfg)
         elif args.command == "eval":
-            api.run_eval(args.checkpoint, args.data, args.out, args.batch_size)
+            api.run_eval(args.checkpoint, args.data, args.out, args.batch_size, weights=args.weights, model=args.model,
+                         img_size=args.img_size, in_chans=args.in_chans, patch_size=args.patch_size)
         elif args.command == "visualize" and args.what == "recon":
             api.run_visualize_recon(args.checkpoint, args.images, args.out, args.size, args.mask_ratio,
                                     args.seed, args.limit)
@@ -157,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             api.run_demo(args.out)
         clean = True
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:  # one line, no traceback
-        print(f"maskconv: error: {e}", file=sys.stderr)
+        print(f"maskconv: error: {error_line(e)}", file=sys.stderr)
         return 2
     finally:
         from .engine.dist import teardown

@@ -34,11 +34,12 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    path: str = "synthetic"  # an image folder, or a named dataset: synthetic | fashion-mnist | photos
+    path: str = ""  # required: an image folder, or a named dataset: synthetic | fashion-mnist | photos
     img_size: int = 224
     batch_size: int = 64  # per process
     num_workers: int = 2
     labels_per_class: int = 0  # fine-tuning: keep this many labels per class (0 = all)
+    val_fraction: float = 0.0  # labeled folder without train/ + val/: hold out this fraction of each class as val
     crop_scale_min: float = 0.2  # RandomResizedCrop lower scale (pretraining 0.2, fine-tuning 0.08)
     hflip: bool = True
     rand_augment: str = ""  # torchvision RandAugment "m9" style: "" (off) or "n2-m9"
@@ -46,6 +47,7 @@ class DataCfg:
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
+    max_pixels: int = 50_000_000  # images decoding to more pixels are skipped (after JPEG reduce-on-decode); 0 = off
 
 
 @dataclass
@@ -253,7 +255,8 @@ _RANGES = [
     ("data.num_workers", lambda v: v >= 0, ">= 0"), ("data.labels_per_class", lambda v: v >= 0, ">= 0"),
     ("data.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"), ("data.reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
-    ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("data.max_pixels", lambda v: v >= 0, ">= 0"),
+    ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.patch_size", lambda v: v is None or v >= 1, ">= 1"),
     ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"), ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),

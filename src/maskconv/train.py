@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,14 +11,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .config import Config, DataCfg
-from .data.build import build_dataset, build_transform, num_classes_of
-from .data.datasets import collate_skip
+from .data.build import build_dataset, build_transform
+from .data.datasets import collate_skip, image_folder_of
 from .engine import dist as D
 from .engine.loop import FitResult, fit
+from .inputs import Inputs, check_inputs
 from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights
 
 
-def _model_kwargs(cfg: Config, classifier: bool = False) -> dict:
+def model_kwargs(cfg: Config, classifier: bool = False) -> dict:
+    """``create_model`` keyword arguments from ``cfg.model`` (None values left to the model's own defaults)."""
     m = cfg.model
     kw = dict(in_chans=m.in_chans, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate)
     if classifier:  # pooling belongs to the classifier; a pretraining encoder keeps its own
@@ -29,12 +32,14 @@ def run_pretrain(cfg: Config) -> FitResult:
     """Masked-image pretraining of ``cfg.model`` with ``cfg.objective`` on unlabeled images."""
     from .pretrain import create_objective, save_objective
 
+    inputs = check_inputs(cfg, "pretrain")  # before any work or file
     info = D.setup(cfg.run.device)
+    _print_notes(inputs, info)
     torch.manual_seed(cfg.run.seed)
     ob = cfg.objective
     ob_kw = dict(mask_ratio=ob.mask_ratio, decoder_dim=ob.decoder_dim, decoder_depth=ob.decoder_depth,
                  norm_pix_loss=ob.norm_pix_loss, sparse=ob.sparse)
-    obj = create_objective(ob.name, model=cfg.model.name, model_kwargs=_model_kwargs(cfg),
+    obj = create_objective(ob.name, model=cfg.model.name, model_kwargs=model_kwargs(cfg),
                            **{k: v for k, v in ob_kw.items() if v is not None})  # None: the objective's default
     if cfg.model.init:  # continue pretraining: a whole objective, or encoder weights in any layout
         try:
@@ -45,7 +50,7 @@ def run_pretrain(cfg: Config) -> FitResult:
             except ValueError as enc_err:  # say both: a whole-objective file may fail for its own reason
                 raise ValueError(f"{cfg.model.init} loads neither as a whole {ob.name} objective ({whole_err}) nor as "
                                  f"encoder weights ({enc_err})") from enc_err
-    ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=False, seed=cfg.run.seed)
+    ds = inputs.train
     tf = build_transform(cfg.data, cfg.model.in_chans, train=True, pretrain=True)
     res = fit(cfg, obj, ds, tf, lambda m, x, y: m(x).loss, task="pretrain", info=info)
     if info.is_main:
@@ -58,18 +63,16 @@ def run_pretrain(cfg: Config) -> FitResult:
     return res
 
 
-def _eval_loader(cfg: Config, classes: list[str] | None, split: str = "val",
-                 batch_size: int | None = None) -> DataLoader | None:
-    """Eval-transformed loader of ``split`` (None when the data has no such split); undecodable files are
-    dropped, not replaced, so no image is counted twice."""
+def _print_notes(inputs: Inputs, info) -> None:
+    if info.is_main:
+        for note in inputs.notes:
+            print(f"note: {note}", flush=True)
+
+
+def _eval_loader(cfg: Config, ds, batch_size: int | None = None) -> DataLoader:
+    """Eval-transformed loader of ``ds``; unreadable files are dropped, not replaced, so no image counts twice."""
     from .data.datasets import SeededDataset
 
-    try:
-        ds = build_dataset(cfg.data, cfg.model.in_chans, split, labeled=True, classes=classes)
-    except FileNotFoundError:
-        if split == "val":
-            return None
-        raise
     tf = build_transform(cfg.data, cfg.model.in_chans, train=False)
     return DataLoader(SeededDataset(ds, tf, replace_bad=False), batch_size=batch_size or cfg.data.batch_size,
                       num_workers=cfg.data.num_workers, collate_fn=collate_skip)
@@ -78,29 +81,58 @@ def _eval_loader(cfg: Config, classes: list[str] | None, split: str = "val",
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, device=None,
                         progress: bool = True) -> dict:
-    """Top-1 / top-5 accuracy (%), per-class accuracy and the confusion matrix (rows = truth)."""
-    model.eval()
-    device = device or next(model.parameters()).device
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    top5 = n = 0
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy (%), per-class accuracy, the confusion
+    matrix (rows = truth), the number of images and the unreadable files met (``{path: reason}``)."""
+    return evaluate_classifiers({"": model}, loader, num_classes, device, progress)[""]
+
+
+@torch.no_grad()
+def evaluate_classifiers(models: dict[str, nn.Module], loader: DataLoader, num_classes: int, device=None,
+                         progress: bool = True) -> dict[str, dict]:
+    """``evaluate_classifier`` of several models in one pass over the data (each image decoded once).
+    Raises ValueError when no image could be read, or when a model's output is not finite."""
     from tqdm import tqdm
 
+    for m in models.values():
+        m.eval()
+    device = device or next(next(iter(models.values())).parameters()).device
+    conf = {name: torch.zeros(num_classes, num_classes, dtype=torch.long) for name in models}
+    top5 = dict.fromkeys(models, 0)
+    n, unreadable = 0, {}
+    k = 5 if num_classes > 5 else 0  # top-5 of 5 or fewer classes is always 100%: not reported
     # disable=None: tqdm shows the bar on a terminal only, never floods a log file
-    for images, labels, _ in tqdm(loader, desc="eval", unit="batch", leave=False, disable=(not progress) or None):
-        if images is None:  # every file of this batch was undecodable
+    for images, labels, bad in tqdm(loader, desc="eval", unit="batch", leave=False, disable=(not progress) or None):
+        unreadable.update(bad)
+        if images is None:  # every file of this batch was unreadable
             continue
         if labels.max() >= num_classes or labels.min() < 0:
             raise ValueError(f"labels {labels.min().item()}..{labels.max().item()} outside the model's "
                              f"{num_classes} classes")
-        logits = model(images.to(device)).float().cpu()
-        pred = logits.argmax(1)
-        conf += torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
-        k = min(5, num_classes)
-        top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum().item()
+        x = images.to(device)
+        for name, m in models.items():
+            logits = m(x).float().cpu()
+            if not torch.isfinite(logits).all():  # an argmax of NaN is a number we would not defend
+                raise ValueError(f"{name + ' ' if name else ''}model gives non-finite outputs (batch of images "
+                                 f"{n}..{n + len(labels) - 1}): the weights are broken or overflow")
+            pred = logits.argmax(1)
+            conf[name] += torch.bincount(labels * num_classes + pred,
+                                         minlength=num_classes**2).view(num_classes, num_classes)
+            if k:
+                top5[name] += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum().item()
         n += len(labels)
-    per_class = (conf.diag().float() / conf.sum(1).clamp_min(1) * 100).tolist()
-    return dict(val_top1=conf.diag().sum().item() / max(1, n) * 100, val_top5=top5 / max(1, n) * 100,
-                val_per_class=per_class, val_confusion=conf.tolist(), val_images=n)
+    folder = image_folder_of(loader.dataset)
+    unreadable.update({u.path: u.reason for u in (folder.skipped if folder else [])})  # e.g. FIFOs, never listed
+    if n == 0:
+        from .data.datasets import describe_unreadable
+
+        raise ValueError("no readable image to evaluate on" + (f" ({describe_unreadable(unreadable)})"
+                                                               if unreadable else ""))
+    out = {}
+    for name, c in conf.items():
+        out[name] = dict(val_top1=c.diag().sum().item() / n * 100, **({"val_top5": top5[name] / n * 100} if k else {}),
+                         val_per_class=(c.diag().float() / c.sum(1).clamp_min(1) * 100).tolist(),
+                         val_confusion=c.tolist(), val_images=n, val_unreadable=dict(unreadable))
+    return out
 
 
 def _probe_head(model: nn.Module, num_classes: int) -> nn.Module:
@@ -115,7 +147,7 @@ def _probe_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Module:
-    kw = _model_kwargs(cfg, classifier=True)
+    kw = model_kwargs(cfg, classifier=True)
     if linprobe:
         kw["drop_path_rate"] = 0.0  # the frozen backbone must give the same features every time
     model = create_model(cfg.model.name, num_classes=num_classes, head_init_scale=cfg.model.head_init_scale, **kw)
@@ -126,11 +158,12 @@ def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Mod
 
 
 def _supervised(cfg: Config, linprobe: bool) -> FitResult:
+    inputs = check_inputs(cfg, "linprobe" if linprobe else "finetune")  # before any work or file
     info = D.setup(cfg.run.device)
+    _print_notes(inputs, info)
     torch.manual_seed(cfg.run.seed)
-    ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True, seed=cfg.run.seed)
-    n = num_classes_of(ds)
-    classes = list(getattr(ds, "classes", []))
+    ds, classes = inputs.train, inputs.classes
+    n = len(classes)
     model = _classifier(cfg, n, linprobe)
     train_mode = None
     if linprobe:  # MAE protocol: frozen backbone, BatchNorm (no affine) + linear head
@@ -149,7 +182,7 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
                   ([v2.CutMix(alpha=d.cutmix, num_classes=n)] if d.cutmix > 0 else [])
         batch_tf = v2.RandomChoice(choices)
     tf = build_transform(d, cfg.model.in_chans, train=not linprobe)  # the probe sees eval-style crops
-    val = _eval_loader(cfg, classes) if info.is_main else None
+    val = _eval_loader(cfg, inputs.val) if info.is_main and inputs.val is not None else None
     if info.is_main:
         Path(cfg.run.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.out) / "classes.json").write_text(json.dumps(classes))  # eval numbers classes the same way
@@ -186,60 +219,219 @@ def run_linprobe(cfg: Config) -> FitResult:
     return _supervised(cfg, linprobe=True)
 
 
-def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | None = None,
-             batch_size: int = 64, device: str = "auto") -> dict:
-    """Evaluate a fine-tune / linear-probe run (its ``last.pt``, or the run folder) on ``data`` (default: the
-    run's own validation data): top-1/top-5, per-class accuracy, confusion matrix (JSON + PNG)."""
-    from .engine.checkpoint import LAST, load_training_checkpoint
+WEIGHTS = ("both", "raw", "ema")
+
+
+@dataclass
+class EvalSource:
+    """What ``run_eval`` scores: the run's config, its weights by kind ('raw' / 'ema'), class names, task."""
+    cfg: Config
+    task: str  # finetune | linprobe
+    weights: dict[str, dict]  # {'raw': state dict, 'ema': state dict}, whichever the source holds
+    files: dict[str, str]  # where each came from, for the printout
+    classes: list[str] | None
+    home: Path  # the run folder (or the weights file's folder): eval/<split> goes under it
+    has_config: bool  # the run's own config (and data) is known
+
+
+def _run_config(saved: dict, model: str | None, overrides: dict) -> Config:
     from .config import load_config
 
-    ckpt = Path(checkpoint)
-    if ckpt.is_dir():
-        ckpt = ckpt / LAST
-    ck = load_training_checkpoint(ckpt)
-    if ck.get("task") not in ("finetune", "linprobe"):
-        raise ValueError(f"{ckpt} is a {ck.get('task')} run; eval needs a finetune or linprobe run")
-    saved = ck["config"]
-    cfg = load_config(overrides={k: v for k, v in _flatten(saved).items() if k != "task"})
-    if data:
-        cfg.data = DataCfg(**{**{k: getattr(cfg.data, k) for k in ("img_size", "num_workers")}, "path": data})
+    base = {k: v for k, v in _flatten(saved).items() if k != "task" and not k.startswith("resolved.")}
+    if model:
+        base["model.name"] = model
+    return load_config(overrides={**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def load_eval_source(checkpoint: str | Path, model: str | None = None, **overrides) -> EvalSource:
+    """Read a fine-tune / linear-probe run for evaluation: a run folder (its ``last.pt``, else its
+    ``model.safetensors`` / ``model_ema.safetensors`` with ``config.json``), a ``last.pt``, or any weights file
+    (``model`` and ``overrides`` such as ``{'model.in_chans': 1}`` name the architecture when no ``config.json``
+    sits beside it). Non-finite weights are refused."""
+    from safetensors import safe_open
+
+    from .engine.checkpoint import LAST, load_training_checkpoint
+    from .models import CheckpointError, read_state_dict
+
+    src = Path(checkpoint)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such run folder or weights file")
+    names = ("model.safetensors", "model_ema.safetensors")
+    if src.is_dir():
+        if not (src / LAST).is_file() and not any((src / f).is_file() for f in names):
+            raise CheckpointError(f"{src} holds no checkpoint to evaluate (no {LAST}, {' or '.join(names)}): "
+                                  "is it a finished finetune / linprobe run folder?")
+    home = src if src.is_dir() else src.parent
+    weights, files, cfg, task = {}, {}, None, None
+    if (src.is_dir() and (src / LAST).is_file()) or src.name == LAST:
+        path = src / LAST if src.is_dir() else src
+        ck = load_training_checkpoint(path)
+        task, cfg = ck.get("task"), _run_config(ck["config"], model, overrides)
+        weights["raw"], files["raw"] = ck["model"], f"{path}, 'model'"
+        if ck.get("ema") is not None:  # AveragedModel state: the model's keys under 'module.'
+            weights["ema"] = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+            files["ema"] = f"{path}, 'ema'"
+    else:
+        chosen = [src / f for f in names if (src / f).is_file()] if src.is_dir() else [src]
+        for f in chosen:
+            kind = "ema" if f.stem.endswith("_ema") else "raw"
+            weights[kind], files[kind] = read_state_dict(f), str(f)
+        run_cfg = home / "config.json"
+        if run_cfg.is_file():
+            saved = json.loads(run_cfg.read_text())
+            cfg = _run_config(saved, model, overrides)
+            task = saved.get("task") if saved.get("task") in ("finetune", "linprobe") else None  # else: from the keys
+        else:
+            arch = model
+            if arch is None and chosen[0].suffix == ".safetensors":
+                with safe_open(str(chosen[0]), "pt") as f:
+                    arch = (f.metadata() or {}).get("architecture")
+            if arch is None:
+                raise ValueError(f"no config.json beside {src}: name the architecture with --model")
+            cfg = _run_config({}, arch, overrides)
+    if task not in (None, "finetune", "linprobe"):
+        raise ValueError(f"{src} is a {task} run; eval needs a finetune or linprobe run")
+    for kind, sd in weights.items():
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{files[kind]}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                                  f"{', ...' if len(bad) > 3 else ''}): refusing to report accuracy from them")
     cfg.model.init = None
+    any_sd = next(iter(weights.values()))
+    if task is None:  # a bare weights file: a linear probe's head is BatchNorm + Linear
+        with torch.device("meta"):
+            cls = getattr(create_model(cfg.model.name, **model_kwargs(cfg, True)), "classifier", "head.fc")
+        task = "linprobe" if f"{cls}.1.weight" in any_sd else "finetune"
+    classes = None
+    cls_file = home / "classes.json"
+    if cls_file.is_file():
+        classes = json.loads(cls_file.read_text()) or None
+    elif any(str(f).endswith(".safetensors") for f in files.values()):
+        with safe_open(next(f for f in files.values() if f.endswith(".safetensors")), "pt") as f:
+            classes = json.loads((f.metadata() or {}).get("classes", "null")) or None
+    return EvalSource(cfg, task, weights, files, classes, home, has_config=(home / "config.json").is_file()
+                      or src.name == LAST or (src / LAST).is_file())
+
+
+def _eval_folder(home: Path, data: str | None, split: str) -> Path:
+    """``eval/<split>`` for the run's own data, ``eval/<name>-<hash>-<split>`` for other data, so evaluating
+    another split or data set never overwrites an earlier result."""
+    import hashlib
+
+    if not data:
+        return home / "eval" / split
+    from .data.build import NAMED
+
+    if data in NAMED:
+        return home / "eval" / f"{data}-{split}"
+    where = Path(data).resolve()
+    return home / "eval" / f"{where.name}-{hashlib.sha1(str(where).encode()).hexdigest()[:6]}-{split}"
+
+
+def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | None = None,
+             batch_size: int = 64, device: str = "auto", weights: str = "both", model: str | None = None,
+             img_size: int | None = None, in_chans: int | None = None, patch_size: int | None = None) -> dict:
+    """Evaluate a fine-tune / linear-probe run or weights file (see ``load_eval_source``) on ``data`` (default: the
+    run's own validation data): top-1 (top-5 with more than 5 classes), per-class accuracy and the confusion
+    matrix of the trained (``raw``) and/or EMA weights, printed and written (eval.json + confusion PNGs) to
+    ``out`` (default ``<run>/eval/<split>``)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights {weights!r}: choose {', '.join(WEIGHTS)}")
+    src = load_eval_source(checkpoint, model, **{"model.in_chans": in_chans, "model.patch_size": patch_size,
+                                                 "data.img_size": img_size})
+    if weights != "both" and weights not in src.weights:
+        have = " and ".join(src.weights)
+        raise ValueError(f"--weights {weights}: {checkpoint} holds only {have} weights"
+                         + (" (the run kept no EMA: optim.ema_decay=0)" if weights == "ema" else ""))
+    chosen = {k: v for k, v in src.weights.items() if weights in ("both", k)}
+    cfg = src.cfg
+    if data:
+        keep = ("img_size", "num_workers", "max_pixels", "crop_scale_min")
+        cfg.data = DataCfg(**{k: getattr(cfg.data, k) for k in keep}, path=data)
+    elif not src.has_config:
+        raise ValueError(f"{checkpoint} comes without its run's config.json: name the data with --data")
     info = D.setup(device)
-    cls_file = ckpt.parent / "classes.json"
-    classes = (json.loads(cls_file.read_text()) or None) if cls_file.is_file() else None
-    val = _eval_loader(cfg, classes, "val", batch_size)
-    if val is None:
+    try:
+        split, ds = "val", build_dataset(cfg.data, cfg.model.in_chans, "val", labeled=True, classes=src.classes)
+    except FileNotFoundError:
         if not data:  # never report accuracy on the images the model was trained on
             raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
-        val = _eval_loader(cfg, classes, "train", batch_size)  # --data is a plain labeled folder
+        split = "all"  # --data is a plain labeled folder
+        ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True, classes=src.classes)
+    val = _eval_loader(cfg, ds, batch_size)
     with torch.device("meta"):  # the family's classifier name, without building real weights
-        num_classes = checkpoint_num_classes(ck["model"], create_model(cfg.model.name, **_model_kwargs(cfg, True)))
+        num_classes = checkpoint_num_classes(next(iter(chosen.values())),
+                                             create_model(cfg.model.name, **model_kwargs(cfg, True)))
     if num_classes == 0:
-        raise ValueError(f"{ckpt} holds no classifier weights: nothing to evaluate")
-    model = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg, classifier=True))
-    if ck["task"] == "linprobe":
-        _probe_head(model, num_classes)
-    weights, which = ck["model"], "trained"
-    if ck.get("ema") is not None:  # evaluate the EMA weights when the run kept them (official recipes do)
-        weights = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
-        which = "EMA"
-    model.load_state_dict(weights)
-    model.to(info.device)
-    res = evaluate_classifier(model, val, num_classes, info.device)
-    out = Path(out) if out else ckpt.parent / "eval"
+        raise ValueError(f"{checkpoint} holds no classifier weights: nothing to evaluate")
+    classes = src.classes or getattr(ds, "classes", None) or [str(i) for i in range(num_classes)]
+    if len(classes) != num_classes:
+        raise ValueError(f"{checkpoint} has a {num_classes}-class classifier but names {len(classes)} classes")
+    models = {}
+    for kind, sd in chosen.items():
+        net = create_model(cfg.model.name, num_classes=num_classes, **model_kwargs(cfg, classifier=True))
+        if src.task == "linprobe":
+            _probe_head(net, num_classes)
+        try:
+            net.load_state_dict(sd)
+        except RuntimeError as e:
+            from .models import CheckpointError
+
+            raise CheckpointError(f"{src.files[kind]} does not fit {cfg.model.name} as configured "
+                                  f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                                  "check --model / --in-chans / --patch-size") from None
+        models[kind] = net.to(info.device)
+    res = evaluate_classifiers(models, val, num_classes, info.device)
+    out = Path(out) if out else _eval_folder(src.home, data, split)
+    report = _eval_report(src, res, classes, data or cfg.data.path, split, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(res, indent=1))
-    res["weights"] = which
-    print(f"top-1 {res['val_top1']:.2f}%  top-5 {res['val_top5']:.2f}%  on {res['val_images']} images "
-          f"({which} weights)")
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    written = [out / "eval.json"]
     try:
         from .viz.curves import plot_confusion
 
-        plot_confusion(res["val_confusion"], out / "confusion.png")
-        print(f"confusion matrix: {out / 'confusion.png'}")
+        for kind, r in res.items():
+            written.append(plot_confusion(r["val_confusion"], out / f"confusion_{kind}.png", classes,
+                                          title=f"confusion matrix, {_LABEL[kind]} weights ({split} split)"))
     except ImportError:
         pass
-    return res
+    print(f"wrote {', '.join(str(w) for w in written)}")
+    return report
+
+
+_LABEL = {"raw": "raw", "ema": "EMA"}  # as --weights names them; raw = the trained weights themselves
+
+
+def _eval_report(src: EvalSource, res: dict, classes: list[str], data: str, split: str, checkpoint) -> dict:
+    """Print the results (one line per weights kind, a per-class table, skipped files) and return eval.json."""
+    from .data.datasets import describe_unreadable
+
+    first = next(iter(res.values()))
+    print(f"{src.task} model {src.cfg.model.name} on {data} ({split} split): {first['val_images']} images, "
+          f"{len(classes)} classes")
+    for kind, r in res.items():
+        top5 = f"  top-5 {r['val_top5']:.2f}%" if "val_top5" in r else ""
+        print(f"{_LABEL[kind] + ' weights':>12}: top-1 {r['val_top1']:.2f}%{top5}   ({src.files[kind]})")
+    if "ema" not in src.weights:
+        print(f"{'':>12}  (no EMA weights in this run)")
+    counts = [sum(row) for row in first["val_confusion"]]
+    order = list(range(len(classes)))
+    if len(order) > 30:  # a long table says little: the 15 weakest classes of the first weights kind
+        order = sorted(order, key=lambda i: first["val_per_class"][i])[:15]
+        print(f"per-class top-1, the 15 weakest of {len(classes)} (all in eval.json):")
+    width = max(5, *(len(c) for c in classes))
+    print(f"  {'class':<{width}} {'images':>6} " + " ".join(f"{_LABEL[k] + ' top-1':>10}" for k in res))
+    for i in order:
+        print(f"  {classes[i]:<{width}} {counts[i]:>6} " + " ".join(f"{res[k]['val_per_class'][i]:>9.2f}%" for k in res))
+    bad = first["val_unreadable"]
+    if bad:
+        print(f"not evaluated: {describe_unreadable(bad)}")
+    strip = ("val_unreadable", "val_images")
+    return dict(checkpoint=str(checkpoint), task=src.task, model=src.cfg.model.name, data=data, split=split,
+                classes=classes, images=first["val_images"],
+                unreadable=dict(count=len(bad), first=dict(sorted(bad.items())[:20])),
+                weights={k: src.files[k] for k in res}, **{k: {m: v for m, v in r.items() if m not in strip}
+                                                            for k, r in res.items()})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

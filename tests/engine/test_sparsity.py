@@ -241,7 +241,7 @@ def _fit(out, overrides, stop_at=None):
     from maskconv.data.build import build_dataset, build_transform
     from maskconv.engine.loop import fit
 
-    cfg = load_config(overrides=["task=finetune", "model.name=test_convnextv2", "data.img_size=32",
+    cfg = load_config(overrides=["task=finetune", "model.name=test_convnextv2", "data.path=synthetic", "data.img_size=32",
                                  "data.batch_size=8", "data.num_workers=0", "run.progress=false", "optim.epochs=2",
                                  "optim.blr=1e-2", "run.save_every_steps=6", "run.log_every_steps=1",
                                  f"run.out={out}", *overrides])

@@ -286,4 +286,4 @@ def test_cli_mae_encoder_into_linprobe_and_finetune_then_eval(tmp_path):
     tuned = load_file(ft / "model.safetensors")
     assert "fc_norm.weight" in tuned and "norm.weight" not in tuned
     assert main(["eval", "--checkpoint", str(ft)]) == 0  # eval rebuilds the avg-pool model from the run config
-    assert json.loads((ft / "eval" / "eval.json").read_text())["val_images"] > 0
+    assert json.loads((ft / "eval" / "val" / "eval.json").read_text())["images"] > 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .datasets import FashionMNIST, ImageFolderDataset, SyntheticImages
+from .datasets import FashionMNIST, ImageFolderDataset, SyntheticImages, decode_min_side
 from .photos import bundled_photos, default_norm
 
 NAMED = ("synthetic", "fashion-mnist", "photos")
@@ -69,8 +69,11 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
                   classes: list[str] | None = None) -> Dataset:
     """``cfg.path``: a named dataset (synthetic | fashion-mnist | photos) or a folder. A folder with ``train/``
     and ``val/`` sub-folders is split by them; otherwise the folder itself is the training set (and holds class
-    sub-folders when ``labeled``). ``classes`` fixes the class numbering (validation / eval of a trained model)."""
+    sub-folders when ``labeled``), less the ``cfg.val_fraction`` of each class held out as ``val``. ``classes``
+    fixes the class numbering (validation / eval of a trained model)."""
     name = cfg.path
+    if not name:  # never the current folder, never noise by default
+        raise ValueError(f"no data named (data.path is empty): an image folder or one of {', '.join(NAMED)}")
     if name == "synthetic":
         ds = SyntheticImages(n=64 if split == "train" else 32, num_classes=4, size=cfg.img_size, in_chans=in_chans,
                              seed=0 if split == "train" else 1)
@@ -84,14 +87,41 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
         root = Path(name)
         if not root.exists():
             raise FileNotFoundError(f"data.path {name!r} is neither a folder nor one of {', '.join(NAMED)}")
-        if (root / "train").is_dir() and (root / "val").is_dir():
+        split_dirs = (root / "train").is_dir() and (root / "val").is_dir()
+        holdout = labeled and cfg.val_fraction > 0 and not split_dirs
+        if split_dirs:
             root = root / split
-        elif split != "train":
-            raise FileNotFoundError(f"{root} has no {split}/ folder (expected {root}/train and {root}/val)")
-        ds = ImageFolderDataset(root, in_chans, labeled=labeled, classes=classes if labeled else None)
+        elif split != "train" and not holdout:
+            raise FileNotFoundError(f"{root} has no {split}/ folder (expected {root}/train and {root}/val, or set "
+                                    "data.val_fraction to hold out part of each class)")
+        ds = ImageFolderDataset(root, in_chans, labeled=labeled, classes=classes if labeled else None,
+                                max_pixels=cfg.max_pixels, min_side=decode_min_side(cfg.img_size, cfg.crop_scale_min))
+        if holdout:
+            ds = holdout_split(ds, cfg.val_fraction)[1 if split == "val" else 0]
     if split == "train" and labeled and cfg.labels_per_class > 0:
         ds = labels_subset(ds, cfg.labels_per_class, seed)
     return ds
+
+
+def holdout_split(ds: Dataset, fraction: float) -> tuple[Subset, Subset]:
+    """(train, val) subsets of a labeled data set: ``round(fraction * n)`` images of each class go to val, drawn by
+    a fixed seed from the sorted file list, so training and a later ``eval`` hold out the same images."""
+    labels = torch.as_tensor(ds.labels)
+    g = torch.Generator().manual_seed(0)
+    train, val = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+        k = round(fraction * len(idx))
+        if k == len(idx):
+            raise ValueError(f"data.val_fraction={fraction} would leave class {ds.classes[c]!r} ({len(idx)} images) "
+                             "with nothing to train on")
+        val += idx[:k]
+        train += idx[k:]
+    parts = Subset(ds, sorted(train)), Subset(ds, sorted(val))
+    for p in parts:
+        p.classes, p.labels = ds.classes, labels[p.indices].tolist()  # labels: no decoding to learn them
+    return parts
 
 
 def labels_subset(ds: Dataset, per_class: int, seed: int = 0) -> Subset:

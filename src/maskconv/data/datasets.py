@@ -3,17 +3,23 @@
 Every dataset returns ``(image uint8 tensor (C, H, W), label)`` (label -1 when unlabeled); transforms are
 applied by ``SeededDataset``, which seeds each sample's augmentation from (seed, epoch, index) so a resumed
 or distributed run sees exactly the same augmented images as an uninterrupted single-process one.
-Undecodable files yield ``None`` and are dropped (and counted) by ``collate_skip``.
+A file that cannot be read (undecodable, over ``data.max_pixels``, not a regular file) yields an ``Unreadable``
+record instead of a sample; ``collate_skip`` collects them per batch, keyed by path, so callers count files, not
+attempts, and can name them.
 """
 from __future__ import annotations
 
 import gzip
+import os
+import stat
 import struct
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .photos import IMAGE_SUFFIXES
 
@@ -42,13 +48,80 @@ def _to_uint8_array(im) -> np.ndarray:
     return np.asarray(im.convert("RGB"))  # CMYK, YCbCr, 1, HSV, LAB ...
 
 
-def decode_image(path: str | Path, in_chans: int) -> torch.Tensor:
-    """Decode a file to a (in_chans, H, W) uint8 tensor; raises on unreadable / truncated files."""
+class Unreadable(NamedTuple):
+    """A file skipped instead of a sample, and why."""
+    path: str
+    reason: str
+
+
+class ImageTooLarge(ValueError):
+    """The image would decode to more pixels than allowed (``data.max_pixels``)."""
+
+
+class NotRegularFile(ValueError):
+    """A FIFO, socket, device or dangling link: opening it for reading could block forever."""
+
+
+def _kind(mode: int) -> str:
+    return ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else
+            "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+
+
+def list_image_files(root: str | Path) -> tuple[list[Path], list[Unreadable]]:
+    """Files with an image suffix under ``root`` (recursive, sorted), regular files only; the others (FIFOs,
+    sockets, devices, dangling links) are returned apart so callers can count and name them."""
+    files, skipped = [], []
+    for p in sorted(Path(root).rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.is_dir():
+            continue
+        try:
+            mode = p.stat().st_mode
+        except OSError as e:
+            skipped.append(Unreadable(str(p), f"cannot stat ({e.strerror or e})"))
+            continue
+        if stat.S_ISREG(mode):
+            files.append(p)
+        else:
+            skipped.append(Unreadable(str(p), _kind(mode)))
+    return files, skipped
+
+
+def decode_min_side(img_size: int, crop_scale_min: float = 1.0) -> int:
+    """Shorter side a decoded image needs so that neither training's smallest RandomResizedCrop
+    (``crop_scale_min`` of the area) nor the eval resize (``img_size / 0.875``) is upsampled."""
+    return int(np.ceil(img_size * max(1 / 0.875, 1 / np.sqrt(crop_scale_min))))
+
+
+def decode_image(path: str | Path, in_chans: int, max_pixels: int = 0, min_side: int = 0) -> torch.Tensor:
+    """Decode a file to a (in_chans, H, W) uint8 tensor; raises on unreadable / truncated files.
+
+    Only regular files are read (a FIFO would block forever). ``min_side`` > 0: a JPEG is decoded at the
+    smallest 1/2, 1/4 or 1/8 scale whose shorter side is still >= ``min_side`` (PIL ``draft``: the DCT does the
+    reduction, far cheaper than decoding every pixel). ``max_pixels`` > 0: an image that would still decode to
+    more pixels raises ``ImageTooLarge`` before any pixel is decoded. PIL's own decompression-bomb limit
+    (2 x ``Image.MAX_IMAGE_PIXELS``) also raises ``ImageTooLarge``."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()  # forces a full decode: truncated files fail here, not later
-        a = _to_uint8_array(im)
+    # O_NONBLOCK: opening a FIFO returns at once (a plain open waits for a writer); fstat then refuses it.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(_kind(mode))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+            try:
+                im = Image.open(f)
+            except Image.DecompressionBombError as e:
+                raise ImageTooLarge(str(e)) from None
+        with im:
+            if min_side > 0 and im.format == "JPEG":
+                im.draft(im.mode, (min_side, min_side))  # keeps both sides >= min_side
+            w, h = im.size
+            if max_pixels > 0 and w * h > max_pixels:
+                raise ImageTooLarge(f"{w}x{h} = {w * h} pixels, over data.max_pixels={max_pixels}")
+            im.load()  # forces a full decode: truncated files fail here, not later
+            a = _to_uint8_array(im)
     t = torch.from_numpy(np.array(a))  # a writable copy (PIL arrays are read-only)
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     return to_channels(t, in_chans)
@@ -67,13 +140,18 @@ def to_channels(t: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 class ImageFolderDataset(Dataset):
-    """Images under ``root``, recursively. ``labeled``: one class per top-level sub-folder (sorted names)."""
+    """Images under ``root``, recursively. ``labeled``: one class per top-level sub-folder (sorted names).
 
-    def __init__(self, root: str | Path, in_chans: int = 3, labeled: bool = False, classes: list[str] | None = None):
+    ``skipped``: files not listed because they are not regular files; ``loose``: (labeled) image files directly
+    in ``root``, which belong to no class. ``max_pixels`` / ``min_side``: see ``decode_image``."""
+
+    def __init__(self, root: str | Path, in_chans: int = 3, labeled: bool = False, classes: list[str] | None = None,
+                 max_pixels: int = 0, min_side: int = 0):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {root}")
-        self.in_chans = in_chans
+        self.root, self.in_chans, self.max_pixels, self.min_side = root, in_chans, max_pixels, min_side
+        self.loose: list[Path] = []
         if labeled:
             found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
             if not found:
@@ -85,13 +163,19 @@ class ImageFolderDataset(Dataset):
                 found = [c for c in classes if (root / c).is_dir()]
             self.classes = list(classes) if classes is not None else found
             index = {c: i for i, c in enumerate(self.classes)}
-            self.samples = [(p, index[c]) for c in found for p in sorted((root / c).rglob("*"))
-                            if p.suffix.lower() in IMAGE_SUFFIXES]
+            self.samples, self.skipped = [], []
+            for c in found:
+                files, skipped = list_image_files(root / c)
+                self.samples += [(p, index[c]) for p in files]
+                self.skipped += skipped
+            self.loose = [p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         else:
             self.classes = []
-            self.samples = [(p, -1) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            files, self.skipped = list_image_files(root)
+            self.samples = [(p, -1) for p in files]
         if not self.samples:
-            raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+            also = f" ({describe_unreadable(self.skipped)})" if self.skipped else ""
+            raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found under {root}{also}")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -103,9 +187,36 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
-            return decode_image(path, self.in_chans), label
-        except Exception:
-            return None  # counted and reported by the training loop (collate_skip)
+            return decode_image(path, self.in_chans, self.max_pixels, self.min_side), label
+        except Exception as e:  # counted and reported by the caller (collate_skip)
+            return Unreadable(str(path), unreadable_reason(e))
+
+
+def image_folder_of(ds: Dataset) -> ImageFolderDataset | None:
+    """The ``ImageFolderDataset`` under ``ds`` (through ``Subset`` / ``SeededDataset`` wrappers), if any."""
+    while isinstance(ds, (Subset, SeededDataset)):
+        ds = ds.dataset if isinstance(ds, Subset) else ds.base
+    return ds if isinstance(ds, ImageFolderDataset) else None
+
+
+def unreadable_reason(e: Exception) -> str:
+    """A short reason for a file that could not be decoded (no traceback, no file object repr)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not a decodable image"
+    if isinstance(e, (ImageTooLarge, NotRegularFile)):
+        return str(e)
+    text = (str(e).splitlines() or [""])[0][:120]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def describe_unreadable(files: dict[str, str] | list[Unreadable], first: int = 5) -> str:
+    """'3 file(s) skipped: a.png (not a decodable image), b.jpg (FIFO), ... and 1 more'."""
+    items = sorted(files.items()) if isinstance(files, dict) else sorted(files)
+    shown = ", ".join(f"{p} ({why})" for p, why in items[:first])
+    more = f" and {len(items) - first} more" if len(items) > first else ""
+    return f"{len(items)} file(s) skipped: {shown}{more}"
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -171,9 +282,9 @@ class SyntheticImages(Dataset):
 
 class SeededDataset(Dataset):
     """Applies ``transform`` with the global RNG seeded from (seed, epoch, index); indices come from
-    ``ResumableSampler`` as ``(index, epoch)`` pairs.
+    ``ResumableSampler`` as ``(index, epoch)`` pairs. Returns ``(sample or None, unreadable records)``.
 
-    An undecodable file is counted and, with ``replace_bad`` (training), replaced by the next decodable one, so
+    An unreadable file is recorded and, with ``replace_bad`` (training), replaced by the next readable one, so
     every process always gets full batches (a skipped step on one DDP rank would desynchronise the others).
     Without it (evaluation) the sample is dropped by ``collate_skip``.
     """
@@ -186,29 +297,33 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def _get(self, j: int):
+        sample = self.base[j]
+        return Unreadable(f"#{j}", "unreadable") if sample is None else sample
+
     def __getitem__(self, item):
         i, epoch = item if isinstance(item, tuple) else (item, 0)
-        bad = 0
-        sample = self.base[i]
-        while sample is None:
-            bad += 1
+        bad: list[Unreadable] = []
+        sample = self._get(i)
+        while isinstance(sample, Unreadable):
+            bad.append(sample)
             if not self.replace_bad:
-                return None, bad
-            if bad > self.MAX_CONSECUTIVE_BAD:
-                raise ValueError(f"more than {self.MAX_CONSECUTIVE_BAD} consecutive files from index {i} cannot "
-                                 "be decoded: is this an image dataset?")
-            sample = self.base[(i + bad) % len(self.base)]
+                return None, tuple(bad)
+            if len(bad) > self.MAX_CONSECUTIVE_BAD:
+                raise ValueError(f"{len(bad)} consecutive files from {bad[0].path} cannot be read "
+                                 f"({bad[0].reason}): is this an image dataset?")
+            sample = self._get((i + len(bad)) % len(self.base))
         img, label = sample
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
-            return (self.transform(img), label), bad
+            return (self.transform(img), label), tuple(bad)
 
 
 def collate_skip(batch):
-    """Collate ``SeededDataset`` items; drops samples that could not be decoded.
-    Returns ``(images or None, labels or None, n_undecodable)``."""
+    """Collate ``SeededDataset`` items; drops samples that could not be read.
+    Returns ``(images or None, labels or None, {path: reason} of the unreadable files met)``."""
     good = [s for s, _ in batch if s is not None]
-    bad = sum(b for _, b in batch)
+    bad = {u.path: u.reason for _, records in batch for u in records}
     if not good:
         return None, None, bad
     imgs = torch.stack([s[0] for s in good])

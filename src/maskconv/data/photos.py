@@ -41,36 +41,39 @@ def default_norm(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (0.5,) * in_chans, (0.5,) * in_chans
 
 
-def load_images(source, size: int, in_chans: int = 3, limit: int = 8) -> torch.Tensor:
-    """Up to ``limit`` images from a file or a folder (recursive, sorted), resized (shorter side) and
-    center-cropped to ``size``, normalised with ``default_norm`` -> (B, in_chans, size, size)."""
+def load_images(source, size: int, in_chans: int = 3, limit: int = 8, max_pixels: int | None = None) -> torch.Tensor:
+    """Up to ``limit`` images from a file or a folder (recursive, sorted, regular files only), read exactly as
+    training reads them: ``decode_image`` (modes, 16-bit, pixel limit, JPEG reduce-on-decode) and the validation
+    transform of ``build_transform`` at ``size`` -> (B, in_chans, size, size), normalised with ``default_norm``.
+    Unreadable files are skipped and named on stderr; none readable is a ValueError."""
+    import sys
     from pathlib import Path
 
-    from PIL import Image
-    from torchvision.transforms import v2
+    from ..config import DataCfg
+    from .build import build_transform
+    from .datasets import decode_image, decode_min_side, describe_unreadable, list_image_files, unreadable_reason
 
+    cfg = DataCfg(path=str(source), img_size=size)
+    max_pixels = cfg.max_pixels if max_pixels is None else max_pixels
     src = Path(source)
     if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    elif src.is_file():
-        files = [src]
+        files, skipped = list_image_files(src)
+        bad = {u.path: u.reason for u in skipped}
+    elif src.exists():
+        files, bad = [src], {}
     else:
         raise FileNotFoundError(f"no such image file or folder: {src}")
-    mean, std = default_norm(in_chans)
-    tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
-                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-    out, bad = [], []
+    tf = build_transform(cfg, in_chans, train=False)
+    out = []
     for f in files:
         if len(out) == limit:
             break
         try:
-            with Image.open(f) as im:
-                im = im.convert("RGB" if in_chans == 3 else "L")
-                t = tf(im)
-        except Exception:
-            bad.append(f.name)
-            continue
-        out.append(t.repeat(in_chans, 1, 1) if in_chans not in (1, 3) else t)
+            out.append(tf(decode_image(f, in_chans, max_pixels, decode_min_side(size))))
+        except Exception as e:
+            bad[str(f)] = unreadable_reason(e)
     if not out:
-        raise ValueError(f"no readable image in {src}" + (f" (unreadable: {', '.join(bad[:5])})" if bad else ""))
+        raise ValueError(f"no readable image in {src}" + (f" ({describe_unreadable(bad)})" if bad else ""))
+    if bad:
+        print(f"{describe_unreadable(bad)}", file=sys.stderr)
     return torch.stack(out)

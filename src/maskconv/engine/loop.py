@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
-from ..data.datasets import ResumableSampler, SeededDataset, collate_skip
+from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, describe_unreadable
 from . import dist as D
 from .checkpoint import LAST, load_training_checkpoint, save_training_checkpoint
 from .optim import build_optimizer
@@ -31,9 +31,10 @@ class TrainState:
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
     step: int = 0  # optimizer steps taken
-    skipped_files: int = 0  # undecodable images replaced so far
+    skipped_files: int = 0  # distinct unreadable image files replaced so far (len(unreadable))
     loss_sum: float = 0.0  # running loss of the current epoch (so a resumed epoch reports the whole mean)
     loss_count: int = 0
+    unreadable: dict = field(default_factory=dict)  # {path: reason} of those files (this process)
 
 
 @dataclass
@@ -247,7 +248,8 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
                        f"{o.epochs}", unit="batch", dynamic_ncols=True)
         losses = []
         for images, labels, skipped in loader:
-            state.skipped_files += skipped  # undecodable files were replaced (SeededDataset): batches stay full
+            state.unreadable.update(skipped)  # replaced by SeededDataset (batches stay full); counted once per file
+            state.skipped_files = len(state.unreadable)
             micro = state.batch_in_epoch % accum
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device, non_blocking=True)
@@ -325,9 +327,9 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if (epoch + 1) % max(1, r.save_every_epochs) == 0 or epoch + 1 == o.epochs:
             checkpoint()
-    if info.is_main and state.skipped_files:
-        print(f"{state.skipped_files} image file(s) could not be decoded and were replaced by their neighbours",
-              flush=True)
+    unreadable = {k: v for part in D.all_gather_object(state.unreadable, info) for k, v in part.items()}
+    if info.is_main and unreadable:
+        print(f"{describe_unreadable(unreadable)}; each was replaced by the next readable image", flush=True)
     full = _full_state(model, optimizer, fsdp)[0] if fsdp else None
     return FitResult(out, state, history, model, ema.module if ema is not None else None,
                      full if info.is_main else None)

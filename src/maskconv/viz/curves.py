@@ -31,7 +31,8 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
     axes[1].set(xlabel="optimizer step", ylabel="learning rate", title="schedule")
     if acc:
         axes[2].plot([r["epoch"] for r in acc], [r["val_top1"] for r in acc], "o-", label="top-1")
-        axes[2].plot([r["epoch"] for r in acc], [r["val_top5"] for r in acc], "s--", label="top-5")
+        if all("val_top5" in r for r in acc):  # top-5 is logged only with more than 5 classes
+            axes[2].plot([r["epoch"] for r in acc], [r["val_top5"] for r in acc], "s--", label="top-5")
         axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="validation")
         axes[2].legend()
     for ax in axes:
@@ -40,22 +41,29 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
     return save(fig, out or default, dpi=100)
 
 
-def plot_confusion(conf, path: str | Path, classes: list[str] | None = None) -> Path:
+def plot_confusion(conf, path: str | Path, classes: list[str] | None = None,
+                   title: str = "confusion matrix") -> Path:
+    """Row-normalised confusion matrix (rows = truth) with the counts written in, class names on both axes."""
     plt = pyplot()
     import numpy as np
 
     c = np.asarray(conf, dtype=float)
     norm = c / np.maximum(c.sum(1, keepdims=True), 1)
     k = len(c)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * k, 1 + 0.45 * k))
+    names = classes or [str(i) for i in range(k)]
+    margin = 0.08 * max(len(n) for n in names)  # inches for the longest name, so labels are not cut off
+    width = 1.6 + margin + 0.45 * k
+    fig, ax = plt.subplots(figsize=(width, 1.4 + margin + 0.45 * k))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
             if c[i, j]:
                 ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
-    names = classes or [str(i) for i in range(k)]
     ax.set_xticks(range(k), names, rotation=90, fontsize=7)
     ax.set_yticks(range(k), names, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    import textwrap
+
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(textwrap.fill(title, int(width * 11)), fontsize=9)  # ~11 characters per inch at 9 pt
     return save(fig, path, dpi=100)

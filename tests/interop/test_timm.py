@@ -85,6 +85,9 @@ def test_timm_features_only_returns_our_stage_maps(name, side):
     assert [m.shape[-1] for m in got] == [side // r for r in feats.feature_info.reduction()]
     default = timm.create_model(f"maskconv_{name}", features_only=True)
     assert len(default.feature_info.channels()) == (3 if name == "test_vit" else n)  # timm's defaults
+    # timm's data config follows this build's arguments (resolve_data_config reads pretrained_cfg)
+    one = timm.create_model(f"maskconv_{name}", in_chans=1, num_classes=3)
+    assert one.pretrained_cfg["input_size"][0] == 1 and one.pretrained_cfg["num_classes"] == 3
 
 
 @pytest.mark.parametrize("name,side", FAMILIES)

@@ -68,6 +68,21 @@ def test_timm_builds_the_published_slak_size():
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
 
 
+def test_timm_pretrained_file_reads_official_layouts_through_our_filter(tmp_path):
+    """timm's own ``pretrained=True`` path runs the family's checkpoint filter: an official FB ConvNeXt-V2 file
+    (``downsample_layers``, ``pwconv1``, GRN (1, 1, 1, C)) builds in timm with the official logits."""
+    from tests.models._official import OfficialConvNeXt
+
+    off = OfficialConvNeXt((1, 1, 2, 1), (8, 16, 32, 64), v2=True, num_classes=5).eval()
+    off.load_state_dict(perturbed_state_dict(off))
+    torch.save({"model": off.state_dict()}, tmp_path / "official.pth")
+    ref = timm.create_model("maskconv_test_convnextv2", num_classes=5, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "official.pth"))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ref(x) - off(x)).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("name,side", FAMILIES)
 def test_timm_features_only_returns_our_stage_maps(name, side):
     ours = _ours(name)

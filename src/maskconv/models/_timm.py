@@ -58,9 +58,11 @@ def register_with_timm() -> list[str]:
 def __getattr__(attr: str) -> Callable[..., nn.Module]:
     """``maskconv.models._timm.maskconv_<name>``: the registered entrypoint (keeps ``__all__`` truthful)."""
     if attr.startswith(TIMM_PREFIX):
-        from timm.models import is_model, model_entrypoint as timm_entrypoint
-
-        if is_model(attr):
+        try:
+            from timm.models import is_model, model_entrypoint as timm_entrypoint
+        except ImportError:  # no timm: nothing was registered
+            is_model = None
+        if is_model is not None and is_model(attr):
             return timm_entrypoint(attr)
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 

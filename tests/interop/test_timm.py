@@ -191,7 +191,9 @@ def test_bad_folders_and_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="pass pretrained=True"):
         maskconv.create_model(f"local-dir:{folder}", pretrained=str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match="architecture"):
-        maskconv.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "lin")
+        maskconv.save_pretrained(maskconv.models.ConvNeXt(depths=(1,), dims=(8,)), tmp_path / "bare")
+    with pytest.raises(ValueError, match="features_only wrapper"):
+        maskconv.save_pretrained(timm.create_model("maskconv_test_slak", features_only=True), tmp_path / "feats")
     with pytest.raises(ValueError, match="provenance must be JSON"):
         maskconv.save_pretrained(maskconv.create_model("test_slak"), tmp_path / "p", provenance={"f": object()})
     assert not (tmp_path / "p").exists()

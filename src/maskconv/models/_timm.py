@@ -18,11 +18,11 @@ import torch.nn as nn
 
 from ._registry import checkpoint_filter_for, list_models, model_entrypoint
 
-__all__ = ["TIMM_PREFIX", "register_with_timm", "timm_name", "maskconv_name"]
+__all__ = ["TIMM_BUILD_OPTIONS", "TIMM_PREFIX", "default_pretrained_cfg", "maskconv_name", "register_with_timm", "timm_name"]
 
 TIMM_PREFIX = "maskconv_"
 # what timm's create_model passes an entrypoint besides the model's own arguments (``build_model_with_cfg``'s)
-_TIMM_ONLY = ("pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices", "feature_cls", "feature_cfg",
+TIMM_BUILD_OPTIONS = ("pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices", "feature_cls", "feature_cfg",
               "pretrained_model_args", "pretrained_strict", "kwargs_filter", "pruned")
 
 
@@ -101,7 +101,7 @@ def _build(name: str, tname: str, pretrained: bool, pretrained_cfg=None, **kwarg
 
     fn = model_entrypoint(name)
     with torch.device("meta"):  # this build's stem, classifier and levels, without allocating weights
-        shape = fn(**{k: v for k, v in kwargs.items() if k not in _TIMM_ONLY})
+        shape = fn(**{k: v for k, v in kwargs.items() if k not in TIMM_BUILD_OPTIONS})
     if pretrained_cfg is None:  # a plain name: our defaults (a local-dir / hf-hub config brings its own)
         pretrained_cfg = default_pretrained_cfg(shape, tname)
     # timm's defaults for features_only: the last 3 blocks of a ViT (as timm's ViT), every stage of the others

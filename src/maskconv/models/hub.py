@@ -19,7 +19,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ._helpers import CheckpointError, atomic_write, save_weights
-from ._timm import default_pretrained_cfg, maskconv_name, timm_name
+from ._timm import TIMM_BUILD_OPTIONS, default_pretrained_cfg, maskconv_name, timm_name
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_pretrained", "parse_source", "resolve_folder", "save_pretrained",
            "save_transformers", "weights_file"]
@@ -132,12 +132,15 @@ def _architecture(model: nn.Module) -> tuple[str, dict]:
     """(maskconv name, build arguments) of a model built by ``maskconv.create_model`` or timm's ``maskconv_*``."""
     from ._registry import is_model
 
+    if not hasattr(model, "forward_head"):  # e.g. timm's features_only wrapper (its keys are 'model.*')
+        raise ValueError(f"save_pretrained saves a whole model; this {type(model).__name__} is not one (a features_only "
+                         "wrapper: save the model it wraps)")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if arch and "model_kwargs" in cfg:  # maskconv.create_model
         return arch, dict(cfg["model_kwargs"])
     if arch and arch.startswith("maskconv_") and is_model(maskconv_name(arch)):  # timm.create_model('maskconv_*')
-        args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in ("features_only", "out_indices")}
+        args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in TIMM_BUILD_OPTIONS}
         return maskconv_name(arch), args
     raise ValueError(f"save_pretrained needs a model built by maskconv.create_model (or timm's maskconv_* names); "
                      f"this {type(model).__name__} does not say which architecture it is")

@@ -138,6 +138,27 @@ def test_convnext_written_in_hf_layout_gives_transformers_the_same_logits(tmp_pa
     assert load_checkpoint(back, folder / "model.safetensors").layout == "hf"
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values()))
     assert json.loads((folder / "config.json").read_text())["maskconv"]["model"] == name
+    if not name.startswith("test_"):  # an HF folder builds the registered size with its depths and widths
+        again = maskconv.from_pretrained(folder).eval()
+        assert again.pretrained_cfg["architecture"] == name and again.num_classes == 5
+        with torch.no_grad():
+            assert torch.equal(again(x), ours(x))
+
+
+def test_an_hf_convnextv2_folder_written_by_transformers_builds_and_loads(tmp_path):
+    cfg = transformers.ConvNextV2Config(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], num_labels=4)  # atto
+    hf = transformers.ConvNextV2ForImageClassification(cfg).eval()
+    hf.load_state_dict(perturbed_state_dict(hf))
+    hf.save_pretrained(tmp_path)
+    ours = maskconv.from_pretrained(tmp_path).eval()
+    assert ours.pretrained_cfg["architecture"] == "convnextv2_atto" and ours.num_classes == 4
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # HF's final LayerNorm runs at its config's eps 1e-12, ours at the official 1e-6
+        assert (ours(x) - hf(pixel_values=x).logits).abs().max().item() <= 1e-5
+    cfg.hidden_sizes = [40, 80, 160, 321]
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    with pytest.raises(CheckpointError, match="no maskconv convnextv2 size has depths"):
+        maskconv.from_pretrained(tmp_path)
 
 
 def test_models_hf_convnext_cannot_hold_are_refused(tmp_path):

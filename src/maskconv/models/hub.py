@@ -5,7 +5,8 @@
 ``pretrained_cfg``), the architecture named ``maskconv_<name>`` (``maskconv.register_with_timm()`` makes timm
 build it), plus a ``maskconv`` provenance block (version, model name, arguments, time, the caller's fields) that
 timm ignores. ``from_pretrained(DIR)`` / ``create_model('local-dir:DIR', pretrained=True)`` read such a folder,
-and a folder timm wrote for a model maskconv also has (``convnextv2_atto``). ``hf-hub:org/name[@rev]`` reads the
+a folder timm wrote for a model maskconv also has (``convnextv2_atto``) and an HF transformers ConvNeXt (V2)
+folder (the registered size with its depths and widths). ``hf-hub:org/name[@rev]`` reads the
 same folder from the Hugging Face cache only: maskconv never downloads. ``save_transformers(model, DIR)`` writes
 a ConvNeXt as an HF transformers folder (``ConvNextV2ForImageClassification.from_pretrained(DIR)``).
 """
@@ -16,6 +17,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from ._helpers import CheckpointError, atomic_write, save_weights
@@ -76,9 +78,45 @@ def _read_config(folder: Path) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("architecture"), str):
-        raise CheckpointError(f"{path} names no 'architecture'")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("architecture", cfg.get("model_type")), str):
+        raise CheckpointError(f"{path} names no 'architecture' (timm) or 'model_type' (HF transformers)")
     return cfg
+
+
+def _timm_config_args(cfg: dict) -> tuple[str, dict]:
+    """(architecture, build arguments) of a timm / save_pretrained ``config.json``."""
+    pcfg = cfg.get("pretrained_cfg", cfg)  # timm's legacy configs are one flat dict
+    args = dict(cfg.get("model_args") or {})
+    if isinstance(cfg.get("num_classes"), int):
+        args.setdefault("num_classes", cfg["num_classes"])
+    if pcfg.get("input_size"):
+        args.setdefault("in_chans", int(pcfg["input_size"][0]))
+    return maskconv_name(cfg["architecture"]), args
+
+
+def _hf_config_args(cfg: dict) -> tuple[str, dict]:
+    """(maskconv name, build arguments) of an HF transformers ConvNeXt / ConvNeXt V2 ``config.json``: the registered
+    size with the same depths and widths (the weights then load through the HF layout of ``convnext_layouts``)."""
+    from ._registry import list_models, model_entrypoint
+
+    family = {"convnext": "convnext_*", "convnextv2": "convnextv2_*"}.get(cfg.get("model_type"))
+    if family is None:
+        raise CheckpointError(f"HF transformers model_type {cfg.get('model_type')!r}: maskconv builds HF ConvNeXt / "
+                              "ConvNeXt V2 folders; other HF weights load into a model you build "
+                              "(load_checkpoint(model, 'local-dir:DIR'), e.g. ViT / ViTMAE)")
+    want = (tuple(cfg.get("depths", ())), tuple(cfg.get("hidden_sizes", ())))
+    for name in list_models(family, exclude_test=True):
+        with torch.device("meta"):
+            m = model_entrypoint(name)()
+        if (m.depths, m.dims) == want:
+            break
+    else:
+        raise CheckpointError(f"no maskconv {family[:-2]} size has depths {want[0]} and widths {want[1]}")
+    heads = any(a.endswith("ForImageClassification") for a in cfg.get("architectures") or [])
+    args = {"num_classes": len(cfg.get("id2label") or {}) if heads else 0, "in_chans": int(cfg.get("num_channels", 3))}
+    if cfg.get("patch_size", 4) != 4:
+        args["patch_size"] = int(cfg["patch_size"])
+    return name, args
 
 
 def weights_file(folder: str | os.PathLike) -> Path:
@@ -103,16 +141,10 @@ def create_model_from_source(name: str, pretrained: bool | str = False, cache_di
                          f"alone), not pretrained={pretrained!r}")
     folder = resolve_folder(source, model_id, cache_dir)
     cfg = _read_config(folder)
-    arch = maskconv_name(cfg["architecture"])
+    arch, args = _timm_config_args(cfg) if "architecture" in cfg else _hf_config_args(cfg)
     if not is_model(arch):
         raise CheckpointError(f"{folder / CONFIG_NAME} names architecture {cfg['architecture']!r}, which maskconv does "
                               "not have (see maskconv.list_models())")
-    pcfg = cfg.get("pretrained_cfg", cfg)  # timm's legacy configs are one flat dict
-    args = dict(cfg.get("model_args") or {})
-    if isinstance(cfg.get("num_classes"), int):
-        args.setdefault("num_classes", cfg["num_classes"])
-    if pcfg.get("input_size"):
-        args.setdefault("in_chans", int(pcfg["input_size"][0]))
     args.update({k: v for k, v in kwargs.items() if v is not None})  # the caller's arguments win, as in timm
     try:
         return create_model(arch, pretrained=str(weights_file(folder)) if pretrained else False, **args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 from typing import Callable
 
 import torch.nn as nn
@@ -71,7 +72,7 @@ def create_model(
     drop_path_rate: float | None = None,
     allow_nonfinite: bool = False,
     allow_non_float: bool = False,
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a registered model; ``pretrained`` is a checkpoint path (any layout ``load_checkpoint`` reads) or a

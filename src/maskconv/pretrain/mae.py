@@ -160,10 +160,12 @@ def _check_fixed_table(table: torch.Tensor) -> None:
     """The objective drops a checkpoint's ``decoder_pos_embed`` and computes MAE's fixed sin-cos table per grid:
     right only when the stored table is that table (a model saved before its tables were initialised, e.g. an HF
     transformers 5 ``ViTMAEForPreTraining`` built from a config, stores zeros), so anything else is refused."""
-    n, d = table.shape[-2] - 1, table.shape[-1]
-    side = math.isqrt(max(n, 0))
-    ok = (table.ndim == 3 and side * side == n and d % 4 == 0 and
-          torch.allclose(table[0].float(), sincos_pos_embed_2d(d, (side, side), cls_token=True), atol=1e-5))
+    ok = table.ndim == 3 and table.shape[0] == 1 and table.shape[1] > 1 and table.shape[2] % 4 == 0
+    if ok:
+        n, d = table.shape[1] - 1, table.shape[2]
+        side = math.isqrt(n)
+        ok = side * side == n and torch.allclose(table[0].float(), sincos_pos_embed_2d(d, side, cls_token=True),
+                                                 atol=1e-5)
     if not ok:
         raise ValueError(f"checkpoint decoder_pos_embed {tuple(table.shape)} is not MAE's fixed 2-D sin-cos table, "
                          "which the objective computes instead of reading: refusing to drop it")

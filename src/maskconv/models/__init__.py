@@ -8,11 +8,13 @@ from . import vit  # noqa: F401  (registers vit_*, test_vit)
 from ._helpers import (BackboneOnlyCheckpointError, CheckpointError, LoadReport, checkpoint_num_classes, load_checkpoint,
                        read_state_dict, save_weights)
 from ._registry import checkpoint_filter_for, create_model, is_model, list_models, register_checkpoint_filter, register_model
+from ._timm import register_with_timm
 from .convnext import ConvNeXt
+from .hub import from_pretrained, save_pretrained
 
 __all__ = [
     "BackboneOnlyCheckpointError", "CheckpointError", "ConvNeXt", "LoadReport", "checkpoint_filter_for",
-    "checkpoint_num_classes", "create_model",
+    "checkpoint_num_classes", "create_model", "from_pretrained",
     "is_model", "list_models", "load_checkpoint", "read_state_dict", "register_checkpoint_filter", "register_model",
-    "save_weights",
+    "register_with_timm", "save_pretrained", "save_weights",
 ]

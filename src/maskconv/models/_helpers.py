@@ -51,14 +51,18 @@ def checkpoint_num_classes(sd: dict[str, torch.Tensor], model: nn.Module) -> int
 
 
 def read_state_dict(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
-    """Flat ``{name: tensor}`` from a file (safetensors or torch, never unpickling code) or a dict.
+    """Flat ``{name: tensor}`` from a file (safetensors or torch, never unpickling code), a weights folder
+    (``local-dir:DIR``, ``hf-hub:org/name`` from the Hugging Face cache: ``models/hub.py``) or a dict.
 
     Unwraps ``{'model': ...}``-style containers and strips DDP/compile prefixes.
     """
     if isinstance(source, dict):
         obj = source
     else:
-        path = Path(source)
+        from .hub import parse_source, resolve_folder, weights_file
+
+        kind, name = parse_source(str(source))
+        path = weights_file(resolve_folder(kind, name)) if kind else Path(source)  # 'local-dir:' / 'hf-hub:'
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         if path.stat().st_size == 0:

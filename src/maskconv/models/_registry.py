@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 from typing import Callable
 
 import torch.nn as nn
@@ -71,22 +72,35 @@ def create_model(
     drop_path_rate: float | None = None,
     allow_nonfinite: bool = False,
     allow_non_float: bool = False,
+    cache_dir: str | os.PathLike | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Build a registered model; ``pretrained`` is a checkpoint path (any layout ``load_checkpoint`` reads).
+    """Build a registered model; ``pretrained`` is a checkpoint path (any layout ``load_checkpoint`` reads) or a
+    weights folder as ``local-dir:DIR`` / ``hf-hub:org/name`` (``models/hub.py``).
+
+    ``name`` may be such a folder too (timm's sources): its ``config.json`` names the model and its arguments, and
+    ``pretrained=True`` loads its weights; ``hf-hub:`` reads the Hugging Face cache (``cache_dir``) only.
 
     ``num_classes=0`` gives the encoder only (``forward`` returns pooled, normed features). When the
     checkpoint's classifier has another class count it is dropped and the new head keeps its init.
     ``allow_nonfinite`` / ``allow_non_float``: ``load_checkpoint``'s opt-outs (NaN/Inf weights, integer or bool
     tensors into float parameters), for the rare checkpoint that needs them.
     """
+    from .hub import create_model_from_source, parse_source, resolve_folder, weights_file
+
+    if parse_source(name)[0] is not None:
+        return create_model_from_source(name, pretrained, cache_dir, num_classes=num_classes, in_chans=in_chans,
+                                        drop_path_rate=drop_path_rate, allow_nonfinite=allow_nonfinite,
+                                        allow_non_float=allow_non_float, **kwargs)
+    if isinstance(pretrained, str) and parse_source(pretrained)[0] is not None:
+        pretrained = str(weights_file(resolve_folder(*parse_source(pretrained), cache_dir)))
     fn = model_entrypoint(name)
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans), ("drop_path_rate", drop_path_rate)):
         if value is not None:
             kwargs[key] = value
     if pretrained is True:
         raise ValueError(
-            "maskconv never downloads weights: pass pretrained=<path to a checkpoint file> "
+            "maskconv never downloads weights: pass pretrained=<path to a checkpoint file> or 'local-dir:<folder>' "
             "(timm, official FB / FCMAE, HF transformers and maskconv layouts are all read)."
         )
     model = fn(**kwargs)

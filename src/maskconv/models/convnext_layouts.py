@@ -1,7 +1,7 @@
 """ConvNeXt checkpoint layouts: timm / maskconv, official FB ConvNeXt and ConvNeXt-V2 (incl. the MinkowskiEngine
 FCMAE encoder), HF transformers. ``checkpoint_filter_fn`` maps any of them to timm's keys (``models/convnext.py``),
 reshaping only where a layout is known to store a tensor differently (``_KNOWN_RESHAPES``); SLaK's filter and the
-FCMAE objective's filter build on it.
+FCMAE objective's filter build on it. ``to_hf`` writes HF transformers' layout (``hub.save_transformers``).
 
 Sources: facebookresearch/ConvNeXt ``models/convnext.py``, facebookresearch/ConvNeXt-V2 ``models/convnextv2.py``,
 ``models/convnextv2_sparse.py``, ``models/fcmae.py`` and ``utils.py`` (``remap_checkpoint_keys``), HF transformers
@@ -18,7 +18,7 @@ import torch
 from ._registry import register_checkpoint_filter
 from .convnext import ConvNeXt
 
-__all__ = ["checkpoint_filter_fn", "detect_layout", "fb_block_key", "known_reshapes"]
+__all__ = ["checkpoint_filter_fn", "detect_layout", "fb_block_key", "known_reshapes", "to_hf"]
 
 _FCMAE_DECODER = ("decoder", "mask_token", "proj.", "pred.")
 # Key signatures of each layout; a state dict showing two of them is refused rather than read as the first.
@@ -181,3 +181,54 @@ def checkpoint_filter_fn(state_dict: dict, model: ConvNeXt) -> tuple[dict, str]:
     else:
         sd = _fb_to_timm(state_dict, sparse=layout == "fb-sparse")
     return known_reshapes(sd, model.state_dict(), layout), layout
+
+
+# ---- writing the HF transformers layout -------------------------------------------------------------------
+def to_hf(model: ConvNeXt, label_names: list[str] | None = None) -> tuple[dict, dict]:
+    """``(state_dict, config)`` of ``model`` in HF transformers' layout: ``ConvNextV2ForImageClassification`` for
+    a V2 model (GRN), ``ConvNextForImageClassification`` for V1 (``ConvNextV2Model`` / ``ConvNextModel`` without a
+    classifier); the inverse of ``_hf_to_timm``. ``config`` is the ``config.json`` transformers builds it from
+    (``layer_norm_eps`` 1e-6: ours, and the official models', final norm; HF's default is 1e-12).
+    Only what HF's classes can hold is written: a 7x7 depthwise conv, GRN without layer scale (V2) or layer scale
+    without GRN (V1); SLaK and other kernels are refused."""
+    if type(model) is not ConvNeXt or any(k != 7 for k in model.kernel_sizes):
+        raise ValueError(f"HF transformers' ConvNeXt holds a plain 7x7 depthwise ConvNeXt; {type(model).__name__} with "
+                         f"kernels {getattr(model, 'kernel_sizes', '?')} has no HF layout")
+    sd = model.state_dict()
+    v2 = any(_GRN_PARAM.search(k) for k in sd)
+    gamma = any(k.endswith(".gamma") for k in sd)
+    if v2 and gamma:
+        raise ValueError("a ConvNeXt with both GRN and layer scale has no HF transformers layout")
+    prefix = "convnextv2." if v2 else "convnext."
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("head.fc."):
+            out["classifier." + k[len("head.fc."):]] = v
+            continue
+        k = re.sub(r"^stem\.0\.", "embeddings.patch_embeddings.", k)
+        k = re.sub(r"^stem\.1\.", "embeddings.layernorm.", k)
+        k = re.sub(r"^head\.norm\.", "layernorm.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.", r"encoder.stages.\1.downsampling_layer.", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"encoder.stages.\1.layers.\2.", k)
+        if _MLP_WEIGHT.search(k):
+            v = _conv1x1_as_linear(v, tuple(v.shape[:2]))  # timm's conv_mlp 1x1 convs -> HF's nn.Linear
+        if _GRN_PARAM.search(k):
+            v = v.reshape(1, 1, 1, -1)  # HF ConvNextV2GRN stores (1, 1, 1, C)
+        k = k.replace(".conv_dw.", ".dwconv.").replace(".norm.", ".layernorm.").replace(".mlp.grn.", ".grn.")
+        k = k.replace(".mlp.fc1.", ".pwconv1.").replace(".mlp.fc2.", ".pwconv2.")
+        k = re.sub(r"\.gamma$", ".layer_scale_parameter", k)
+        out[prefix + k] = v
+    n = model.num_classes
+    kind = "ConvNextV2" if v2 else "ConvNext"
+    labels = list(label_names) if label_names is not None else [f"LABEL_{i}" for i in range(n)]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} label names for {n} classes")
+    config = {"architectures": [f"{kind}ForImageClassification" if n else f"{kind}Model"],
+              "model_type": kind.lower(), "num_channels": model.in_chans, "patch_size": model.stem[0].kernel_size[0],
+              "num_stages": len(model.dims), "hidden_sizes": list(model.dims), "depths": list(model.depths),
+              "hidden_act": "gelu", "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "image_size": 224,
+              "id2label": {str(i): name for i, name in enumerate(labels)},
+              "label2id": {name: i for i, name in enumerate(labels)}}
+    if not v2:
+        config["layer_scale_init_value"] = 1e-6 if gamma else 0.0  # > 0 makes HF create layer_scale_parameter
+    return out, config

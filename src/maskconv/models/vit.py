@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import Block, LayerNorm, resample_pos_embed
 from ._registry import register_checkpoint_filter, register_model
 from .convnext import _feature_indices
+from .vit_layouts import hf_vit_to_mae, is_hf_vit
 
 __all__ = ["PatchEmbed", "VisionTransformer", "checkpoint_filter_fn"]
 
@@ -255,7 +256,8 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> tuple[di
     """Map a ViT state dict to ours; returns ``(state_dict, layout)``.
 
     Layouts: 'timm' (= ours; also official MAE fine-tuned files, which use the same names under ``model``),
-    'mae-pretrain' (official MAE pretraining: decoder keys dropped); a maskconv MAE objective's state
+    'mae-pretrain' (official MAE pretraining: decoder keys dropped), 'hf-timm' / 'hf-mae-pretrain' (HF transformers
+    ViT / ViTMAE, renamed by ``vit_layouts.hf_vit_to_mae``); a maskconv MAE objective's state
     (``encoder.*``) is unwrapped first. ``pos_embed`` is
     resampled to the model's grid (as MAE ``interpolate_pos_embed`` / timm). MAE pretraining checkpoints hold the
     final ``norm``; into an ``fc_norm`` ('avg') model it is dropped and ``fc_norm`` starts at its LayerNorm init,
@@ -263,14 +265,17 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> tuple[di
     and ``head``, no ``fc_norm``) is never read as such a pretraining state: into an 'avg' model it is an error.
     No reshapes: only ``pos_embed`` is resampled (another grid, same width).
     """
-    if any(k.startswith("encoder.patch_embed.") for k in state_dict):  # a maskconv pretraining objective
+    hf = is_hf_vit(state_dict)
+    if hf:  # HF transformers ViT / ViTMAE: renamed to timm / MAE names, then read as those (models/vit_layouts.py)
+        state_dict = hf_vit_to_mae(state_dict)
+    elif any(k.startswith("encoder.patch_embed.") for k in state_dict):  # a maskconv pretraining objective
         state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
     keys = list(state_dict)
     if not any(k.startswith("patch_embed.") for k in keys) or "pos_embed" not in state_dict:
         raise ValueError("unrecognised checkpoint layout: expected ViT keys in timm/MAE layout ('patch_embed.proj.weight',"
                          f" 'pos_embed', 'blocks.0.attn.qkv.weight'); first keys are {keys[:5]}")
     pretrain = any(k.startswith(_MAE_DECODER) for k in keys)
-    layout = "mae-pretrain" if pretrain else "timm"
+    layout = ("hf-" if hf else "") + ("mae-pretrain" if pretrain else "timm")
     sd = {k: v for k, v in state_dict.items() if not k.startswith(_MAE_DECODER)}
     if "dist_token" in sd or any(k.startswith("head_dist.") for k in sd):
         raise ValueError("DeiT distilled checkpoints (dist_token, head_dist) are not supported")

@@ -19,6 +19,7 @@ table of the actual grid.
 """
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn as nn
@@ -139,10 +140,32 @@ def _init_mae(m: nn.Module) -> None:
 def checkpoint_filter_fn(state_dict: dict, model: MAE) -> tuple[dict, str]:
     """Read a whole official ``MaskedAutoencoderViT`` state (encoder + decoder, ``models_mae.py`` names) into
     the objective: encoder keys gain ``encoder.`` (pos_embed resampled to the encoder's table if needed), the
-    fixed ``decoder_pos_embed`` is dropped (computed per grid). Our own layout passes through."""
-    if any(k.startswith("encoder.") for k in state_dict):
-        return dict(state_dict), "native"
+    fixed ``decoder_pos_embed`` is dropped (computed per grid). HF transformers ``ViTMAEForPreTraining`` keys are
+    renamed to the official ones first (``models/vit_layouts.py``). Our own layout passes through."""
     from ..models.vit import checkpoint_filter_fn as backbone_filter
+    from ..models.vit_layouts import hf_vit_to_mae, is_hf_vit
 
+    hf = is_hf_vit(state_dict)  # before the native check: HF's ViTMAEModel keys start with 'encoder.layer.'
+    if hf:
+        state_dict = hf_vit_to_mae(state_dict)
+    elif any(k.startswith("encoder.") for k in state_dict):
+        return dict(state_dict), "native"
+    if "decoder_pos_embed" in state_dict:
+        _check_fixed_table(state_dict["decoder_pos_embed"])
     sd = split_official_state(state_dict, model, backbone_filter, "MAE")
-    return sd, "mae-pretrain"
+    return sd, "hf-mae-pretrain" if hf else "mae-pretrain"
+
+
+def _check_fixed_table(table: torch.Tensor) -> None:
+    """The objective drops a checkpoint's ``decoder_pos_embed`` and computes MAE's fixed sin-cos table per grid:
+    right only when the stored table is that table (a model saved before its tables were initialised, e.g. an HF
+    transformers 5 ``ViTMAEForPreTraining`` built from a config, stores zeros), so anything else is refused."""
+    ok = table.ndim == 3 and table.shape[0] == 1 and table.shape[1] > 1 and table.shape[2] % 4 == 0
+    if ok:
+        n, d = table.shape[1] - 1, table.shape[2]
+        side = math.isqrt(n)
+        ok = side * side == n and torch.allclose(table[0].float(), sincos_pos_embed_2d(d, side, cls_token=True),
+                                                 atol=1e-5)
+    if not ok:
+        raise ValueError(f"checkpoint decoder_pos_embed {tuple(table.shape)} is not MAE's fixed 2-D sin-cos table, "
+                         "which the objective computes instead of reading: refusing to drop it")

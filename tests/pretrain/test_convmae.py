@@ -49,7 +49,8 @@ def _official_forward(obj, imgs, noise, mask_ratio):
 
     def cblock(blk, x, m):  # official CBlock.forward(x, mask) with mask = 1 - mask_for_patch
         x = x + blk.conv2(blk.attn(m * blk.conv1(blk.norm1(x))))
-        return x + blk.mlp(blk.norm2(x))
+        mlp = blk.mlp  # official CMlp.forward: fc2(act(fc1(x))) with 1x1 convs on NCHW (dropout 0)
+        return x + mlp.fc2(mlp.act(mlp.fc1(blk.norm2(x))))
 
     def keep(t):
         return torch.gather(t, 1, ids_keep[..., None].repeat(1, 1, t.shape[-1]))

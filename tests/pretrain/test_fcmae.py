@@ -46,14 +46,14 @@ def test_masked_positions_exactly_zero_after_every_block(monkeypatch):
     mask = a.make_mask(x)
     enc = b.encoder
     seen = []
-    orig = fcmae._block_dense
+    orig = fcmae.block_dense
 
     def recording(blk, y, hidden):
         out = orig(blk, y, hidden)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(fcmae, "_block_dense", recording)
+    monkeypatch.setattr(fcmae, "block_dense", recording)
     b.forward_encoder(x, mask)  # dense path: block outputs are full maps
     assert len(seen) == sum(enc.depths)
     for out in seen:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import Block, LayerNorm, sincos_pos_embed_2d
+from ..layers import Block, LayerNorm, init_mae, sincos_pos_embed_2d
 from ..models import register_checkpoint_filter
 from ..models.vit import VisionTransformer
 from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, split_official_state
@@ -84,10 +84,10 @@ class MAE(MaskedImageObjective):
             w = encoder.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear, not a conv (official)
             nn.init.normal_(encoder.cls_token, std=0.02)
-            encoder.blocks.apply(_init_mae)
-            encoder.norm.apply(_init_mae)
+            encoder.blocks.apply(init_mae)
+            encoder.norm.apply(init_mae)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_mae)
+            m.apply(init_mae)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -121,17 +121,6 @@ class MAE(MaskedImageObjective):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-
-def _init_mae(m: nn.Module) -> None:
-    """MAE ``_init_weights`` (also official ConvMAE's): xavier_uniform Linear weights, zero biases; LayerNorm 1 / 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ---- checkpoint layouts -----------------------------------------------------------------------------------

@@ -303,3 +303,35 @@ def test_reconstruction_picture_tensors():
     hidden = _hidden_pixels(r["mask"], x)
     assert r["pred"].shape == x.shape and (r["masked"][hidden] == 0).all()
     assert torch.equal(r["pasted"][~hidden], x[~hidden]) and torch.equal(r["pasted"][hidden], r["pred"][hidden])
+
+
+@pytest.mark.parametrize("step", ["mix_in", "spatial", "mix_out", "channel"])
+def test_cblock_forward_and_gathered_path_are_one_code_path(monkeypatch, step):
+    """CBlock's dense forward (backbone and ``sparse='dense'``) and the gathered path run the block's named
+    sub-steps: patch one and all of them change."""
+    from maskconv.models.convmae import CBlock
+
+    a, b = _pair()
+    x = torch.randn(2, 3, 64, 64)
+    mask = a.make_mask(x)
+
+    def run():
+        with torch.no_grad():
+            return [a.encoder.forward_features(x), a.forward_encoder(x, mask), b.forward_encoder(x, mask)]
+
+    before = run()
+    calls = []
+    orig = getattr(CBlock, step)
+
+    def patched(self, *args, **kw):
+        calls.append(step)
+        out = orig(self, *args, **kw)
+        return out + 0.5 * out.square()  # elementwise and not affine: no LayerNorm undoes it
+
+    monkeypatch.setattr(CBlock, step, patched)
+    after = run()
+    n_cblocks = sum(a.encoder.depths[:2])
+    assert len(calls) == 3 * n_cblocks
+    for i, (p, q) in enumerate(zip(before, after)):
+        assert not torch.allclose(p, q, rtol=1e-3, atol=1e-3), f"path {i} did not use CBlock.{step}"
+    torch.testing.assert_close(after[1], after[2], rtol=1e-5, atol=1e-5)  # still gather == dense

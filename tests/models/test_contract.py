@@ -18,8 +18,8 @@ def test_every_family_has_a_tiny_variant():
     assert {f"maskconv.models.{f}" for f in ("convnext", "slak", "replknet", "vit", "convmae")} <= families
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_forward_backward_and_feature_info(name):
+def check_forward_backward_and_feature_info(name: str) -> None:
+    """Logits shape, a gradient for every parameter, feature_info == the intermediates' widths and strides."""
     m = maskconv.create_model(name, num_classes=7)
     x = torch.randn(2, 3, 64, 96)  # non-square
     out = m(x)
@@ -30,6 +30,11 @@ def test_forward_backward_and_feature_info(name):
     feats = m.forward_intermediates(x, intermediates_only=True)
     assert [f.shape[1] for f in feats] == [fi["num_chs"] for fi in m.feature_info]
     assert [(64 // f.shape[2], 96 // f.shape[3]) for f in feats] == [(fi["reduction"],) * 2 for fi in m.feature_info]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_backward_and_feature_info(name):
+    check_forward_backward_and_feature_info(name)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -4,6 +4,7 @@ import torch
 
 import maskconv
 from maskconv.models.convnext import ConvNeXt
+from tests.models.test_contract import check_forward_backward_and_feature_info
 
 ALL = maskconv.list_models("convnext*")
 # Official-size models above ~30M parameters take seconds each to build and run on 2 CPU cores.
@@ -17,17 +18,7 @@ def _params(name):
 
 @pytest.mark.parametrize("name", _params(ALL))  # the tiny test_* variants: tests/models/test_contract.py
 def test_forward_backward_every_model(name):
-    m = maskconv.create_model(name, num_classes=7)
-    x = torch.randn(2, 3, 64, 96)  # non-square
-    out = m(x)
-    assert out.shape == (2, 7)
-    out.sum().backward()
-    no_grad = [n for n, p in m.named_parameters() if p.grad is None]
-    assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
-    feats = m.forward_intermediates(x, intermediates_only=True)
-    assert [f.shape[1] for f in feats] == [fi["num_chs"] for fi in m.feature_info]
-    assert [64 // f.shape[2] for f in feats] == [fi["reduction"] for fi in m.feature_info]
-    assert [96 // f.shape[3] for f in feats] == [fi["reduction"] for fi in m.feature_info]
+    check_forward_backward_and_feature_info(name)
 
 
 @pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnextv2_tiny"])

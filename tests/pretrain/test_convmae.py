@@ -10,6 +10,7 @@ from maskconv.layers import sincos_pos_embed_2d
 from maskconv.pretrain import create_objective, load_objective, save_objective
 from maskconv.pretrain.targets import patchify
 from tests.conftest import perturbed_state_dict
+from tests.pretrain._substeps import perturb_substep
 
 KW = dict(decoder_dim=32, decoder_depth=2, decoder_heads=4)
 
@@ -320,15 +321,7 @@ def test_cblock_forward_and_gathered_path_are_one_code_path(monkeypatch, step):
             return [a.encoder.forward_features(x), a.forward_encoder(x, mask), b.forward_encoder(x, mask)]
 
     before = run()
-    calls = []
-    orig = getattr(CBlock, step)
-
-    def patched(self, *args, **kw):
-        calls.append(step)
-        out = orig(self, *args, **kw)
-        return out + 0.5 * out.square()  # elementwise and not affine: no LayerNorm undoes it
-
-    monkeypatch.setattr(CBlock, step, patched)
+    calls = perturb_substep(monkeypatch, CBlock, step)
     after = run()
     n_cblocks = sum(a.encoder.depths[:2])
     assert len(calls) == 3 * n_cblocks

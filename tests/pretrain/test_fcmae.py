@@ -8,6 +8,7 @@ import maskconv
 from maskconv.pretrain import create_objective, patchify, random_mask, unpatchify
 from maskconv.pretrain.masking import check_mask
 from tests.conftest import perturbed_state_dict
+from tests.pretrain._substeps import perturb_substep
 
 
 def _pair(model="test_convnextv2", **kw):
@@ -337,15 +338,7 @@ def test_block_forward_and_both_masked_paths_are_one_code_path(monkeypatch, step
                     encode_gather(enc, x, nothing)]
 
     before = run()
-    calls = []
-    orig = getattr(ConvNeXtBlock, step)
-
-    def patched(self, *args, **kw):
-        calls.append(step)
-        out = orig(self, *args, **kw)
-        return out + 0.5 * out.square()  # elementwise and not affine: no LayerNorm undoes it
-
-    monkeypatch.setattr(ConvNeXtBlock, step, patched)
+    calls = perturb_substep(monkeypatch, ConvNeXtBlock, step)
     after = run()
     assert len(calls) == 4 * sum(enc.depths)  # once per block in each of the four runs
     for i, (b, c) in enumerate(zip(before, after)):

@@ -37,7 +37,7 @@ from ..layers.pos_embed import sincos_pos_embed_2d
 from ..layers.transformer import Block
 from ..models import register_checkpoint_filter
 from ..models.convmae import CBlock, ConvViT, PatchEmbed
-from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, split_official_state
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, check_objective_args, split_official_state
 from ._tokens import gather_tokens, scatter_tokens
 from .masking import check_mask, upsample_mask, visible_index
 
@@ -84,16 +84,7 @@ class ConvMAE(MaskedImageObjective):
         super().__init__()
         if not isinstance(encoder, ConvViT):
             raise EncoderTypeError(f"ConvMAE needs a maskconv ConvViT encoder (convmae_*), got {type(encoder).__name__}")
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if sparse not in ("gather", "dense"):
-            raise ValueError(f"sparse must be 'gather' or 'dense', got {sparse!r}")
-        if decoder_depth < 0 or decoder_dim < 1 or decoder_heads < 1:
-            raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0, decoder_dim ({decoder_dim}) and "
-                             f"decoder_heads ({decoder_heads}) >= 1")
-        if decoder_dim % decoder_heads or decoder_dim % 4:
-            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4 "
-                             "(2-D sin-cos position table)")
+        check_objective_args(mask_ratio, decoder_dim, decoder_depth, decoder_heads, sparse)
         self.encoder = encoder
         # Frozen: fc_norm is unused in pretraining (DDP must not wait for its gradient), pos_embed is the fixed table.
         encoder.reset_classifier(0)

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..layers import init_trunc_normal
 from ..models import BackboneOnlyCheckpointError, register_checkpoint_filter
 from ..models.convnext import ConvNeXt, ConvNeXtBlock
-from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, check_objective_args
 from ._tokens import gather_tokens, scatter_tokens
 from .masking import check_mask, upsample_mask, visible_index
 
@@ -109,17 +109,12 @@ class FCMAE(MaskedImageObjective):
         super().__init__()
         if not isinstance(encoder, ConvNeXt):
             raise EncoderTypeError(f"FCMAE needs a maskconv ConvNeXt encoder, got {type(encoder).__name__}")
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        check_objective_args(mask_ratio, decoder_dim, decoder_depth, sparse=sparse)
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules()):
             # e.g. SLaK's conv-BN branches: no leak (BN is per channel), but not submanifold-sparse semantics
             warnings.warn(f"{type(encoder).__name__} has BatchNorm layers: under FCMAE their training-mode batch "
                           "statistics include the zeroed masked positions (LayerNorm/GRN use visible ones only)",
                           stacklevel=2)
-        if sparse not in ("gather", "dense"):
-            raise ValueError(f"sparse must be 'gather' or 'dense', got {sparse!r}")
-        if decoder_depth < 0 or decoder_dim < 1:
-            raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0 and decoder_dim ({decoder_dim}) >= 1")
         self.encoder = encoder
         # The classifier head is not used in pretraining; freezing it keeps DDP from waiting for its gradients.
         encoder.reset_classifier(0)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..layers import Block, LayerNorm, init_mae, sincos_pos_embed_2d
 from ..models import register_checkpoint_filter
 from ..models.vit import VisionTransformer
-from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, split_official_state
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, check_objective_args, split_official_state
 from .masking import check_mask
 
 __all__ = ["MAE", "MAEOutput", "checkpoint_filter_fn"]
@@ -55,14 +55,7 @@ class MAE(MaskedImageObjective):
         if not isinstance(encoder.norm, nn.LayerNorm):
             raise ValueError("MAE pretrains the encoder with its final 'norm': build it with global_pool='token' "
                              "(the default); fine-tune later with global_pool='avg' as MAE does")
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if decoder_depth < 0 or decoder_dim < 1 or decoder_heads < 1:
-            raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0, decoder_dim ({decoder_dim}) and "
-                             f"decoder_heads ({decoder_heads}) >= 1")
-        if decoder_dim % decoder_heads or decoder_dim % 4:
-            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4 "
-                             "(2-D sin-cos position table)")
+        check_objective_args(mask_ratio, decoder_dim, decoder_depth, decoder_heads)
         if encoder.embed_dim % 4:
             raise ValueError(f"encoder width {encoder.embed_dim} must be divisible by 4 (2-D sin-cos position table)")
         self.encoder = encoder

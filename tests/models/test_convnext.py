@@ -23,7 +23,7 @@ def test_forward_backward_every_model(name):
 
 @pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnextv2_tiny"])
 def test_published_param_counts(name):
-    # README / OFFICIAL.md counts (1000-class head): V1 atto 3.70M (timm), V2 atto 3.71M, V2 tiny 28.64M.
+    # official READMEs / timm counts (1000-class head): V1 atto 3.70M (timm), V2 atto 3.71M, V2 tiny 28.64M.
     expected = {"convnext_atto": 3.70, "convnextv2_atto": 3.71, "convnextv2_tiny": 28.64}[name]
     with torch.device("meta"):
         m = maskconv.create_model(name)
@@ -84,7 +84,7 @@ def test_no_weight_decay_lists_grn_and_layer_scale():
 
 
 def _official_single(name, depths):
-    """Official ConvNeXt-V2 optim_factory 'single' on the official key names (OFFICIAL.md §2.4)."""
+    """Official ConvNeXt-V2 optim_factory 'single' on the official key names (facebookresearch/ConvNeXt-V2 optim_factory.py)."""
     parts = name.split(".")
     if name.startswith("downsample_layers"):
         return sum(depths[: int(parts[1])]) + 1

@@ -2,7 +2,7 @@
 multi-scale fusion, MAE decoder, norm-pix loss on masked 16x16 patches.
 
 Paper: Gao et al., "ConvMAE: Masked Convolution Meets Masked Autoencoders" (arXiv:2205.03892); official code
-Alpha-VL/ConvMAE ``models_convmae.py``. Facts: shared/reference/OFFICIAL.md §4.
+Alpha-VL/ConvMAE ``models_convmae.py``.
 
 The encoder is the plain ``ConvViT`` backbone (``maskconv.models.convmae``): same weights, same keys, so
 ``encoder_state_dict()`` loads strict into ``create_model(name, num_classes=0)``. This module owns what only

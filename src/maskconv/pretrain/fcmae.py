@@ -1,7 +1,7 @@
 """FCMAE: ConvNeXt V2's fully convolutional masked autoencoder, in pure PyTorch.
 
 Paper: Woo et al., "ConvNeXt V2" (arXiv:2301.00808), §3; official code facebookresearch/ConvNeXt-V2
-(models/fcmae.py, MinkowskiEngine encoder). Facts: shared/reference/OFFICIAL.md §2.3.
+(``models/fcmae.py``, MinkowskiEngine encoder ``models/convnextv2_sparse.py``).
 
 The encoder is a plain ``ConvNeXt`` from ``maskconv.models`` (same weights, same keys); this module runs it
 under a mask with one of two implementations of the same (submanifold sparse conv) semantics:

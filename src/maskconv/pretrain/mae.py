@@ -1,7 +1,7 @@
 """MAE: masked autoencoder pretraining of a Vision Transformer.
 
 Paper: He et al., "Masked Autoencoders Are Scalable Vision Learners" (arXiv:2111.06377); official code
-facebookresearch/mae ``models_mae.py``. Facts: shared/reference/OFFICIAL.md §3.
+facebookresearch/mae ``models_mae.py``.
 
 The encoder is the plain ``VisionTransformer`` (``maskconv.models.vit``): same weights, same keys, so
 ``encoder_state_dict()`` loads strict into ``create_model(name, num_classes=0)`` and timm's same-named model.

@@ -14,7 +14,8 @@ from tests.layers.test_large_kernel import randomize_bn
 
 @pytest.mark.parametrize("name, expected", [("slak_tiny", 50.7), ("slak_small", 91.1), ("slak_base", 158.0)])
 def test_dense_param_counts(name, expected):
-    # SLaK paper (arXiv:2207.03620) / VITA-Group/SLaK README: dense SLaK-T/S/B 50.7M/91.1M/158.0M (x0.6 density = the README's 30/55/95M non-zeros)
+    # SLaK paper (arXiv:2207.03620) / VITA-Group/SLaK README: dense SLaK-T/S/B 50.7M/91.1M/158.0M
+    # (x0.6 density = the README's 30/55/95M non-zeros)
     with torch.device("meta"):
         m = maskconv.create_model(name)
     assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == expected

@@ -183,31 +183,31 @@ class ConvViT(nn.Module):
         """The (1, h*w, C) position table for an h x w token grid (the stored one, resampled if needed)."""
         return resample_pos_embed(self.pos_embed, (h, w), old_size=self.pos_grid, num_prefix_tokens=0)
 
-    def run_blocks(self, blocks, x: torch.Tensor, *args) -> torch.Tensor:
-        """Run ``blocks`` in order (``blk(x, *args)``, e.g. a CBlock's ``hidden`` mask), each under activation
-        checkpointing when ``set_grad_checkpointing`` is on and a gradient is taken."""
+    def run_blocks(self, x: torch.Tensor, blocks, *args, step=None) -> torch.Tensor:
+        """Run ``blocks`` on ``x`` in order, each under activation checkpointing when ``set_grad_checkpointing`` is
+        on and a gradient is taken. A block runs as ``blk(x, *args)`` (e.g. a CBlock's ``hidden`` mask), or as
+        ``step(blk, x, *args)`` (ConvMAE's gathered path: ``pretrain.convmae.cblock_gather``)."""
         for blk in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, *args, use_reentrant=False)
-            else:
-                x = blk(x, *args)
+            fn, fargs = (blk, (x, *args)) if step is None else (step, (blk, x, *args))
+            x = checkpoint(fn, *fargs, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else fn(*fargs)
         return x
 
     def _stages(self, x: torch.Tensor, last: int = 2):
         """Yield the stage outputs (B, C_i, H_i, W_i) up to stage index ``last``."""
         self.check_input(x)
-        x = self.run_blocks(self.blocks1, self.patch_embed1(x))
+        x = self.run_blocks(self.patch_embed1(x), self.blocks1)
         yield x
         if last < 1:
             return
-        x = self.run_blocks(self.blocks2, self.patch_embed2(x))
+        x = self.run_blocks(self.patch_embed2(x), self.blocks2)
         yield x
         if last < 2:
             return
         x = self.patch_embed3(x)  # (B, C3, h, w)
         b, c, h, w = x.shape
         t = self.patch_embed4(x.flatten(2).transpose(1, 2)) + self.pos_embed_for(h, w)  # (B, L, C3)
-        t = self.run_blocks(self.blocks3, t)
+        t = self.run_blocks(t, self.blocks3)
         yield t.transpose(1, 2).reshape(b, c, h, w)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_chans, H, W) -> (B, C3, H/16, W/16)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import LayerNorm, init_mae
 from ..layers.pos_embed import sincos_pos_embed_2d
@@ -119,9 +118,9 @@ class ConvMAE(MaskedImageObjective):
         """Official: every position computed, depthwise inputs masked. Returns the stage-2 map and the fusion
         maps (B, C3, h, w) of stages 1 and 2."""
         enc = self.encoder
-        x = enc.run_blocks(enc.blocks1, enc.patch_embed1(x), upsample_mask(mask, 4).unsqueeze(1))
+        x = enc.run_blocks(enc.patch_embed1(x), enc.blocks1, upsample_mask(mask, 4).unsqueeze(1))
         s1 = self.stage1_output_decode(x)
-        x = enc.run_blocks(enc.blocks2, enc.patch_embed2(x), upsample_mask(mask, 2).unsqueeze(1))
+        x = enc.run_blocks(enc.patch_embed2(x), enc.blocks2, upsample_mask(mask, 2).unsqueeze(1))
         return x, s1, self.stage2_output_decode(x)
 
     def _stages12_gather(self, x: torch.Tensor, mask: torch.Tensor):
@@ -132,11 +131,7 @@ class ConvMAE(MaskedImageObjective):
             idx = visible_index(upsample_mask(mask, 4 >> i))  # stage 1: 4x4 cells per token, stage 2: 2x2
             h, w = mask.shape[1] * (4 >> i), mask.shape[2] * (4 >> i)
             t = _embed_gather(pe, x, idx)
-            for blk in blocks:
-                if enc.grad_checkpointing and torch.is_grad_enabled():
-                    t = checkpoint(cblock_gather, blk, t, idx, b, h, w, use_reentrant=False)
-                else:
-                    t = cblock_gather(blk, t, idx, b, h, w)
+            t = enc.run_blocks(t, blocks, idx, b, h, w, step=cblock_gather)
             x = scatter_tokens(t, idx, b, h, w)  # (B, C, H, W), zero at masked cells
             out.append((self.stage1_output_decode if i == 0 else self.stage2_output_decode)(x))
         return x, out[0], out[1]
@@ -157,7 +152,7 @@ class ConvMAE(MaskedImageObjective):
         t = enc.patch_embed4(x.flatten(2).transpose(1, 2)) + enc.pos_embed_for(h, w)  # (B, L, C3)
         vis = ~mask.flatten(1)  # (B, L)
         t = t[vis].view(b, -1, c)  # (B, L_vis, C3): every sample keeps the same count
-        t = enc.run_blocks(enc.blocks3, t)
+        t = enc.run_blocks(t, enc.blocks3)
         # multi-scale fusion: added to the blocks' output, before the final norm (official)
         fuse = (s1 + s2).flatten(2).transpose(1, 2)[vis].view(b, -1, c)
         return self.norm(t + fuse)

@@ -58,3 +58,39 @@ def test_collapse_distance_equals_explicit_forward(name, grad):
     assert min(mlp) > 0.05  # the regression read 0.0 for every layer
     assert mlp == pytest.approx(ref_mlp, rel=1e-4, abs=1e-6)
     assert block == pytest.approx(ref_block, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_feature_points_read_the_explicit_activations(grad):
+    """The hook points ``ConvNeXt.feature_modules`` give exactly the explicit forward's tensors, grad on and off."""
+    m = _model()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = _explicit_features(m, x)
+    got = {"block": [], "mlp": []}
+    hooks = [mod.register_forward_hook(lambda mod, i, o, w=where: got[w].append(o.detach().clone()))
+             for where in got for _, mod in m.feature_modules(where)]
+    try:
+        with torch.set_grad_enabled(grad):
+            m.forward_features(x.requires_grad_(grad))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(got["block"]) == len(got["mlp"]) == len(ref)
+    for (out, act), blk, mlp in zip(ref, got["block"], got["mlp"]):
+        torch.testing.assert_close(blk, out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mlp, act, rtol=1e-5, atol=1e-5)
+
+
+def test_a_feature_point_the_forward_skips_is_an_error_not_zero(monkeypatch):
+    from maskconv.layers import Mlp
+
+    def hidden_without_act_module(self, x, masked=None):  # the old fast path: GELU as a function, not the module
+        x = F.gelu(self.fc1(x))
+        return self.grn(x) if self.grn is not None else x
+
+    monkeypatch.setattr(Mlp, "hidden", hidden_without_act_module)
+    with pytest.raises(RuntimeError, match="skipped a documented 'mlp' feature point"):
+        feature_collapse(_model("test_convnext"), torch.randn(2, 3, 64, 64), "mlp")
+    with pytest.raises(ValueError, match="where='grn'"):
+        feature_collapse(_model("test_convnext"), torch.randn(2, 3, 64, 64), "grn")

@@ -38,7 +38,7 @@ class ConvNeXtBlock(nn.Module):
     ``mlp.act``, GRN and residual into fresh buffers) lives inside them: every mode runs the same modules.
 
     Feature hook points (``ConvNeXt.feature_modules``): the block itself (output (B, C, H, W), the residual
-    stream) and ``mlp.act`` (output (..., 4C), after GELU, before GRN).
+    stream; its forward only) and ``mlp.act`` (output (..., 4C), after GELU, before GRN; every path).
     """
 
     def __init__(
@@ -247,10 +247,11 @@ class ConvNeXt(nn.Module):
 
     def feature_modules(self, where: str = "block") -> list[tuple[str, nn.Module]]:
         """``[(block name, module)]`` for every block, in depth order: the documented hook point of feature
-        ``where``, a module whose forward runs in every mode (autograd, the no-grad fast path, FCMAE's dense and
-        gathered paths), so a forward hook on it sees every call. ``'block'``: the block, output (B, C, H, W) (the
-        residual stream); ``'mlp'``: its MLP's activation ``mlp.act``, output (..., 4C) after GELU, before GRN
-        (channels-last; written in place without autograd, so read the output, not the input)."""
+        ``where``, a module whose forward runs with and without autograd, so a forward hook on it sees every
+        call. ``'block'``: the block, output (B, C, H, W) (the residual stream), in the model's own forward
+        (FCMAE's masked paths call its sub-steps instead); ``'mlp'``: its MLP's activation ``mlp.act``, output
+        (..., 4C) after GELU, before GRN, in every path incl. FCMAE's (channels-last; written in place without
+        autograd, so read the output, not the input)."""
         if where not in self.FEATURE_POINTS:
             raise ValueError(f"where={where!r}: use one of {', '.join(map(repr, self.FEATURE_POINTS))}")
         return [(f"stages.{i}.blocks.{j}", blk if where == "block" else blk.mlp.act)

@@ -57,7 +57,7 @@ def test_python_dash_m_runs_the_same_cli():
 
 
 def test_collapse_metric_extremes():
-    from maskconv.viz.collapse import _pairwise_cosine_distance
+    from maskconv.viz.collapse import pairwise_cosine_distance as _pairwise_cosine_distance
 
     same = torch.randn(1, 4, 4, 1).expand(1, 4, 4, 6)  # (B, H, W, C): 6 identical channels
     assert _pairwise_cosine_distance(same).item() == pytest.approx(0.0, abs=1e-6)

@@ -1,4 +1,5 @@
-"""LayerNorm2d / GRN: formulas from OFFICIAL.md §1.1 and §2.2, and fp16 safety."""
+"""LayerNorm2d / GRN: formulas of the ConvNeXt (arXiv:2201.03545) and ConvNeXt V2 (arXiv:2301.00808, Alg. 1)
+papers, and fp16 safety."""
 import pytest
 import torch
 

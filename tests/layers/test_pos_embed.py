@@ -1,4 +1,4 @@
-"""2-D sin-cos table (MAE util/pos_embed.py, OFFICIAL.md §3) and pos-embed resampling (timm / MAE)."""
+"""2-D sin-cos table (facebookresearch/mae util/pos_embed.py) and pos-embed resampling (timm / MAE)."""
 import numpy as np
 import pytest
 import torch

@@ -4,6 +4,7 @@ import torch
 
 import maskconv
 from maskconv.models.convnext import ConvNeXt
+from tests.models.test_contract import check_forward_backward_and_feature_info
 
 ALL = maskconv.list_models("convnext*")
 # Official-size models above ~30M parameters take seconds each to build and run on 2 CPU cores.
@@ -15,56 +16,22 @@ def _params(name):
     return [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in name]
 
 
-@pytest.mark.parametrize("name", _params(ALL + maskconv.list_models("test_*")))
+@pytest.mark.parametrize("name", _params(ALL))  # the tiny test_* variants: tests/models/test_contract.py
 def test_forward_backward_every_model(name):
-    m = maskconv.create_model(name, num_classes=7)
-    x = torch.randn(2, 3, 64, 96)  # non-square
-    out = m(x)
-    assert out.shape == (2, 7)
-    out.sum().backward()
-    no_grad = [n for n, p in m.named_parameters() if p.grad is None]
-    assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
-    feats = m.forward_intermediates(x, intermediates_only=True)
-    assert [f.shape[1] for f in feats] == [fi["num_chs"] for fi in m.feature_info]
-    assert [64 // f.shape[2] for f in feats] == [fi["reduction"] for fi in m.feature_info]
-    assert [96 // f.shape[3] for f in feats] == [fi["reduction"] for fi in m.feature_info]
+    check_forward_backward_and_feature_info(name)
 
 
 @pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnextv2_tiny"])
 def test_published_param_counts(name):
-    # README / OFFICIAL.md counts (1000-class head): V1 atto 3.70M (timm), V2 atto 3.71M, V2 tiny 28.64M.
+    # official READMEs / timm counts (1000-class head): V1 atto 3.70M (timm), V2 atto 3.71M, V2 tiny 28.64M.
     expected = {"convnext_atto": 3.70, "convnextv2_atto": 3.71, "convnextv2_tiny": 28.64}[name]
     with torch.device("meta"):
         m = maskconv.create_model(name)
     assert round(sum(p.numel() for p in m.parameters()) / 1e6, 2) == expected
 
 
-def test_forward_intermediates_contract():
-    m = maskconv.create_model("test_convnextv2", num_classes=3).eval()
-    x = torch.randn(1, 3, 64, 64)
-    final, inter = m.forward_intermediates(x)
-    assert torch.equal(final, m.forward_features(x))
-    assert len(inter) == 4 and torch.equal(inter[-1], final)
-    last2 = m.forward_intermediates(x, indices=2, intermediates_only=True)
-    assert [t.shape[1] for t in last2] == [32, 64]
-    picked = m.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
-    assert torch.equal(picked[0], inter[0]) and torch.equal(picked[1], inter[3])
-    early, got = m.forward_intermediates(x, indices=[1], stop_early=True)
-    assert early.shape[1] == 16 and torch.equal(got[0], inter[1])
-    with pytest.raises(ValueError, match="out of range"):
-        m.forward_intermediates(x, indices=[4])
-
-
-def test_forward_head_and_reset_classifier():
-    m = maskconv.create_model("test_convnext", num_classes=5).eval()
-    x = torch.randn(2, 3, 32, 32)
-    f = m.forward_features(x)
-    assert m.forward_head(f, pre_logits=True).shape == (2, m.num_features)
-    m.reset_classifier(0)
-    assert m(x).shape == (2, m.num_features) and m.num_classes == 0
-    m.reset_classifier(11)
-    assert m(x).shape == (2, 11)
-    enc = maskconv.create_model("test_convnext", num_classes=0)
+def test_headless_model_keeps_head_norm():
+    enc = maskconv.create_model("test_convnext", num_classes=0)  # timm: num_classes=0 keeps head.norm (pre-logits)
     assert "head.norm.weight" in enc.state_dict() and "head.fc.weight" not in enc.state_dict()
 
 
@@ -94,18 +61,6 @@ def test_unknown_model_name_suggests():
         maskconv.create_model("convnextv2_atto", pretrained=True)
 
 
-def test_grad_checkpointing_same_gradients():
-    m = maskconv.create_model("test_convnextv2", num_classes=3)
-    x = torch.randn(2, 3, 64, 64)
-    m(x).square().sum().backward()
-    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    m.set_grad_checkpointing(True)
-    m(x).square().sum().backward()
-    for n, p in m.named_parameters():
-        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6, msg=n)
-
-
 def test_drop_path_per_sample_and_eval_identity():
     m = maskconv.create_model("test_convnext", drop_path_rate=0.5, num_classes=2)
     x = torch.randn(4, 3, 32, 32)
@@ -129,7 +84,7 @@ def test_no_weight_decay_lists_grn_and_layer_scale():
 
 
 def _official_single(name, depths):
-    """Official ConvNeXt-V2 optim_factory 'single' on the official key names (OFFICIAL.md §2.4)."""
+    """Official ConvNeXt-V2 optim_factory 'single' on the official key names (facebookresearch/ConvNeXt-V2 optim_factory.py)."""
     parts = name.split(".")
     if name.startswith("downsample_layers"):
         return sum(depths[: int(parts[1])]) + 1

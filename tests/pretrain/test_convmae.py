@@ -10,6 +10,7 @@ from maskconv.layers import sincos_pos_embed_2d
 from maskconv.pretrain import create_objective, load_objective, save_objective
 from maskconv.pretrain.targets import patchify
 from tests.conftest import perturbed_state_dict
+from tests.pretrain._substeps import perturb_substep
 
 KW = dict(decoder_dim=32, decoder_depth=2, decoder_heads=4)
 
@@ -49,7 +50,8 @@ def _official_forward(obj, imgs, noise, mask_ratio):
 
     def cblock(blk, x, m):  # official CBlock.forward(x, mask) with mask = 1 - mask_for_patch
         x = x + blk.conv2(blk.attn(m * blk.conv1(blk.norm1(x))))
-        return x + blk.mlp(blk.norm2(x))
+        mlp = blk.mlp  # official CMlp.forward: fc2(act(fc1(x))) with 1x1 convs on NCHW (dropout 0)
+        return x + mlp.fc2(mlp.act(mlp.fc1(blk.norm2(x))))
 
     def keep(t):
         return torch.gather(t, 1, ids_keep[..., None].repeat(1, 1, t.shape[-1]))
@@ -302,3 +304,27 @@ def test_reconstruction_picture_tensors():
     hidden = _hidden_pixels(r["mask"], x)
     assert r["pred"].shape == x.shape and (r["masked"][hidden] == 0).all()
     assert torch.equal(r["pasted"][~hidden], x[~hidden]) and torch.equal(r["pasted"][hidden], r["pred"][hidden])
+
+
+@pytest.mark.parametrize("step", ["mix_in", "spatial", "mix_out", "channel"])
+def test_cblock_forward_and_gathered_path_are_one_code_path(monkeypatch, step):
+    """CBlock's dense forward (backbone and ``sparse='dense'``) and the gathered path run the block's named
+    sub-steps: patch one and all of them change."""
+    from maskconv.models.convmae import CBlock
+
+    a, b = _pair()
+    x = torch.randn(2, 3, 64, 64)
+    mask = a.make_mask(x)
+
+    def run():
+        with torch.no_grad():
+            return [a.encoder.forward_features(x), a.forward_encoder(x, mask), b.forward_encoder(x, mask)]
+
+    before = run()
+    calls = perturb_substep(monkeypatch, CBlock, step)
+    after = run()
+    n_cblocks = sum(a.encoder.depths[:2])
+    assert len(calls) == 3 * n_cblocks
+    for i, (p, q) in enumerate(zip(before, after)):
+        assert not torch.allclose(p, q, rtol=1e-3, atol=1e-3), f"path {i} did not use CBlock.{step}"
+    torch.testing.assert_close(after[1], after[2], rtol=1e-5, atol=1e-5)  # still gather == dense

@@ -8,6 +8,7 @@ import maskconv
 from maskconv.pretrain import create_objective, patchify, random_mask, unpatchify
 from maskconv.pretrain.masking import check_mask
 from tests.conftest import perturbed_state_dict
+from tests.pretrain._substeps import perturb_substep
 
 
 def _pair(model="test_convnextv2", **kw):
@@ -46,14 +47,14 @@ def test_masked_positions_exactly_zero_after_every_block(monkeypatch):
     mask = a.make_mask(x)
     enc = b.encoder
     seen = []
-    orig = fcmae._block_dense
+    orig = fcmae.block_dense
 
     def recording(blk, y, hidden):
         out = orig(blk, y, hidden)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(fcmae, "_block_dense", recording)
+    monkeypatch.setattr(fcmae, "block_dense", recording)
     b.forward_encoder(x, mask)  # dense path: block outputs are full maps
     assert len(seen) == sum(enc.depths)
     for out in seen:
@@ -316,3 +317,59 @@ def test_cli_pretrain_continues_from_a_whole_official_fcmae_state(tmp_path):
     for k, name in (("proj.weight", "proj.weight"), ("decoder.0.pwconv1.weight", "decoder.0.mlp.fc1.weight"),
                     ("pred.weight", "pred.weight"), ("mask_token", "mask_token")):
         assert (got[name] - dec[k]).abs().max().item() <= 1e-6, k
+
+
+@pytest.mark.parametrize("step", ["spatial", "channel", "residual"])
+def test_block_forward_and_both_masked_paths_are_one_code_path(monkeypatch, step):
+    """The dense forward, FCMAE's dense-masked and its gathered path all run the block's named sub-steps: patch one
+    and all three change (a copy of the op sequence in any of them would not)."""
+    from maskconv.models.convnext import ConvNeXtBlock
+    from maskconv.pretrain.fcmae import encode_dense, encode_gather
+
+    a, _ = _pair()
+    enc = a.encoder.eval()
+    x = torch.randn(2, 3, 64, 64)
+    mask = a.make_mask(x)
+    nothing = torch.zeros_like(mask)
+
+    def run():
+        with torch.no_grad():
+            return [enc.forward_features(x), encode_dense(enc, x, mask), encode_gather(enc, x, mask),
+                    encode_gather(enc, x, nothing)]
+
+    before = run()
+    calls = perturb_substep(monkeypatch, ConvNeXtBlock, step)
+    after = run()
+    assert len(calls) == 4 * sum(enc.depths)  # once per block in each of the four runs
+    for i, (b, c) in enumerate(zip(before, after)):
+        assert not torch.allclose(b, c, rtol=1e-3, atol=1e-3), f"path {i} did not use ConvNeXtBlock.{step}"
+    # nothing masked: the gathered path is the dense forward, patched or not
+    torch.testing.assert_close(after[3], after[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_mlp_feature_point_runs_in_every_path(grad):
+    """``ConvNeXt.feature_modules('mlp')`` fires once per block in the dense forward and both masked paths, with
+    and without autograd, and sees GELU's output (the no-grad fast path writes it in place inside ``mlp.act``)."""
+    from maskconv.pretrain.fcmae import encode_dense, encode_gather
+
+    a, _ = _pair()
+    enc = a.encoder
+    x = torch.randn(2, 3, 64, 64)
+    mask = a.make_mask(x)
+    points = enc.feature_modules("mlp")
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone())) for _, m in points]
+    try:
+        with torch.set_grad_enabled(grad):
+            for run in (lambda: enc.forward_features(x), lambda: encode_dense(enc, x, mask),
+                        lambda: encode_gather(enc, x, mask)):
+                seen.clear()
+                run()
+                assert len(seen) == len(points) == sum(enc.depths)
+                assert all((o >= -0.17).all() and (o != 0).any() for o in seen)  # GELU's range, not zeros
+    finally:
+        for h in hooks:
+            h.remove()
+    with pytest.raises(ValueError, match="'block', 'mlp'"):
+        enc.feature_modules("grn")

@@ -7,7 +7,8 @@ official repositories (VITA-Group/SLaK ``models/SLaK.py``, DingXiaoH/RepLKNet-py
 map key for key.
 
 The official SLaK code has merge code only for the non-decomposed path; the decomposed merge here pads the
-M×N and N×M kernels centred to M×M and sums them with the padded N×N kernel (OFFICIAL.md §5.1, pitfall 10).
+M×N and N×M kernels centred to M×M and sums them with the padded N×N kernel (each branch is a linear map of
+the same input with "same" padding, so the centred sum is exact; tested against the branches).
 """
 from __future__ import annotations
 

@@ -44,6 +44,9 @@ class LayerNorm2d(nn.LayerNorm):
         super().__init__(num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-        x = layer_norm_fp32(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+        return self.forward_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # via (B, H, W, C)
+
+    def forward_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation over the last dim of channels-last data: (B, H, W, C) maps or (N, C) tokens
+        (the masked objectives' gathered paths run the model's LayerNorm2d layers on tokens this way)."""
+        return layer_norm_fp32(x, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -1,6 +1,6 @@
 """Pre-norm Transformer pieces (ViT / MAE / ConvMAE) with timm's attribute names, so state-dict keys match
 timm's ``vision_transformer.Block``: ``norm1``, ``attn.qkv``, ``attn.proj``, ``ls1.gamma``, ``norm2``,
-``mlp.fc1``, ``mlp.fc2``, ``ls2.gamma``.
+``mlp.fc1``, ``mlp.fc2``, ``ls2.gamma``. The MLP is the shared ``layers.mlp.Mlp``.
 
 Tokens are (B, N, C). Attention runs through ``F.scaled_dot_product_attention`` (fused kernels where the
 backend has them); the math is softmax(q kᵀ / sqrt(head_dim)) v, as timm and MAE.
@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
+from .mlp import GELU, Mlp
 from .norm import LayerNorm
 
-__all__ = ["Attention", "Block", "LayerScale", "Mlp"]
+__all__ = ["Attention", "Block", "LayerScale"]
 
 
 class Attention(nn.Module):
@@ -43,23 +44,6 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout over the last dim (timm's ``Mlp``)."""
-
-    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
-                 act_layer: Callable[[], nn.Module] = nn.GELU, drop: float = 0.0):
-        super().__init__()
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C)
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
 class LayerScale(nn.Module):
     """Per-channel scale ``x * gamma`` (CaiT / DeiT-3), timm's ``ls*.gamma`` key."""
 
@@ -77,7 +61,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, init_values: float | None = None,
-                 drop_path: float = 0.0, act_layer: Callable[[], nn.Module] = nn.GELU,
+                 drop_path: float = 0.0, act_layer: Callable[[], nn.Module] = GELU,
                  norm_layer: Callable[[int], nn.Module] = LayerNorm):
         super().__init__()
         self.norm1 = norm_layer(dim)

@@ -27,11 +27,11 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from ..layers import LayerNorm, LayerNorm2d
+from ..layers import LayerNorm, LayerNorm2d, Mlp, pointwise
 from ..layers.pos_embed import resample_pos_embed, sincos_pos_embed_2d
 from ..layers.transformer import Block
 from ._registry import register_checkpoint_filter, register_model
-from .convnext import _feature_indices
+from ._features import feature_indices
 
 __all__ = ["CBlock", "ConvViT", "PatchEmbed", "checkpoint_filter_fn"]
 
@@ -53,25 +53,19 @@ class PatchEmbed(nn.Module):
         return self.act(self.norm(self.proj(x)))
 
 
-class CMlp(nn.Module):
-    """1x1 conv -> GELU -> 1x1 conv (keys ``fc1``, ``fc2``)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class CBlock(nn.Module):
-    """x + drop_path(conv2(dw5x5(conv1(LN(x))))), then x + drop_path(CMlp(LN(x))).
+    """x + drop_path(conv2(dw5x5(conv1(LN(x))))), then x + drop_path(mlp(LN(x))), mlp = 1x1 conv -> GELU -> 1x1 conv
+    (official ``CMlp``: the shared ``Mlp`` with 1x1-conv weights, keys ``mlp.fc1`` / ``mlp.fc2``).
 
     ``hidden`` (B, 1, H, W) bool, True = masked: zeroes the depthwise conv's input there (masked convolution).
     As the official block, nothing else is masked: masked positions keep their own values on the residual
     and MLP paths, but no spatial op ever reads them, so visible positions never see masked pixels.
+
+    Named sub-steps, the only places the block's ops are written: ``mix_in`` (LN -> 1x1 conv), ``spatial`` (the
+    depthwise 5x5 conv, the one op that mixes positions), ``mix_out`` (1x1 conv) and ``channel`` (LN -> MLP). The
+    pointwise ones take (B, C, H, W) maps (the official ops, run as they are) or (N, C) tokens (``forward_last``
+    / ``pointwise``: the same weights over the last dim). ``forward`` and ConvMAE's gathered path
+    (``pretrain/convmae.py``) are compositions of them.
     """
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
@@ -81,15 +75,27 @@ class CBlock(nn.Module):
         self.attn = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # official name for the depthwise 5x5 conv
         self.conv2 = nn.Conv2d(dim, dim, 1)
         self.norm2 = LayerNorm2d(dim, eps=_CONV_LN_EPS)
-        self.mlp = CMlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), use_conv=True, channels_first=True)
         self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
 
+    def mix_in(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) or (N, C) -> same
+        return self.conv1(self.norm1(x)) if x.ndim == 4 else pointwise(self.norm1.forward_last(x), self.conv1)
+
+    def spatial(self, y: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        return self.attn(y)
+
+    def mix_out(self, y: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) or (N, C) -> same
+        return self.conv2(y) if y.ndim == 4 else pointwise(y, self.conv2)
+
+    def channel(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) or (N, C) -> same
+        return self.mlp(self.norm2(x) if x.ndim == 4 else self.norm2.forward_last(x))
+
     def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:  # (B, C, H, W)
-        y = self.conv1(self.norm1(x))
+        y = self.mix_in(x)
         if hidden is not None:
             y = y.masked_fill(hidden, 0)
-        x = x + self.drop_path(self.conv2(self.attn(y)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.mix_out(self.spatial(y)))
+        return x + self.drop_path(self.channel(x))
 
 
 class ConvViT(nn.Module):
@@ -177,29 +183,31 @@ class ConvViT(nn.Module):
         """The (1, h*w, C) position table for an h x w token grid (the stored one, resampled if needed)."""
         return resample_pos_embed(self.pos_embed, (h, w), old_size=self.pos_grid, num_prefix_tokens=0)
 
-    def _run(self, blocks, x, *args):
+    def run_blocks(self, x: torch.Tensor, blocks, *args, step=None) -> torch.Tensor:
+        """Run ``blocks`` on ``x`` in order, each under activation checkpointing when ``set_grad_checkpointing`` is
+        on and a gradient is taken. A block runs as ``blk(x, *args)`` (e.g. a CBlock's ``hidden`` mask), or as
+        ``step(blk, x, *args)`` (ConvMAE's gathered path: ``pretrain.convmae.cblock_gather``)."""
         for blk in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, *args, use_reentrant=False)
-            else:
-                x = blk(x, *args)
+            fn, fargs = (blk, (x, *args)) if step is None else (step, (blk, x, *args))
+            x = checkpoint(fn, *fargs, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else fn(*fargs)
         return x
 
     def _stages(self, x: torch.Tensor, last: int = 2):
         """Yield the stage outputs (B, C_i, H_i, W_i) up to stage index ``last``."""
         self.check_input(x)
-        x = self._run(self.blocks1, self.patch_embed1(x))
+        x = self.run_blocks(self.patch_embed1(x), self.blocks1)
         yield x
         if last < 1:
             return
-        x = self._run(self.blocks2, self.patch_embed2(x))
+        x = self.run_blocks(self.patch_embed2(x), self.blocks2)
         yield x
         if last < 2:
             return
         x = self.patch_embed3(x)  # (B, C3, h, w)
         b, c, h, w = x.shape
         t = self.patch_embed4(x.flatten(2).transpose(1, 2)) + self.pos_embed_for(h, w)  # (B, L, C3)
-        t = self._run(self.blocks3, t)
+        t = self.run_blocks(t, self.blocks3)
         yield t.transpose(1, 2).reshape(b, c, h, w)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_chans, H, W) -> (B, C3, H/16, W/16)
@@ -220,7 +228,7 @@ class ConvViT(nn.Module):
         the fine-tuning form has no norm on token maps (``fc_norm`` follows the pooling)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
-        take = _feature_indices(indices, 3)
+        take = feature_indices(indices, 3)
         last = max(take) if (stop_early or intermediates_only) else 2
         out, y = [], None
         for i, y in enumerate(self._stages(x, last)):

@@ -18,51 +18,28 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from ..layers import GlobalResponseNorm, LayerNorm, LayerNorm2d
+from ..layers import LayerNorm, LayerNorm2d, Mlp, init_trunc_normal
+from ._features import feature_indices
 from ._registry import register_model
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock"]
 
 
-def _pointwise(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """Apply a Linear or 1x1 Conv2d over the last dim of ``(..., C)``. A 1x1 conv on 4-D channels-last data
-    runs as oneDNN's 1x1 convolution on the NCHW view (faster than addmm at large maps on CPU)."""
-    w = layer.weight
-    if w.ndim == 4 and x.ndim == 4:
-        return F.conv2d(x.permute(0, 3, 1, 2), w, layer.bias).permute(0, 2, 3, 1)
-    return F.linear(x, w.flatten(1) if w.ndim == 4 else w, layer.bias)
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU -> [GRN] -> fc2 over the last dim. ``conv_mlp`` only changes the weights' stored shape."""
-
-    def __init__(self, dim: int, hidden: int, use_grn: bool = False, conv_mlp: bool = False):
-        super().__init__()
-        make = (lambda i, o: nn.Conv2d(i, o, 1)) if conv_mlp else nn.Linear
-        self.fc1 = make(dim, hidden)
-        self.act = nn.GELU()
-        # conv_mlp (atto..nano): square-and-sum GRN statistics, the fast form at their wide, small-C maps
-        self.grn = GlobalResponseNorm(hidden, sumsq_stats=conv_mlp) if use_grn else None
-        self.fc2 = make(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        x = _pointwise(x, self.fc1)  # (B, H, W, 4C)
-        # no autograd: GELU into fc1's fresh output (same kernel, same bits, one 4C-wide buffer fewer)
-        if not torch.is_grad_enabled() and type(self.act) is nn.GELU:
-            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
-        else:
-            x = self.act(x)
-        if self.grn is not None:
-            x = self.grn(x)
-        return _pointwise(x, self.fc2)  # (B, H, W, C)
-
-
 class ConvNeXtBlock(nn.Module):
-    """dwconv k×k -> LN -> Linear 4C -> GELU -> [GRN] -> Linear C -> [layer scale] -> drop path + residual."""
+    """dwconv k×k -> LN -> Linear 4C -> GELU -> [GRN] -> Linear C -> [layer scale] -> drop path + residual.
+
+    Three named sub-steps, the only places the block's ops are written: ``spatial`` (the depthwise conv, the one
+    op that mixes positions), ``channel`` (LN -> MLP -> layer scale, per position over the last dim) and
+    ``residual``. ``forward`` and FCMAE's masked paths (``pretrain/fcmae.py``: dense, and gathered on visible
+    tokens) are compositions of them, so they cannot drift apart, and the no-grad fast path (in-place GELU in
+    ``mlp.act``, GRN and residual into fresh buffers) lives inside them: every mode runs the same modules.
+
+    Feature hook points (``ConvNeXt.feature_modules``): the block itself (output (B, C, H, W), the residual
+    stream; its forward only) and ``mlp.act`` (output (..., 4C), after GELU, before GRN; every path).
+    """
 
     def __init__(
         self,
@@ -82,20 +59,32 @@ class ConvNeXtBlock(nn.Module):
         else:
             self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), use_grn=use_grn, conv_mlp=conv_mlp)
+        # conv_mlp (atto..nano): 1x1-conv weights and square-and-sum GRN statistics, the fast form at their wide,
+        # small-C maps
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), use_grn=use_grn, use_conv=conv_mlp, grn_sumsq_stats=conv_mlp)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value else None
         self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        shortcut = x
-        x = self.conv_dw(x).permute(0, 2, 3, 1)  # (B, H, W, C): a view for channels_last memory
-        x = self.mlp(self.norm(x))
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        return self.conv_dw(x)
+
+    def channel(self, x: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., C) channels-last -> (..., C): LN -> MLP -> layer scale. GRN pools over dims 1, 2, so give it
+        (B, H, W, C) or a per-sample (B, L, 1, C) view; ``masked`` (B, H, W, 1) bool zeroes cells before GRN."""
+        x = self.mlp(self.norm(x), masked)
         if self.gamma is not None:
             x = x * self.gamma
-        x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
-        # x is this block's fresh output, which no backward needs: add the shortcut into it (same bits as
-        # shortcut + x, one buffer fewer; autograd's version check would flag it if that ever changed)
-        return self.drop_path(x).add_(shortcut)
+        return x
+
+    def residual(self, shortcut: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """shortcut + drop_path(y), per sample over dim 0. ``y`` is the caller's fresh branch output, which no
+        backward needs: the shortcut is added into it (same bits as shortcut + y, one buffer fewer; autograd's
+        version check would flag it if that ever changed)."""
+        return self.drop_path(y).add_(shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        y = self.channel(self.spatial(x).permute(0, 2, 3, 1))  # (B, H, W, C): a view for channels_last memory
+        return self.residual(x, y.permute(0, 3, 1, 2))  # (B, C, H, W)
 
 
 class ConvNeXtStage(nn.Module):
@@ -190,7 +179,7 @@ class ConvNeXt(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = dims[-1]
         self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
-        self.apply(_init_weights)
+        self.apply(init_trunc_normal)
         if head_init_scale != 1.0 and isinstance(self.head.fc, nn.Linear):
             with torch.no_grad():
                 self.head.fc.weight.mul_(head_init_scale)
@@ -244,7 +233,7 @@ class ConvNeXt(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
-        take = _feature_indices(indices, len(self.stages))
+        take = feature_indices(indices, len(self.stages))
         out = []
         x = self._stem(x)
         last = max(take) if (stop_early or intermediates_only) else len(self.stages) - 1
@@ -254,13 +243,27 @@ class ConvNeXt(nn.Module):
                 out.append(x)
         return out if intermediates_only else (x, out)
 
+    FEATURE_POINTS = ("block", "mlp")
+
+    def feature_modules(self, where: str = "block") -> list[tuple[str, nn.Module]]:
+        """``[(block name, module)]`` for every block, in depth order: the documented hook point of feature
+        ``where``, a module whose forward runs with and without autograd, so a forward hook on it sees every
+        call. ``'block'``: the block, output (B, C, H, W) (the residual stream), in the model's own forward
+        (FCMAE's masked paths call its sub-steps instead); ``'mlp'``: its MLP's activation ``mlp.act``, output
+        (..., 4C) after GELU, before GRN, in every path incl. FCMAE's (channels-last; written in place without
+        autograd, so read the output, not the input)."""
+        if where not in self.FEATURE_POINTS:
+            raise ValueError(f"where={where!r}: use one of {', '.join(map(repr, self.FEATURE_POINTS))}")
+        return [(f"stages.{i}.blocks.{j}", blk if where == "block" else blk.mlp.act)
+                for i, st in enumerate(self.stages) for j, blk in enumerate(st.blocks)]
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool={global_pool!r} is not supported; ConvNeXt uses 'avg'")
         self.num_classes = num_classes
         self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            _init_weights(self.head.fc)
+            init_trunc_normal(self.head.fc)
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc
@@ -321,29 +324,6 @@ class ConvNeXt(nn.Module):
         if stage < 2:
             return stage + 1
         return 3 + block // 3 if stage == 2 else 12
-
-
-def _feature_indices(indices, n: int, unit: str = "stages") -> list[int]:
-    """timm's ``indices`` (None = all, int = the last n, list = these, negative from the end) -> sorted list of
-    ``n`` stage (or block) indices; ``unit`` names them in the error message. Shared by every family."""
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"indices={indices}: the model has {n} {unit}")
-        return list(range(n - indices, n))
-    idx = [i % n if -n <= i < n else None for i in indices]
-    if None in idx:
-        raise ValueError(f"indices {list(indices)} out of range for {n} {unit}")
-    return sorted(set(idx))
-
-
-def _init_weights(m: nn.Module) -> None:
-    """trunc_normal(std .02, bounds ±2) weights and zero biases for every conv and linear (official + timm)."""
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 # ---- configs and registered variants (shapes from OFFICIAL.md §1.1, §2.1 and timm) --------------------------

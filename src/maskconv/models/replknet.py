@@ -26,7 +26,7 @@ from torchvision.ops import StochasticDepth
 from ..layers import ConvBN, ReparamLargeKernelConv
 from ..layers.large_kernel import check_merge_state
 from ._registry import register_checkpoint_filter, register_model
-from .convnext import _feature_indices
+from ._features import feature_indices
 
 __all__ = ["RepLKNet", "RepLKBlock", "ConvFFN", "checkpoint_filter_fn"]
 
@@ -216,7 +216,7 @@ class RepLKNet(nn.Module):
         ``intermediates_only``. ``norm`` is accepted for timm compatibility (no per-stage norm here)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
-        take = _feature_indices(indices, len(self.stages))
+        take = feature_indices(indices, len(self.stages))
         out = []
         x = self._stem(x)
         last = max(take) if (stop_early or intermediates_only) else len(self.stages) - 1

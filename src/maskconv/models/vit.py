@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block, LayerNorm, resample_pos_embed
 from ._registry import register_checkpoint_filter, register_model
-from .convnext import _feature_indices
+from ._features import feature_indices
 from .vit_layouts import hf_vit_to_mae, is_hf_vit
 
 __all__ = ["PatchEmbed", "VisionTransformer", "checkpoint_filter_fn"]
@@ -185,7 +185,7 @@ class VisionTransformer(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NLC'")
-        take = _feature_indices(indices, len(self.blocks), unit="blocks")
+        take = feature_indices(indices, len(self.blocks), unit="blocks")
         b = x.shape[0]
         x, (gh, gw) = self._embed(x)
         last = max(take) if (stop_early or intermediates_only) else len(self.blocks) - 1

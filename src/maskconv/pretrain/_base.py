@@ -17,6 +17,27 @@ class EncoderTypeError(TypeError, ValueError):
     """The encoder is not of the family the objective needs (also a ValueError: the CLI reports it in one line)."""
 
 
+SPARSE_PATHS = ("gather", "dense")  # FCMAE / ConvMAE compute paths of the same masked semantics
+
+
+def check_objective_args(mask_ratio: float, decoder_dim: int, decoder_depth: int, decoder_heads: int | None = None,
+                         sparse: str | None = None) -> None:
+    """The objectives' shared argument checks, one ValueError naming the problem. ``decoder_heads``: a Transformer
+    decoder with a 2-D sin-cos table (MAE, ConvMAE); ``sparse``: the compute path (FCMAE, ConvMAE)."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    if sparse is not None and sparse not in SPARSE_PATHS:
+        raise ValueError(f"sparse must be 'gather' or 'dense', got {sparse!r}")
+    if decoder_depth < 0 or decoder_dim < 1:
+        raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0 and decoder_dim ({decoder_dim}) >= 1")
+    if decoder_heads is not None:
+        if decoder_heads < 1:
+            raise ValueError(f"decoder_heads ({decoder_heads}) must be >= 1")
+        if decoder_dim % decoder_heads or decoder_dim % 4:
+            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4 "
+                             "(2-D sin-cos position table)")
+
+
 @dataclass
 class MaskedOutput:
     loss: torch.Tensor  # scalar, mean over masked patches only

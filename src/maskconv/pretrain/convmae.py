@@ -2,7 +2,7 @@
 multi-scale fusion, MAE decoder, norm-pix loss on masked 16x16 patches.
 
 Paper: Gao et al., "ConvMAE: Masked Convolution Meets Masked Autoencoders" (arXiv:2205.03892); official code
-Alpha-VL/ConvMAE ``models_convmae.py``. Facts: shared/reference/OFFICIAL.md §4.
+Alpha-VL/ConvMAE ``models_convmae.py``.
 
 The encoder is the plain ``ConvViT`` backbone (``maskconv.models.convmae``): same weights, same keys, so
 ``encoder_state_dict()`` loads strict into ``create_model(name, num_classes=0)``. This module owns what only
@@ -30,17 +30,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from ..layers import LayerNorm, layer_norm_fp32
+from ..layers import LayerNorm, init_mae
 from ..layers.pos_embed import sincos_pos_embed_2d
 from ..layers.transformer import Block
 from ..models import register_checkpoint_filter
 from ..models.convmae import CBlock, ConvViT, PatchEmbed
-from ..models.convnext import _pointwise  # a 1x1 conv on tokens (N_vis, C)
-from .fcmae import _gather, _scatter
-from .mae import _init_mae
-from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, split_official_state
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, check_objective_args, split_official_state
+from ._tokens import gather_tokens, scatter_tokens
 from .masking import check_mask, upsample_mask, visible_index
 
 
@@ -48,28 +45,24 @@ ConvMAEOutput = MaskedOutput  # loss, pred (B, L, p*p*C), mask (B, h, w) bool
 
 
 # ---- gathered stages 1-2 (pointwise work on visible positions only) ---------------------------------------
-def _ln(t: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
-    return layer_norm_fp32(t, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-
-
+# Composes the CBlock's own sub-steps (``mix_in`` / ``spatial`` / ``mix_out`` / ``channel``), the ones its dense
+# forward runs: only the token layout and the per-sample drop path are written here.
 def _drop(blk: CBlock, y: torch.Tensor, b: int) -> torch.Tensor:
     """Stochastic depth per sample on sample-major tokens (N_vis, C) (every sample has N_vis / B of them)."""
     return blk.drop_path(y.view(b, -1, y.shape[-1])).view_as(y)
 
 
-def _cblock_gather(blk: CBlock, t: torch.Tensor, idx: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+def cblock_gather(blk: CBlock, t: torch.Tensor, idx: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
     """``t`` (N_vis, C) visible tokens of an h x w map; only the depthwise conv sees the (zero-filled) map."""
-    y = _pointwise(_ln(t, blk.norm1), blk.conv1)
-    y = blk.attn(_scatter(y, idx, b, h, w))  # (B, C, H, W); masked inputs are zero = the masked convolution
-    t = t + _drop(blk, _pointwise(_gather(y.permute(0, 2, 3, 1), idx), blk.conv2), b)
-    y = _pointwise(blk.mlp.act(_pointwise(_ln(t, blk.norm2), blk.mlp.fc1)), blk.mlp.fc2)
-    return t + _drop(blk, y, b)
+    y = blk.spatial(scatter_tokens(blk.mix_in(t), idx, b, h, w))  # masked inputs are zero = the masked conv
+    t = t + _drop(blk, blk.mix_out(gather_tokens(y.permute(0, 2, 3, 1), idx)), b)
+    return t + _drop(blk, blk.channel(t), b)
 
 
 def _embed_gather(pe: PatchEmbed, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Patch-embed a (zero-filled) map and keep the visible cells: conv on the map, LN + GELU on tokens."""
     y = pe.proj(x)  # (B, C, H', W'); k = s: a visible output cell reads only visible input cells
-    return pe.act(_ln(_gather(y.permute(0, 2, 3, 1), idx), pe.norm))  # (N_vis, C)
+    return pe.act(pe.norm.forward_last(gather_tokens(y.permute(0, 2, 3, 1), idx)))  # (N_vis, C)
 
 
 # ---- objective ---------------------------------------------------------------------------------------------
@@ -90,16 +83,7 @@ class ConvMAE(MaskedImageObjective):
         super().__init__()
         if not isinstance(encoder, ConvViT):
             raise EncoderTypeError(f"ConvMAE needs a maskconv ConvViT encoder (convmae_*), got {type(encoder).__name__}")
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if sparse not in ("gather", "dense"):
-            raise ValueError(f"sparse must be 'gather' or 'dense', got {sparse!r}")
-        if decoder_depth < 0 or decoder_dim < 1 or decoder_heads < 1:
-            raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0, decoder_dim ({decoder_dim}) and "
-                             f"decoder_heads ({decoder_heads}) >= 1")
-        if decoder_dim % decoder_heads or decoder_dim % 4:
-            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4 "
-                             "(2-D sin-cos position table)")
+        check_objective_args(mask_ratio, decoder_dim, decoder_depth, decoder_heads, sparse)
         self.encoder = encoder
         # Frozen: fc_norm is unused in pretraining (DDP must not wait for its gradient), pos_embed is the fixed table.
         encoder.reset_classifier(0)
@@ -120,9 +104,9 @@ class ConvMAE(MaskedImageObjective):
         self.decoder_norm = LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * self.in_chans)
         for m in (self.norm, self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_mae)
+            m.apply(init_mae)
         if mae_init:
-            encoder.apply(_init_mae)
+            encoder.apply(init_mae)
             w = encoder.patch_embed3.proj.weight.data
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # "like nn.Linear", as the official code
             with torch.no_grad():  # the fixed sin-cos table (a handed-in encoder may hold a learned one)
@@ -134,9 +118,9 @@ class ConvMAE(MaskedImageObjective):
         """Official: every position computed, depthwise inputs masked. Returns the stage-2 map and the fusion
         maps (B, C3, h, w) of stages 1 and 2."""
         enc = self.encoder
-        x = enc._run(enc.blocks1, enc.patch_embed1(x), upsample_mask(mask, 4).unsqueeze(1))
+        x = enc.run_blocks(enc.patch_embed1(x), enc.blocks1, upsample_mask(mask, 4).unsqueeze(1))
         s1 = self.stage1_output_decode(x)
-        x = enc._run(enc.blocks2, enc.patch_embed2(x), upsample_mask(mask, 2).unsqueeze(1))
+        x = enc.run_blocks(enc.patch_embed2(x), enc.blocks2, upsample_mask(mask, 2).unsqueeze(1))
         return x, s1, self.stage2_output_decode(x)
 
     def _stages12_gather(self, x: torch.Tensor, mask: torch.Tensor):
@@ -147,12 +131,8 @@ class ConvMAE(MaskedImageObjective):
             idx = visible_index(upsample_mask(mask, 4 >> i))  # stage 1: 4x4 cells per token, stage 2: 2x2
             h, w = mask.shape[1] * (4 >> i), mask.shape[2] * (4 >> i)
             t = _embed_gather(pe, x, idx)
-            for blk in blocks:
-                if enc.grad_checkpointing and torch.is_grad_enabled():
-                    t = checkpoint(_cblock_gather, blk, t, idx, b, h, w, use_reentrant=False)
-                else:
-                    t = _cblock_gather(blk, t, idx, b, h, w)
-            x = _scatter(t, idx, b, h, w)  # (B, C, H, W), zero at masked cells
+            t = enc.run_blocks(t, blocks, idx, b, h, w, step=cblock_gather)
+            x = scatter_tokens(t, idx, b, h, w)  # (B, C, H, W), zero at masked cells
             out.append((self.stage1_output_decode if i == 0 else self.stage2_output_decode)(x))
         return x, out[0], out[1]
 
@@ -172,7 +152,7 @@ class ConvMAE(MaskedImageObjective):
         t = enc.patch_embed4(x.flatten(2).transpose(1, 2)) + enc.pos_embed_for(h, w)  # (B, L, C3)
         vis = ~mask.flatten(1)  # (B, L)
         t = t[vis].view(b, -1, c)  # (B, L_vis, C3): every sample keeps the same count
-        t = enc._run(enc.blocks3, t)
+        t = enc.run_blocks(t, enc.blocks3)
         # multi-scale fusion: added to the blocks' output, before the final norm (official)
         fuse = (s1 + s2).flatten(2).transpose(1, 2)[vis].view(b, -1, c)
         return self.norm(t + fuse)

@@ -1,7 +1,7 @@
 """FCMAE: ConvNeXt V2's fully convolutional masked autoencoder, in pure PyTorch.
 
 Paper: Woo et al., "ConvNeXt V2" (arXiv:2301.00808), §3; official code facebookresearch/ConvNeXt-V2
-(models/fcmae.py, MinkowskiEngine encoder). Facts: shared/reference/OFFICIAL.md §2.3.
+(``models/fcmae.py``, MinkowskiEngine encoder ``models/convnextv2_sparse.py``).
 
 The encoder is a plain ``ConvNeXt`` from ``maskconv.models`` (same weights, same keys); this module runs it
 under a mask with one of two implementations of the same (submanifold sparse conv) semantics:
@@ -24,30 +24,27 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..layers import layer_norm_fp32
+from ..layers import init_trunc_normal
 from ..models import BackboneOnlyCheckpointError, register_checkpoint_filter
-from ..models.convnext import ConvNeXt, ConvNeXtBlock, _init_weights, _pointwise
-from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput
+from ..models.convnext import ConvNeXt, ConvNeXtBlock
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, check_objective_args
+from ._tokens import gather_tokens, scatter_tokens
 from .masking import check_mask, upsample_mask, visible_index
 
 
 FCMAEOutput = MaskedOutput  # loss, pred (B, L, p*p*C), mask (B, h, w) bool
 
 
+# Both paths compose the block's own sub-steps (``ConvNeXtBlock.spatial`` / ``channel`` / ``residual``), the ones
+# its dense forward runs: only the masking and the token layout are written here.
+
 # ---- dense-masked reference path ---------------------------------------------------------------------------
-def _block_dense(blk: ConvNeXtBlock, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, C, H, W) zero at masked cells; ``hidden`` (B, 1, H, W) bool."""
-    y = blk.conv_dw(x).masked_fill(hidden, 0).permute(0, 2, 3, 1)  # (B, H, W, C)
-    y = blk.norm(y)
-    mlp = blk.mlp
-    h = mlp.act(_pointwise(y, mlp.fc1))  # (B, H, W, 4C)
-    if mlp.grn is not None:  # statistics over visible cells only: zero the rest first
-        h = mlp.grn(h.masked_fill(hidden.permute(0, 2, 3, 1), 0))
-    y = _pointwise(h, mlp.fc2)
-    if blk.gamma is not None:
-        y = y * blk.gamma
-    y = y.permute(0, 3, 1, 2).masked_fill(hidden, 0)
-    return x + blk.drop_path(y)
+def block_dense(blk: ConvNeXtBlock, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) zero at masked cells; ``hidden`` (B, 1, H, W) bool. GRN statistics over visible cells
+    (the hidden cells are zeroed before it), the branch re-zeroed at masked cells before the residual."""
+    y = blk.spatial(x).masked_fill(hidden, 0).permute(0, 2, 3, 1)  # (B, H, W, C)
+    y = blk.channel(y, hidden.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).masked_fill(hidden, 0)  # (B, C, H, W)
+    return blk.residual(x, y)
 
 
 def encode_dense(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -63,37 +60,18 @@ def encode_dense(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.Te
             hidden = upsample_mask(mask, scale).unsqueeze(1)
             y = y.masked_fill(hidden, 0)
         for blk in stage.blocks:
-            y = _block_dense(blk, y, hidden)
+            y = block_dense(blk, y, hidden)
     return y
 
 
 # ---- gathered sparse path ----------------------------------------------------------------------------------
-def _gather(nhwc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) -> (N_vis, C) rows at flat indices ``idx``."""
-    return nhwc.reshape(-1, nhwc.shape[-1]).index_select(0, idx)
-
-
-def _scatter(tokens: torch.Tensor, idx: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
-    """(N_vis, C) -> (B, C, H, W) channels_last map, zero at masked cells."""
-    c = tokens.shape[-1]
-    full = tokens.new_zeros(b * h * w, c).index_copy(0, idx, tokens)
-    return full.view(b, h, w, c).permute(0, 3, 1, 2)
-
-
-def _block_gather(blk: ConvNeXtBlock, t: torch.Tensor, idx: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+def block_gather(blk: ConvNeXtBlock, t: torch.Tensor, idx: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
     """``t`` (N_vis, C) visible tokens, sample-major. Only the depthwise conv sees the full map."""
     n, c = t.shape
-    y = blk.conv_dw(_scatter(t, idx, b, h, w))  # (B, C, H, W)
+    y = blk.spatial(scatter_tokens(t, idx, b, h, w))  # (B, C, H, W)
     # (B, L, 1, C): per-sample view so GRN pools over this sample's visible cells (dims 1, 2)
-    y = _gather(y.permute(0, 2, 3, 1), idx).view(b, n // b, 1, c)
-    y = blk.mlp(blk.norm(y))
-    if blk.gamma is not None:
-        y = y * blk.gamma
-    return t + blk.drop_path(y).view(n, c)
-
-
-def _ln_tokens(t: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
-    return layer_norm_fp32(t, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    y = blk.channel(gather_tokens(y.permute(0, 2, 3, 1), idx).view(b, n // b, 1, c))
+    return blk.residual(t.view(b, n // b, 1, c), y).view(n, c)
 
 
 def encode_gather(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,18 +81,18 @@ def encode_gather(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.T
     y = enc.stem[0](x.contiguous(memory_format=torch.channels_last))  # patchify conv: no overlap, no leak
     h, w = y.shape[-2:]
     idx = visible_index(upsample_mask(mask, scale))
-    t = _ln_tokens(_gather(y.permute(0, 2, 3, 1), idx), enc.stem[1])  # (N_vis, C0)
+    t = enc.stem[1].forward_last(gather_tokens(y.permute(0, 2, 3, 1), idx))  # (N_vis, C0)
     for i, stage in enumerate(enc.stages):
         if i > 0:
             ln, conv = stage.downsample
-            y = conv(_scatter(_ln_tokens(t, ln), idx, b, h, w))
+            y = conv(scatter_tokens(ln.forward_last(t), idx, b, h, w))
             h, w = y.shape[-2:]
             scale //= 2
             idx = visible_index(upsample_mask(mask, scale))
-            t = _gather(y.permute(0, 2, 3, 1), idx)
+            t = gather_tokens(y.permute(0, 2, 3, 1), idx)
         for blk in stage.blocks:
-            t = _block_gather(blk, t, idx, b, h, w)
-    return _scatter(t, idx, b, h, w)
+            t = block_gather(blk, t, idx, b, h, w)
+    return scatter_tokens(t, idx, b, h, w)
 
 
 # ---- objective ---------------------------------------------------------------------------------------------
@@ -131,17 +109,12 @@ class FCMAE(MaskedImageObjective):
         super().__init__()
         if not isinstance(encoder, ConvNeXt):
             raise EncoderTypeError(f"FCMAE needs a maskconv ConvNeXt encoder, got {type(encoder).__name__}")
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        check_objective_args(mask_ratio, decoder_dim, decoder_depth, sparse=sparse)
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules()):
             # e.g. SLaK's conv-BN branches: no leak (BN is per channel), but not submanifold-sparse semantics
             warnings.warn(f"{type(encoder).__name__} has BatchNorm layers: under FCMAE their training-mode batch "
                           "statistics include the zeroed masked positions (LayerNorm/GRN use visible ones only)",
                           stacklevel=2)
-        if sparse not in ("gather", "dense"):
-            raise ValueError(f"sparse must be 'gather' or 'dense', got {sparse!r}")
-        if decoder_depth < 0 or decoder_dim < 1:
-            raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0 and decoder_dim ({decoder_dim}) >= 1")
         self.encoder = encoder
         # The classifier head is not used in pretraining; freezing it keeps DDP from waiting for its gradients.
         encoder.reset_classifier(0)
@@ -156,7 +129,7 @@ class FCMAE(MaskedImageObjective):
                                        for _ in range(decoder_depth)])
         self.pred = nn.Conv2d(decoder_dim, self.patch_size**2 * self.in_chans, 1)
         for m in (self.proj, self.decoder, self.pred):
-            m.apply(_init_weights)
+            m.apply(init_trunc_normal)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

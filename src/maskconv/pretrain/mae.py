@@ -1,7 +1,7 @@
 """MAE: masked autoencoder pretraining of a Vision Transformer.
 
 Paper: He et al., "Masked Autoencoders Are Scalable Vision Learners" (arXiv:2111.06377); official code
-facebookresearch/mae ``models_mae.py``. Facts: shared/reference/OFFICIAL.md §3.
+facebookresearch/mae ``models_mae.py``.
 
 The encoder is the plain ``VisionTransformer`` (``maskconv.models.vit``): same weights, same keys, so
 ``encoder_state_dict()`` loads strict into ``create_model(name, num_classes=0)`` and timm's same-named model.
@@ -24,10 +24,10 @@ import math
 import torch
 import torch.nn as nn
 
-from ..layers import Block, LayerNorm, sincos_pos_embed_2d
+from ..layers import Block, LayerNorm, init_mae, sincos_pos_embed_2d
 from ..models import register_checkpoint_filter
 from ..models.vit import VisionTransformer
-from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, split_official_state
+from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, check_objective_args, split_official_state
 from .masking import check_mask
 
 __all__ = ["MAE", "MAEOutput", "checkpoint_filter_fn"]
@@ -56,14 +56,7 @@ class MAE(MaskedImageObjective):
         if not isinstance(encoder.norm, nn.LayerNorm):
             raise ValueError("MAE pretrains the encoder with its final 'norm': build it with global_pool='token' "
                              "(the default); fine-tune later with global_pool='avg' as MAE does")
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if decoder_depth < 0 or decoder_dim < 1 or decoder_heads < 1:
-            raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0, decoder_dim ({decoder_dim}) and "
-                             f"decoder_heads ({decoder_heads}) >= 1")
-        if decoder_dim % decoder_heads or decoder_dim % 4:
-            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads} and by 4 "
-                             "(2-D sin-cos position table)")
+        check_objective_args(mask_ratio, decoder_dim, decoder_depth, decoder_heads)
         if encoder.embed_dim % 4:
             raise ValueError(f"encoder width {encoder.embed_dim} must be divisible by 4 (2-D sin-cos position table)")
         self.encoder = encoder
@@ -85,10 +78,10 @@ class MAE(MaskedImageObjective):
             w = encoder.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear, not a conv (official)
             nn.init.normal_(encoder.cls_token, std=0.02)
-            encoder.blocks.apply(_init_mae)
-            encoder.norm.apply(_init_mae)
+            encoder.blocks.apply(init_mae)
+            encoder.norm.apply(init_mae)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_mae)
+            m.apply(init_mae)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,17 +115,6 @@ class MAE(MaskedImageObjective):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-
-def _init_mae(m: nn.Module) -> None:
-    """MAE ``_init_weights`` (also official ConvMAE's): xavier_uniform Linear weights, zero biases; LayerNorm 1 / 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ---- checkpoint layouts -----------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from ._plot import pyplot, save
 
 
-def _pairwise_cosine_distance(x: torch.Tensor) -> torch.Tensor:
-    """x (B, H, W, C) channels-last or (B, C, H, W) -> (B,) mean over channel pairs of (1 - cos) / 2."""
+def pairwise_cosine_distance(x: torch.Tensor) -> torch.Tensor:
+    """x (B, H, W, C) channels-last -> (B,) mean over channel pairs of (1 - cos) / 2."""
     v = F.normalize(x.flatten(1, 2).transpose(1, 2).float(), dim=2)  # (B, C, HW)
     sim = v @ v.transpose(1, 2)  # (B, C, C)
     return ((1 - sim) / 2).mean(dim=(1, 2))
@@ -24,29 +24,35 @@ def _pairwise_cosine_distance(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def feature_collapse(model, images: torch.Tensor, where: str = "block", batch_size: int = 32) -> list[dict]:
-    """``[{layer, name, distance}]`` for every block of a ConvNeXt, over ``images`` (N, C, H, W)."""
-    if where not in ("block", "mlp"):
-        raise ValueError(f"where={where!r}: use 'block' or 'mlp'")
-    blocks = [(f"stages.{i}.blocks.{j}", b) for i, st in enumerate(model.stages) for j, b in enumerate(st.blocks)]
-    sums = torch.zeros(len(blocks), dtype=torch.float64)
-    hooks = []
-    for k, (_, blk) in enumerate(blocks):
-        if where == "block":
-            fn = (lambda k: lambda m, i, o: sums.__setitem__(k, sums[k] + _pairwise_cosine_distance(
-                o.permute(0, 2, 3, 1)).double().sum()))(k)
-            hooks.append(blk.register_forward_hook(fn))
-        else:
-            fn = (lambda k: lambda m, i, o: sums.__setitem__(k, sums[k] + _pairwise_cosine_distance(o).double().sum()))(k)
-            hooks.append(blk.mlp.act.register_forward_hook(fn))
+    """``[{layer, name, distance}]`` for every block of a ConvNeXt, over ``images`` (N, C, H, W).
+
+    Features are read at the model's documented hook points (``ConvNeXt.feature_modules``), which run in every
+    mode (the no-grad fast path included)."""
+    points = model.feature_modules(where)  # ValueError naming the choices for another ``where``
+    sums = torch.zeros(len(points), dtype=torch.float64)
+    calls = [0] * len(points)
+
+    def reader(k: int):
+        def hook(module, args, out):
+            nhwc = out.permute(0, 2, 3, 1) if where == "block" else out  # (B, H, W, C)
+            sums[k] += pairwise_cosine_distance(nhwc).double().sum()
+            calls[k] += 1
+        return hook
+
+    hooks = [m.register_forward_hook(reader(k)) for k, (_, m) in enumerate(points)]
     model.eval()
     try:
-        for chunk in images.split(batch_size):
+        chunks = images.split(batch_size)
+        for chunk in chunks:
             model.forward_features(chunk)
     finally:
         for h in hooks:
             h.remove()
+    if calls != [len(chunks)] * len(points):  # a feature the forward did not produce must not read as 0.0
+        raise RuntimeError(f"feature hook points ran {calls} times for {len(chunks)} batches: the model's forward "
+                           f"skipped a documented '{where}' feature point")
     n = len(images)
-    return [dict(layer=k, name=name, distance=(sums[k] / n).item()) for k, (name, _) in enumerate(blocks)]
+    return [dict(layer=k, name=name, distance=(sums[k] / n).item()) for k, (name, _) in enumerate(points)]
 
 
 def plot_collapse(results: dict[str, list[dict]], path: str | Path, title: str | None = None) -> Path:

@@ -1,6 +1,7 @@
 """Everything the CLI does, as importable functions (the CLI only parses arguments and calls these)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -204,28 +205,44 @@ def run_visualize_erf(models: list[str], checkpoints: list[str | None] | None, i
     return results
 
 
-def run_export(model: str, out: str | Path, format: str = "onnx", checkpoint: str | Path | None = None,
-               img_size: int | tuple[int, int] = 224, reparam: bool = False, num_classes: int | None = None,
-               dynamic_batch: bool = True):
-    """Write ``model`` (random init, or ``checkpoint`` loaded with ``maskconv.load_checkpoint``) as ONNX or a
-    torch.export .pt2 file, check the reloaded file against PyTorch and print the max difference.
-    ``num_classes`` defaults to the checkpoint's classifier rows (0 = encoder only when it has none)."""
+def run_export(checkpoint: str | Path | None, out: str | Path, format: str = "onnx", model: str | None = None,
+               img_size: int | tuple[int, int] | None = None, reparam: bool = False, num_classes: int | None = None,
+               dynamic_batch: bool = True, random_weights: bool = False, weights: str = "raw"):
+    """Write the model of ``checkpoint`` (a run folder, or any weights file; the run's config rebuilds the exact
+    model: stem stride, channels, classes, pooling) as ONNX or a torch.export .pt2 file, check the reloaded file
+    against PyTorch, and write the preprocessing it expects beside it (``<name>.preprocessing.json``: size,
+    resize/crop, mean, std, channels). ``checkpoint=None`` exports random weights only with
+    ``random_weights=True`` (then ``model`` names the architecture). ``img_size`` defaults to the run's
+    ``data.img_size`` (224 without a run config); ``weights``: raw | ema for a run folder."""
+    from .config import DataCfg
     from .export import FORMATS, export_model
-    from .models import checkpoint_num_classes, load_checkpoint, read_state_dict
+    from .export.preprocess import preprocessing_spec, write_preprocessing
+    from .rebuild import load_trained
 
     if format not in FORMATS:  # before loading or building anything
         raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
-    sd = None
-    if checkpoint is not None:
-        sd = read_state_dict(checkpoint)  # a missing / unreadable file fails here, before building anything
-        if num_classes is None:
-            with torch.device("meta"):
-                num_classes = checkpoint_num_classes(sd, create_model(model))
-    net = create_model(model, **({} if num_classes is None else {"num_classes": num_classes}))
-    if sd is not None:
-        load_checkpoint(net, sd)
+    if checkpoint is None and not random_weights:
+        raise ValueError("no --checkpoint: give a run folder or a weights file (or --random-weights to export an "
+                         "untrained model on purpose)")
+    if checkpoint is None and model is None:
+        raise ValueError("--random-weights needs --model to name the architecture")
+    trained = load_trained(checkpoint, model, num_classes=num_classes, weights=weights)
+    net, cfg = trained.model, trained.config
+    if img_size is None:
+        img_size = cfg.data.img_size if cfg is not None else 224
+    h, w = (img_size, img_size) if isinstance(img_size, int) else (img_size[0], img_size[-1])
+    if cfg is not None and (h, w) != (cfg.data.img_size,) * 2:
+        print(f"note: tracing at {h}x{w} px; the model was trained and validated at {cfg.data.img_size} px")
     report = export_model(net, out, format, img_size, reparam=reparam, dynamic_batch=dynamic_batch)
+    data = dataclasses.replace(cfg.data if cfg is not None else DataCfg(), img_size=h)
+    spec = preprocessing_spec(data, getattr(net, "in_chans", 3), (h, w))
+    spec["model"] = trained.name
+    spec["weights"] = str(trained.weights) if trained.weights is not None else "random init"
+    if cfg is None:
+        spec["note"] = "no run config next to the weights: maskconv's default eval preprocessing at this size"
+    pre = write_preprocessing(spec, out)
     print(report)
+    print(f"preprocessing: {pre}")
     return report
 
 

@@ -76,12 +76,18 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="PNG to write (ratios go beside it as .json)")
     f.add_argument("--size", type=int, default=256, help="square input size (a multiple of the model's stride)")
     f.add_argument("--num-images", type=int, default=8)
-    x = sub.add_parser("export", help="ONNX / torch.export file of a model, checked against PyTorch")
-    x.add_argument("--model", required=True)
-    x.add_argument("--checkpoint", default=None, help="weights file (any layout maskconv.load_checkpoint reads)")
+    x = sub.add_parser("export", help="ONNX / torch.export file of a trained model, checked against PyTorch, with "
+                                      "its preprocessing written beside it")
+    x.add_argument("--checkpoint", default=None,
+                   help="a run folder, or a weights file (any layout maskconv.load_checkpoint reads); the run's "
+                        "config.json rebuilds the exact model (stem stride, channels, classes)")
+    x.add_argument("--model", default=None, help="architecture, when the weights file is not in a run folder")
+    x.add_argument("--weights", choices=("raw", "ema"), default="raw", help="which weights of a run folder")
+    x.add_argument("--random-weights", action="store_true", help="export --model untrained (no --checkpoint)")
     x.add_argument("--format", required=True, help="onnx | torch-export")
-    x.add_argument("--out", required=True, help="file to write (.onnx / .pt2)")
-    x.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="H [W] of the traced input")
+    x.add_argument("--out", required=True, help="file to write (.onnx / .pt2); NAME.preprocessing.json goes beside it")
+    x.add_argument("--img-size", type=int, nargs="+", default=None, metavar="S",
+                   help="H [W] of the traced input (default: the run's data.img_size, else 224)")
     x.add_argument("--reparam", action="store_true", help="merge re-parameterizable branches before exporting")
     x.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's classifier size")
     x.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)")
@@ -145,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "visualize" and args.what == "erf":
             api.run_visualize_erf(args.model, args.checkpoint, args.images, args.out, args.size, args.num_images)
         elif args.command == "export":
-            if len(args.img_size) > 2:
+            if args.img_size is not None and len(args.img_size) > 2:
                 raise ValueError(f"--img-size takes H or H W, got {args.img_size}")
             try:
-                api.run_export(args.model, args.out, args.format, args.checkpoint, tuple(args.img_size), args.reparam,
-                               args.num_classes, dynamic_batch=not args.static_batch)
+                api.run_export(args.checkpoint, args.out, args.format, args.model,
+                               None if args.img_size is None else tuple(args.img_size), args.reparam,
+                               args.num_classes, dynamic_batch=not args.static_batch,
+                               random_weights=args.random_weights, weights=args.weights)
             except RuntimeError as e:  # the reloaded file does not match PyTorch
                 print(f"maskconv: export failed: {e}", file=sys.stderr)
                 return 1

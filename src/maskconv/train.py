@@ -17,7 +17,7 @@ from .engine.loop import FitResult, fit
 from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights
 
 
-def _model_kwargs(cfg: Config, classifier: bool = False) -> dict:
+def model_kwargs(cfg: Config, classifier: bool = False) -> dict:
     m = cfg.model
     kw = dict(in_chans=m.in_chans, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate)
     if classifier:  # pooling belongs to the classifier; a pretraining encoder keeps its own
@@ -34,7 +34,7 @@ def run_pretrain(cfg: Config) -> FitResult:
     ob = cfg.objective
     ob_kw = dict(mask_ratio=ob.mask_ratio, decoder_dim=ob.decoder_dim, decoder_depth=ob.decoder_depth,
                  norm_pix_loss=ob.norm_pix_loss, sparse=ob.sparse)
-    obj = create_objective(ob.name, model=cfg.model.name, model_kwargs=_model_kwargs(cfg),
+    obj = create_objective(ob.name, model=cfg.model.name, model_kwargs=model_kwargs(cfg),
                            **{k: v for k, v in ob_kw.items() if v is not None})  # None: the objective's default
     if cfg.model.init:  # continue pretraining: a whole objective, or encoder weights in any layout
         try:
@@ -103,7 +103,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
                 val_per_class=per_class, val_confusion=conf.tolist(), val_images=n)
 
 
-def _probe_head(model: nn.Module, num_classes: int) -> nn.Module:
+def probe_head(model: nn.Module, num_classes: int) -> nn.Module:
     """MAE linear-probe head: BatchNorm without affine, then Linear (std 0.01 init). Returns the head."""
     probe = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
                           nn.Linear(model.num_features, num_classes))
@@ -115,7 +115,7 @@ def _probe_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Module:
-    kw = _model_kwargs(cfg, classifier=True)
+    kw = model_kwargs(cfg, classifier=True)
     if linprobe:
         kw["drop_path_rate"] = 0.0  # the frozen backbone must give the same features every time
     model = create_model(cfg.model.name, num_classes=num_classes, head_init_scale=cfg.model.head_init_scale, **kw)
@@ -135,7 +135,7 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     train_mode = None
     if linprobe:  # MAE protocol: frozen backbone, BatchNorm (no affine) + linear head
         model.requires_grad_(False)
-        probe = _probe_head(model, n)
+        probe = probe_head(model, n)
 
         def train_mode(m: nn.Module) -> None:  # frozen means frozen: backbone BatchNorm stats / dropout stay eval
             m.eval()
@@ -213,12 +213,12 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
             raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
         val = _eval_loader(cfg, classes, "train", batch_size)  # --data is a plain labeled folder
     with torch.device("meta"):  # the family's classifier name, without building real weights
-        num_classes = checkpoint_num_classes(ck["model"], create_model(cfg.model.name, **_model_kwargs(cfg, True)))
+        num_classes = checkpoint_num_classes(ck["model"], create_model(cfg.model.name, **model_kwargs(cfg, True)))
     if num_classes == 0:
         raise ValueError(f"{ckpt} holds no classifier weights: nothing to evaluate")
-    model = create_model(cfg.model.name, num_classes=num_classes, **_model_kwargs(cfg, classifier=True))
+    model = create_model(cfg.model.name, num_classes=num_classes, **model_kwargs(cfg, classifier=True))
     if ck["task"] == "linprobe":
-        _probe_head(model, num_classes)
+        probe_head(model, num_classes)
     weights, which = ck["model"], "trained"
     if ck.get("ema") is not None:  # evaluate the EMA weights when the run kept them (official recipes do)
         weights = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class ModelCfg:
     name: str = "convnextv2_atto"
     in_chans: int = 3
-    patch_size: int | None = None  # patch / stem stride; none = the model's own (ConvNeXt 4, ViT 16); 1-2 suit 28-32 px
+    stem_stride: int | None = None  # stem stride (ViT/ConvMAE: the patch); none = the model's own (4, ViT 16); 1-2 suit 28-32 px
     drop_path_rate: float = 0.0
     head_init_scale: float = 1.0
     global_pool: str | None = None  # classifier pooling; none = the model's own (ViT 'token'; MAE fine-tuning 'avg')
@@ -187,8 +187,18 @@ def _fields(obj) -> dict[str, tuple[object, object]]:
     return {f.name: (hints[f.name], getattr(obj, f.name)) for f in dataclasses.fields(obj)}
 
 
+# Renamed keys, still read from recipes, overrides and saved runs (config.json, checkpoints) with a warning.
+# model.patch_size meant the ConvNeXt stem stride, while timm's ConvNeXt patch_size=2 builds another network.
+RENAMED = {"model.patch_size": "model.stem_stride"}
+
+
 def set_key(cfg: Config, key: str, value) -> None:
     """Set ``section.field`` (or a top-level field) from a YAML/CLI value, type-checked."""
+    if key in RENAMED:
+        import warnings
+
+        warnings.warn(f"config key {key} is renamed {RENAMED[key]}; reading it as that", FutureWarning, stacklevel=2)
+        key = RENAMED[key]
     parts = key.split(".")
     obj = cfg
     for i, p in enumerate(parts):
@@ -254,7 +264,7 @@ _RANGES = [
     ("data.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"), ("data.reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
     ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.patch_size", lambda v: v is None or v >= 1, ">= 1"),
+    ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.stem_stride", lambda v: v is None or v >= 1, ">= 1"),
     ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"), ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("optim.blr", lambda v: v > 0, "> 0"), ("optim.lr", lambda v: v is None or v > 0, "> 0"),

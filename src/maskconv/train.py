@@ -14,12 +14,15 @@ from .data.build import build_dataset, build_transform, num_classes_of
 from .data.datasets import collate_skip
 from .engine import dist as D
 from .engine.loop import FitResult, fit
-from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights
+from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights, stem_stride_kwarg
 
 
 def model_kwargs(cfg: Config, classifier: bool = False) -> dict:
+    """``create_model`` keyword arguments of ``cfg.model`` (the stem stride under the family's own name)."""
     m = cfg.model
-    kw = dict(in_chans=m.in_chans, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate)
+    kw = dict(in_chans=m.in_chans, drop_path_rate=m.drop_path_rate)
+    if m.stem_stride is not None:
+        kw[stem_stride_kwarg(m.name)] = m.stem_stride
     if classifier:  # pooling belongs to the classifier; a pretraining encoder keeps its own
         kw["global_pool"] = m.global_pool
     return {k: v for k, v in kw.items() if v is not None}  # None: the model's own default
@@ -104,7 +107,8 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
 
 
 def probe_head(model: nn.Module, num_classes: int) -> nn.Module:
-    """MAE linear-probe head: BatchNorm without affine, then Linear (std 0.01 init). Returns the head."""
+    """Replace the classifier of ``model`` by the MAE linear-probe head: BatchNorm without affine, then Linear
+    (std 0.01 init). Returns the head."""
     probe = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
                           nn.Linear(model.num_features, num_classes))
     nn.init.trunc_normal_(probe[1].weight, std=0.01)

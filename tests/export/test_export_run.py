@@ -29,7 +29,7 @@ def _gray_folder(root, n_per_class=6, seed=0):
 def _finetune(tmp_path, *extra):
     data, run = _gray_folder(tmp_path / "data"), tmp_path / "ft"
     assert main(["finetune", "--model", "test_convnextv2", "--data", str(data), "--out", str(run),
-                 "model.patch_size=2", "model.in_chans=1", "data.img_size=32", "data.batch_size=4",
+                 "model.stem_stride=2", "model.in_chans=1", "data.img_size=32", "data.batch_size=4",
                  "data.num_workers=0", "optim.epochs=2", "optim.lr=2e-3", "run.progress=false", *extra]) == 0
     return data, run
 

@@ -10,5 +10,15 @@ from .convnext import ConvNeXt
 
 __all__ = [
     "CheckpointError", "ConvNeXt", "LoadReport", "checkpoint_num_classes", "create_model", "is_model", "list_models",
-    "load_checkpoint", "read_state_dict", "register_model", "save_weights",
+    "load_checkpoint", "read_state_dict", "register_model", "save_weights", "stem_stride_kwarg",
 ]
+
+
+def stem_stride_kwarg(name: str) -> str:
+    """The constructor argument of model ``name`` that sets its stem stride: ``stem_stride`` for the ConvNeXt
+    family (SLaK included; timm's ``patch_size`` means another network there at 2), ``patch_size`` for the
+    others (ViT and ConvMAE patch embeddings, as in timm / the official code; RepLKNet: fixed at 4)."""
+    import torch
+
+    with torch.device("meta"):  # the class only: no weights allocated
+        return "stem_stride" if isinstance(create_model(name), ConvNeXt) else "patch_size"

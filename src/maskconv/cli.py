@@ -47,10 +47,11 @@ def _build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("visualize", help="pictures of what a model learned")
     vsub = v.add_subparsers(dest="what", required=True)
     r = vsub.add_parser("recon", help="masked reconstructions from a pretraining checkpoint")
-    r.add_argument("--checkpoint", required=True, help="objective.safetensors of a pretraining run")
+    r.add_argument("--checkpoint", required=True, help="a pretraining run folder or its objective.safetensors")
     r.add_argument("--images", required=True, help="an image file, a folder, or fashion-mnist | photos | synthetic")
     r.add_argument("--out", required=True, help="PNG to write")
-    r.add_argument("--size", type=int, default=None, help="crop size (multiple of the patch size)")
+    r.add_argument("--size", type=int, default=None,
+                   help="crop size, a multiple of the patch size (default: the run's data.img_size)")
     r.add_argument("--mask-ratio", type=float, default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--limit", type=int, default=8, help="at most this many images")
@@ -59,15 +60,15 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None)
     k = vsub.add_parser("collapse", help="feature-collapse analysis (ConvNeXt V2 paper) of one or more models")
     k.add_argument("--checkpoint", action="append", default=None,
-                   help="run folder or weights file; repeat to compare models (none: random init)")
+                   help="run folder or weights file; repeat to compare models ('none': random init of --model)")
     k.add_argument("--model", default=None, help="architecture, when --checkpoint is a weights file")
     k.add_argument("--images", required=True, help="image file/folder, or fashion-mnist | photos | synthetic")
     k.add_argument("--out", required=True, help="PNG to write (numbers go beside it as .json)")
     k.add_argument("--where", choices=("block", "mlp"), default="block")
     k.add_argument("--limit", type=int, default=256)
-    k.add_argument("--size", type=int, default=None)
-    k.add_argument("--in-chans", type=int, default=None)
-    k.add_argument("--patch-size", type=int, default=None)
+    k.add_argument("--size", type=int, default=None, help="default: the run's data.img_size")
+    k.add_argument("--in-chans", type=int, default=None, help="default: the run's model.in_chans")
+    k.add_argument("--stem-stride", type=int, default=None, help="default: the run's model.stem_stride")
     f = vsub.add_parser("erf", help="effective receptive field (RepLKNet/SLaK method) of one or more models")
     f.add_argument("--model", action="append", required=True, help="architecture; repeat to compare models")
     f.add_argument("--checkpoint", action="append", default=None,
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {plot_curves(args.run, args.out)}")
         elif args.command == "visualize" and args.what == "collapse":
             api.run_visualize_collapse(args.checkpoint or [None], args.images, args.out, args.model, args.where,
-                                       args.limit, args.size, args.in_chans, args.patch_size)
+                                       args.limit, args.size, args.in_chans, args.stem_stride)
         elif args.command == "visualize" and args.what == "erf":
             api.run_visualize_erf(args.model, args.checkpoint, args.images, args.out, args.size, args.num_images)
         elif args.command == "export":

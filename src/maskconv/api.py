@@ -53,6 +53,8 @@ def model_table(pattern: str = "*", img_size: int = 224, throughput_max_params_m
 
     rows = []
     names = list_models(pattern, exclude_test=True)
+    if not names:  # nothing to measure: no (empty) progress bar either
+        return rows
     for name in tqdm(names, desc="models", disable=not progress):
         with torch.device("meta"):
             meta = create_model(name)

@@ -12,19 +12,100 @@ import sys
 # Short flags for the keys every run sets.
 ALIASES = {"--model": "model.name", "--data": "data.path", "--out": "run.out", "--init": "model.init",
            "--objective": "objective.name"}
+TASKS = {"pretrain": "masked-image pretraining (FCMAE / MAE / ConvMAE) on unlabeled images",
+         "finetune": "supervised fine-tuning (class sub-folders or a named dataset)",
+         "linprobe": "linear probe: a BatchNorm + linear classifier on a frozen backbone"}
+# Config keys a task never reads (a section name = all its keys); a new key is listed for every task until named
+# here. Pretraining has no labels or classifier; linear probing trains only the probe on eval-style crops.
+UNUSED = {
+    "pretrain": ("model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.rand_augment",
+                 "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing", "optim.layer_decay",
+                 "optim.layer_decay_scheme"),
+    "finetune": ("objective",),
+    "linprobe": ("objective", "sparse", "model.drop_path_rate", "model.head_init_scale", "data.crop_scale_min",
+                 "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "optim.layer_decay",
+                 "optim.layer_decay_scheme"),
+}
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def field_docs() -> dict[str, str]:
+    """``{'optim.blr': 'base lr for an effective batch of 256', ...}`` from the comments in config.py: a field's
+    own end-of-line comment, else the comment line(s) right above it; a field without either has no entry."""
+    import inspect
+    import io
+    import tokenize
+
+    from . import config
+
+    src = inspect.getsource(config)
+    comments = {t.start[0]: t.string.lstrip("# ").strip()
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    lines = src.splitlines()
+    sections = {f.name: type(f.default_factory()).__name__ for f in config.dataclasses.fields(config.Config)
+                if f.default_factory is not config.dataclasses.MISSING}
+    docs, cls = {}, None
+    for i, line in enumerate(lines, start=1):
+        if line.startswith("class "):
+            cls = line[len("class "):].split("(")[0].split(":")[0]
+            continue
+        if cls is None or not line.startswith("    ") or ":" not in line or line.strip().startswith(("#", '"')):
+            continue
+        name = line.strip().split(":")[0]
+        if not name.isidentifier():
+            continue
+        text = comments.get(i)
+        j = i - 1
+        while text is None and j in comments and lines[j - 1].strip().startswith("#"):  # a block above the field
+            text = comments[j]
+            j -= 1
+        section = next((k for k, v in sections.items() if v == cls), None)
+        if text and section:
+            docs[f"{section}.{name}"] = text
+    return docs
+
+
+def task_keys(task: str) -> list[str]:
+    """The config keys ``task`` reads (every key but those listed in ``UNUSED[task]``)."""
     from .config import flat_keys
 
-    p.add_argument("--recipe", help="YAML recipe: a file or a packaged name (see src/maskconv/recipes)")
+    skip = UNUSED.get(task, ())
+    return [k for k in flat_keys() if k != "task" and k not in skip and k.split(".")[0] not in skip]
+
+
+def recipe_names(task: str | None = None) -> list[str]:
+    """Packaged recipe names (``task``: only the recipes of that task)."""
+    from pathlib import Path
+
+    import yaml
+
+    out = []
+    for f in sorted((Path(__file__).parent / "recipes").glob("*.yaml")):
+        if task is None or (yaml.safe_load(f.read_text()) or {}).get("task", "pretrain") == task:
+            out.append(f.stem)
+    return out
+
+
+def _add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
+    from .config import flat_keys
+
+    docs, types = field_docs(), flat_keys()
+    names = ", ".join(recipe_names(task)) or "none packaged yet"
+    p.add_argument("--recipe", help=f"YAML recipe: a file, or a packaged {task} recipe ({names})")
     for flag, key in ALIASES.items():
-        p.add_argument(flag, dest=key, default=None, help=f"= {key}")
-    for key, (tp, default) in flat_keys().items():
-        if key in ALIASES.values() or key == "task":
+        if key in task_keys(task):
+            p.add_argument(flag, dest=key, default=None, help=f"{docs.get(key, key)} (= --{key})")
+    groups = {}
+    for key in task_keys(task):
+        if key in ALIASES.values():
             continue
-        p.add_argument(f"--{key}", dest=key, default=None, metavar="V",
-                       help=f"{getattr(tp, '__name__', str(tp))}, default {default!r}")
+        section = key.split(".")[0]
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section}.* options")
+        tp, default = types[key]
+        kind = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        desc = docs.get(key)
+        groups[section].add_argument(f"--{key}", dest=key, default=None, metavar="V",
+                                     help=f"{desc + '. ' if desc else ''}{kind}, default {default!r}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=5")
 
 
@@ -35,10 +116,9 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'convnextv2_*'")
     m.add_argument("--img-size", type=int, default=224)
     m.add_argument("--throughput", action="store_true", help="also measure CPU inference img/s (<=30M params)")
-    for task, text in (("pretrain", "masked-image pretraining on unlabeled images"),
-                       ("finetune", "supervised fine-tuning (class sub-folders or a named dataset)"),
-                       ("linprobe", "linear probe on a frozen backbone")):
-        _add_config_flags(sub.add_parser(task, help=text))
+    for task, text in TASKS.items():
+        _add_config_flags(sub.add_parser(task, help=text, description=f"{text}. Options not listed here are not read "
+                                         f"by {task}."), task)
     e = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a run")
     e.add_argument("--checkpoint", required=True, help="a finetune/linprobe run folder or its last.pt")
     e.add_argument("--data", default=None, help="dataset (default: the run's own validation data)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -124,7 +125,9 @@ def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Mod
         kw["drop_path_rate"] = 0.0  # the frozen backbone must give the same features every time
     model = create_model(cfg.model.name, num_classes=num_classes, head_init_scale=cfg.model.head_init_scale, **kw)
     if cfg.model.init:
-        rep = load_checkpoint(model, cfg.model.init, drop_mismatched_head=True)
+        with warnings.catch_warnings():  # what they say (head left at init) is in the one line below
+            warnings.filterwarnings("ignore", message=".*left at init", category=UserWarning)
+            rep = load_checkpoint(model, cfg.model.init, drop_mismatched_head=True)
         print(f"init from {cfg.model.init} ({rep.layout} layout; left at init: {', '.join(rep.skipped) or 'none'})")
     return model
 

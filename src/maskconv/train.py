@@ -15,6 +15,7 @@ from .data.build import build_dataset, build_transform, num_classes_of
 from .data.datasets import collate_skip
 from .engine import dist as D
 from .engine.loop import FitResult, fit
+from .rebuild import flatten
 from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights, stem_stride_kwarg
 
 
@@ -207,7 +208,7 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
     if ck.get("task") not in ("finetune", "linprobe"):
         raise ValueError(f"{ckpt} is a {ck.get('task')} run; eval needs a finetune or linprobe run")
     saved = ck["config"]
-    cfg = load_config(overrides={k: v for k, v in _flatten(saved).items() if k != "task"})
+    cfg = load_config(overrides={k: v for k, v in flatten(saved).items() if k != "task"})
     if data:
         cfg.data = DataCfg(**{**{k: getattr(cfg.data, k) for k in ("img_size", "num_workers")}, "path": data})
     cfg.model.init = None
@@ -247,13 +248,3 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
     except ImportError:
         pass
     return res
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

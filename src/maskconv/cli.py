@@ -106,6 +106,10 @@ def _add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
         desc = docs.get(key)
         groups[section].add_argument(f"--{key}", dest=key, default=None, metavar="V",
                                      help=f"{desc + '. ' if desc else ''}{kind}, default {default!r}")
+    from .config import RENAMED
+
+    for old in RENAMED:  # still accepted (set_key says it is renamed), not shown
+        p.add_argument(f"--{old}", dest=old, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=5")
 
 
@@ -149,6 +153,7 @@ def _build_parser() -> argparse.ArgumentParser:
     k.add_argument("--size", type=int, default=None, help="default: the run's data.img_size")
     k.add_argument("--in-chans", type=int, default=None, help="default: the run's model.in_chans")
     k.add_argument("--stem-stride", type=int, default=None, help="default: the run's model.stem_stride")
+    k.add_argument("--patch-size", dest="stem_stride", type=int, help=argparse.SUPPRESS)  # the old name
     f = vsub.add_parser("erf", help="effective receptive field (RepLKNet/SLaK method) of one or more models")
     f.add_argument("--model", action="append", required=True, help="architecture; repeat to compare models")
     f.add_argument("--checkpoint", action="append", default=None,

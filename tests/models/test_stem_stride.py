@@ -52,6 +52,11 @@ def test_old_patch_size_key_is_read_as_stem_stride(tmp_path):
     with pytest.warns(FutureWarning, match="model.patch_size is renamed model.stem_stride"):
         cfg = load_config(overrides=["model.patch_size=2"])
     assert cfg.model.stem_stride == 2
+    from maskconv.cli import _build_parser, config_from_args
+
+    with pytest.warns(FutureWarning):  # the old flag too
+        args = _build_parser().parse_args(["finetune", "--model.patch_size", "2", "--data", "synthetic"])
+        assert config_from_args(args).model.stem_stride == 2
     run = tmp_path / "run"  # a run folder written before the rename
     run.mkdir()
     saved = cfg.to_dict()

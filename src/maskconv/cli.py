@@ -12,19 +12,104 @@ import sys
 # Short flags for the keys every run sets.
 ALIASES = {"--model": "model.name", "--data": "data.path", "--out": "run.out", "--init": "model.init",
            "--objective": "objective.name"}
+TASKS = {"pretrain": "masked-image pretraining (FCMAE / MAE / ConvMAE) on unlabeled images",
+         "finetune": "supervised fine-tuning (class sub-folders or a named dataset)",
+         "linprobe": "linear probe: a BatchNorm + linear classifier on a frozen backbone"}
+# Config keys a task never reads (a section name = all its keys); a new key is listed for every task until named
+# here. Pretraining has no labels or classifier; linear probing trains only the probe on eval-style crops.
+UNUSED = {
+    "pretrain": ("model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.rand_augment",
+                 "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing", "optim.layer_decay",
+                 "optim.layer_decay_scheme"),
+    "finetune": ("objective",),
+    "linprobe": ("objective", "sparse", "model.drop_path_rate", "model.head_init_scale", "data.crop_scale_min",
+                 "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "optim.layer_decay",
+                 "optim.layer_decay_scheme"),
+}
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def field_docs() -> dict[str, str]:
+    """``{'optim.blr': 'base lr for an effective batch of 256', ...}`` from the comments in config.py: a field's
+    own end-of-line comment, else the comment line(s) right above it; a field without either has no entry."""
+    import inspect
+    import io
+    import tokenize
+
+    from . import config
+
+    src = inspect.getsource(config)
+    comments = {t.start[0]: t.string.lstrip("# ").strip()
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    lines = src.splitlines()
+    sections = {f.name: type(f.default_factory()).__name__ for f in config.dataclasses.fields(config.Config)
+                if f.default_factory is not config.dataclasses.MISSING}
+    docs, cls = {}, None
+    for i, line in enumerate(lines, start=1):
+        if line.startswith("class "):
+            cls = line[len("class "):].split("(")[0].split(":")[0]
+            continue
+        if cls is None or not line.startswith("    ") or ":" not in line or line.strip().startswith(("#", '"')):
+            continue
+        name = line.strip().split(":")[0]
+        if not name.isidentifier():
+            continue
+        text = comments.get(i)
+        j = i - 1
+        while text is None and j in comments and lines[j - 1].strip().startswith("#"):  # a block above the field
+            text = comments[j]
+            j -= 1
+        section = next((k for k, v in sections.items() if v == cls), None)
+        if text and section:
+            docs[f"{section}.{name}"] = text
+    return docs
+
+
+def task_keys(task: str) -> list[str]:
+    """The config keys ``task`` reads (every key but those listed in ``UNUSED[task]``)."""
     from .config import flat_keys
 
-    p.add_argument("--recipe", help="YAML recipe: a file or a packaged name (see src/maskconv/recipes)")
+    skip = UNUSED.get(task, ())
+    return [k for k in flat_keys() if k != "task" and k not in skip and k.split(".")[0] not in skip]
+
+
+def recipe_names(task: str | None = None) -> list[str]:
+    """Packaged recipe names (``task``: only the recipes of that task)."""
+    from pathlib import Path
+
+    import yaml
+
+    out = []
+    for f in sorted((Path(__file__).parent / "recipes").glob("*.yaml")):
+        if task is None or (yaml.safe_load(f.read_text()) or {}).get("task", "pretrain") == task:
+            out.append(f.stem)
+    return out
+
+
+def _add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
+    from .config import flat_keys
+
+    docs, types = field_docs(), flat_keys()
+    names = ", ".join(recipe_names(task)) or "none packaged yet"
+    p.add_argument("--recipe", help=f"YAML recipe: a file, or a packaged {task} recipe ({names})")
     for flag, key in ALIASES.items():
-        p.add_argument(flag, dest=key, default=None, help=f"= {key}")
-    for key, (tp, default) in flat_keys().items():
-        if key in ALIASES.values() or key == "task":
+        if key in task_keys(task):
+            p.add_argument(flag, dest=key, default=None, help=f"{docs.get(key, key)} (= --{key})")
+    groups = {}
+    for key in task_keys(task):
+        if key in ALIASES.values():
             continue
-        p.add_argument(f"--{key}", dest=key, default=None, metavar="V",
-                       help=f"{getattr(tp, '__name__', str(tp))}, default {default!r}")
+        section = key.split(".")[0]
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section}.* options")
+        tp, default = types[key]
+        kind = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        desc = docs.get(key)
+        groups[section].add_argument(f"--{key}", dest=key, default=None, metavar="V",
+                                     help=f"{desc + '. ' if desc else ''}{kind}, default {default!r}")
+    from .config import RENAMED
+
+    for old in RENAMED:  # still accepted (set_key says it is renamed), not shown
+        p.add_argument(f"--{old}", dest=old, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=5")
 
 
@@ -35,10 +120,9 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'convnextv2_*'")
     m.add_argument("--img-size", type=int, default=224)
     m.add_argument("--throughput", action="store_true", help="also measure CPU inference img/s (<=30M params)")
-    for task, text in (("pretrain", "masked-image pretraining on unlabeled images"),
-                       ("finetune", "supervised fine-tuning (class sub-folders or a named dataset)"),
-                       ("linprobe", "linear probe on a frozen backbone")):
-        _add_config_flags(sub.add_parser(task, help=text))
+    for task, text in TASKS.items():
+        _add_config_flags(sub.add_parser(task, help=text, description=f"{text}. Options not listed here are not read "
+                                         f"by {task}."), task)
     e = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a run")
     e.add_argument("--checkpoint", required=True,
                    help="a finetune/linprobe run folder, its last.pt, or a weights file (model[_ema].safetensors)")
@@ -50,14 +134,16 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="architecture, when the weights file has no config.json beside it")
     e.add_argument("--img-size", type=int, default=None, help="default: the run's data.img_size")
     e.add_argument("--in-chans", type=int, default=None, help="default: the run's model.in_chans")
-    e.add_argument("--patch-size", type=int, default=None, help="default: the run's model.patch_size")
+    e.add_argument("--stem-stride", type=int, default=None, help="default: the run's model.stem_stride")
+    e.add_argument("--patch-size", dest="stem_stride", type=int, help=argparse.SUPPRESS)  # the old name
     v = sub.add_parser("visualize", help="pictures of what a model learned")
     vsub = v.add_subparsers(dest="what", required=True)
     r = vsub.add_parser("recon", help="masked reconstructions from a pretraining checkpoint")
-    r.add_argument("--checkpoint", required=True, help="objective.safetensors of a pretraining run")
+    r.add_argument("--checkpoint", required=True, help="a pretraining run folder or its objective.safetensors")
     r.add_argument("--images", required=True, help="an image file, a folder, or fashion-mnist | photos | synthetic")
     r.add_argument("--out", required=True, help="PNG to write")
-    r.add_argument("--size", type=int, default=None, help="crop size (multiple of the patch size)")
+    r.add_argument("--size", type=int, default=None,
+                   help="crop size, a multiple of the patch size (default: the run's data.img_size)")
     r.add_argument("--mask-ratio", type=float, default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--limit", type=int, default=8, help="at most this many images")
@@ -66,15 +152,16 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None)
     k = vsub.add_parser("collapse", help="feature-collapse analysis (ConvNeXt V2 paper) of one or more models")
     k.add_argument("--checkpoint", action="append", default=None,
-                   help="run folder or weights file; repeat to compare models (none: random init)")
+                   help="run folder or weights file; repeat to compare models ('none': random init of --model)")
     k.add_argument("--model", default=None, help="architecture, when --checkpoint is a weights file")
     k.add_argument("--images", required=True, help="image file/folder, or fashion-mnist | photos | synthetic")
     k.add_argument("--out", required=True, help="PNG to write (numbers go beside it as .json)")
     k.add_argument("--where", choices=("block", "mlp"), default="block")
     k.add_argument("--limit", type=int, default=256)
-    k.add_argument("--size", type=int, default=None)
-    k.add_argument("--in-chans", type=int, default=None)
-    k.add_argument("--patch-size", type=int, default=None)
+    k.add_argument("--size", type=int, default=None, help="default: the run's data.img_size")
+    k.add_argument("--in-chans", type=int, default=None, help="default: the run's model.in_chans")
+    k.add_argument("--stem-stride", type=int, default=None, help="default: the run's model.stem_stride")
+    k.add_argument("--patch-size", dest="stem_stride", type=int, help=argparse.SUPPRESS)  # the old name
     f = vsub.add_parser("erf", help="effective receptive field (RepLKNet/SLaK method) of one or more models")
     f.add_argument("--model", action="append", required=True, help="architecture; repeat to compare models")
     f.add_argument("--checkpoint", action="append", default=None,
@@ -83,12 +170,18 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="PNG to write (ratios go beside it as .json)")
     f.add_argument("--size", type=int, default=256, help="square input size (a multiple of the model's stride)")
     f.add_argument("--num-images", type=int, default=8)
-    x = sub.add_parser("export", help="ONNX / torch.export file of a model, checked against PyTorch")
-    x.add_argument("--model", required=True)
-    x.add_argument("--checkpoint", default=None, help="weights file (any layout maskconv.load_checkpoint reads)")
+    x = sub.add_parser("export", help="ONNX / torch.export file of a trained model, checked against PyTorch, with "
+                                      "its preprocessing written beside it")
+    x.add_argument("--checkpoint", default=None,
+                   help="a run folder, or a weights file (any layout maskconv.load_checkpoint reads); the run's "
+                        "config.json rebuilds the exact model (stem stride, channels, classes)")
+    x.add_argument("--model", default=None, help="architecture, when the weights file is not in a run folder")
+    x.add_argument("--weights", choices=("raw", "ema"), default="raw", help="which weights of a run folder")
+    x.add_argument("--random-weights", action="store_true", help="export --model untrained (no --checkpoint)")
     x.add_argument("--format", required=True, help="onnx | torch-export")
-    x.add_argument("--out", required=True, help="file to write (.onnx / .pt2)")
-    x.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="H [W] of the traced input")
+    x.add_argument("--out", required=True, help="file to write (.onnx / .pt2); NAME.preprocessing.json goes beside it")
+    x.add_argument("--img-size", type=int, nargs="+", default=None, metavar="S",
+                   help="H [W] of the traced input (default: the run's data.img_size, else 224)")
     x.add_argument("--reparam", action="store_true", help="merge re-parameterizable branches before exporting")
     x.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's classifier size")
     x.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)")
@@ -151,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             getattr(api, f"run_{args.command}")(cfg)
         elif args.command == "eval":
             api.run_eval(args.checkpoint, args.data, args.out, args.batch_size, weights=args.weights, model=args.model,
-                         img_size=args.img_size, in_chans=args.in_chans, patch_size=args.patch_size)
+                         img_size=args.img_size, in_chans=args.in_chans, stem_stride=args.stem_stride)
         elif args.command == "visualize" and args.what == "recon":
             api.run_visualize_recon(args.checkpoint, args.images, args.out, args.size, args.mask_ratio,
                                     args.seed, args.limit)
@@ -161,15 +254,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {plot_curves(args.run, args.out)}")
         elif args.command == "visualize" and args.what == "collapse":
             api.run_visualize_collapse(args.checkpoint or [None], args.images, args.out, args.model, args.where,
-                                       args.limit, args.size, args.in_chans, args.patch_size)
+                                       args.limit, args.size, args.in_chans, args.stem_stride)
         elif args.command == "visualize" and args.what == "erf":
             api.run_visualize_erf(args.model, args.checkpoint, args.images, args.out, args.size, args.num_images)
         elif args.command == "export":
-            if len(args.img_size) > 2:
+            if args.img_size is not None and len(args.img_size) > 2:
                 raise ValueError(f"--img-size takes H or H W, got {args.img_size}")
             try:
-                api.run_export(args.model, args.out, args.format, args.checkpoint, tuple(args.img_size), args.reparam,
-                               args.num_classes, dynamic_batch=not args.static_batch)
+                api.run_export(args.checkpoint, args.out, args.format, args.model,
+                               None if args.img_size is None else tuple(args.img_size), args.reparam,
+                               args.num_classes, dynamic_batch=not args.static_batch,
+                               random_weights=args.random_weights, weights=args.weights)
             except RuntimeError as e:  # the reloaded file does not match PyTorch
                 print(f"maskconv: export failed: {e}", file=sys.stderr)
                 return 1

@@ -23,11 +23,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelCfg:
-    name: str = "convnextv2_atto"
-    in_chans: int = 3
-    patch_size: int | None = None  # patch / stem stride; none = the model's own (ConvNeXt 4, ViT 16); 1-2 suit 28-32 px
-    drop_path_rate: float = 0.0
-    head_init_scale: float = 1.0
+    name: str = "convnextv2_atto"  # registered architecture (`maskconv models` lists them)
+    in_chans: int = 3  # input channels (1 = grayscale); pretrained weights are adapted
+    stem_stride: int | None = None  # stem stride (ViT/ConvMAE: the patch); none = the model's own (4, ViT 16); 1-2 suit 28-32 px
+    drop_path_rate: float = 0.0  # stochastic depth rate at the last block (linear in depth)
+    head_init_scale: float = 1.0  # scale of the classifier's initial weights (official fine-tuning 0.001)
     global_pool: str | None = None  # classifier pooling; none = the model's own (ViT 'token'; MAE fine-tuning 'avg')
     init: str | None = None  # checkpoint to start from (pretraining run or any layout load_checkpoint reads)
 
@@ -35,60 +35,60 @@ class ModelCfg:
 @dataclass
 class DataCfg:
     path: str = ""  # required: an image folder, or a named dataset: synthetic | fashion-mnist | photos
-    img_size: int = 224
-    batch_size: int = 64  # per process
-    num_workers: int = 2
+    img_size: int = 224  # square training / validation crop size (a multiple of the model's total stride)
+    batch_size: int = 64  # images per step per process
+    num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     labels_per_class: int = 0  # fine-tuning: keep this many labels per class (0 = all)
     val_fraction: float = 0.0  # labeled folder without train/ + val/: hold out this fraction of each class as val
     crop_scale_min: float = 0.2  # RandomResizedCrop lower scale (pretraining 0.2, fine-tuning 0.08)
-    hflip: bool = True
+    hflip: bool = True  # random horizontal flips in training
     rand_augment: str = ""  # torchvision RandAugment "m9" style: "" (off) or "n2-m9"
     reprob: float = 0.0  # RandomErasing probability
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    label_smoothing: float = 0.0
+    mixup: float = 0.0  # MixUp alpha (0 = off)
+    cutmix: float = 0.0  # CutMix alpha (0 = off)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
     max_pixels: int = 50_000_000  # images decoding to more pixels are skipped (after JPEG reduce-on-decode); 0 = off
 
 
 @dataclass
 class OptimCfg:
-    epochs: int = 10
-    warmup_epochs: float = 1.0
+    epochs: int = 10  # training epochs (the lr schedule spans them, or run.max_steps)
+    warmup_epochs: float = 1.0  # linear lr warm-up, in epochs (fractions allowed)
     blr: float = 1.5e-4  # base lr for an effective batch of 256
     lr: float | None = None  # absolute lr; derived from blr when None
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    layer_decay: float = 1.0  # 1.0 = off
+    min_lr: float = 0.0  # lr at the end of the cosine schedule
+    weight_decay: float = 0.05  # AdamW weight decay (never on biases, norms, GRN, tokens)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    layer_decay: float = 1.0  # layer-wise lr decay factor (1.0 = off)
     layer_decay_scheme: str = "single"  # single | group (official ConvNeXt V2)
-    clip_grad: float | None = None
-    accum_steps: int = 1
-    ema_decay: float = 0.0  # 0 = off
+    clip_grad: float | None = None  # clip the gradient norm to this (none = off)
+    accum_steps: int = 1  # micro-batches accumulated per optimizer step
+    ema_decay: float = 0.0  # EMA of the weights, decay per step (0 = off)
 
 
 @dataclass
 class ObjectiveCfg:
-    name: str = "fcmae"
+    name: str = "fcmae"  # pretraining objective: fcmae | mae | convmae
     # none = the objective's own default (mask_ratio: FCMAE 0.6, MAE/ConvMAE 0.75; decoder_depth: FCMAE 1, MAE 8)
-    mask_ratio: float | None = None
-    decoder_dim: int = 512
-    decoder_depth: int | None = None
-    norm_pix_loss: bool = True
+    mask_ratio: float | None = None  # fraction of patches masked; none = the objective's own (FCMAE 0.6, MAE 0.75)
+    decoder_dim: int = 512  # decoder width
+    decoder_depth: int | None = None  # decoder blocks; none = the objective's own (FCMAE 1, MAE 8)
+    norm_pix_loss: bool = True  # predict per-patch normalised pixels (MAE/FCMAE default)
     sparse: str | None = None  # FCMAE / ConvMAE only: gather (default) | dense
 
 
 @dataclass
 class RunCfg:
-    out: str = "runs/default"
-    seed: int = 0
+    out: str = "runs/default"  # run folder: config, metrics, checkpoints, weights (re-run to resume)
+    seed: int = 0  # random seed (data order, masks, init)
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
-    save_every_epochs: int = 1
+    save_every_epochs: int = 1  # checkpoint every N epochs
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
     eval_every_epochs: int = 1  # validation cadence (the last epoch is always evaluated)
-    log_every_steps: int = 10
-    tensorboard: bool = False
-    progress: bool = True
+    log_every_steps: int = 10  # metrics.jsonl / console cadence in optimizer steps
+    tensorboard: bool = False  # also write TensorBoard event files
+    progress: bool = True  # tqdm progress bar with ETA
     max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); the lr schedule spans them
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun: shards params, grads, optimizer state
 
@@ -189,8 +189,18 @@ def _fields(obj) -> dict[str, tuple[object, object]]:
     return {f.name: (hints[f.name], getattr(obj, f.name)) for f in dataclasses.fields(obj)}
 
 
+# Renamed keys, still read from recipes, overrides and saved runs (config.json, checkpoints) with a warning.
+# model.patch_size meant the ConvNeXt stem stride, while timm's ConvNeXt patch_size=2 builds another network.
+RENAMED = {"model.patch_size": "model.stem_stride"}
+
+
 def set_key(cfg: Config, key: str, value) -> None:
     """Set ``section.field`` (or a top-level field) from a YAML/CLI value, type-checked."""
+    if key in RENAMED:
+        import warnings
+
+        warnings.warn(f"config key {key} is renamed {RENAMED[key]}; reading it as that", FutureWarning, stacklevel=2)
+        key = RENAMED[key]
     parts = key.split(".")
     obj = cfg
     for i, p in enumerate(parts):
@@ -257,7 +267,7 @@ _RANGES = [
     ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
     ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("data.max_pixels", lambda v: v >= 0, ">= 0"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.patch_size", lambda v: v is None or v >= 1, ">= 1"),
+    ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.stem_stride", lambda v: v is None or v >= 1, ">= 1"),
     ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"), ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("optim.blr", lambda v: v > 0, "> 0"), ("optim.lr", lambda v: v is None or v > 0, "> 0"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +17,16 @@ from .data.datasets import collate_skip, image_folder_of
 from .engine import dist as D
 from .engine.loop import FitResult, fit
 from .inputs import Inputs, check_inputs
-from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights
+from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights, stem_stride_kwarg
+from .rebuild import flatten
 
 
 def model_kwargs(cfg: Config, classifier: bool = False) -> dict:
-    """``create_model`` keyword arguments from ``cfg.model`` (None values left to the model's own defaults)."""
+    """``create_model`` keyword arguments of ``cfg.model`` (the stem stride under the family's own name)."""
     m = cfg.model
-    kw = dict(in_chans=m.in_chans, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate)
+    kw = dict(in_chans=m.in_chans, drop_path_rate=m.drop_path_rate)
+    if m.stem_stride is not None:
+        kw[stem_stride_kwarg(m.name)] = m.stem_stride
     if classifier:  # pooling belongs to the classifier; a pretraining encoder keeps its own
         kw["global_pool"] = m.global_pool
     return {k: v for k, v in kw.items() if v is not None}  # None: the model's own default
@@ -135,8 +139,9 @@ def evaluate_classifiers(models: dict[str, nn.Module], loader: DataLoader, num_c
     return out
 
 
-def _probe_head(model: nn.Module, num_classes: int) -> nn.Module:
-    """MAE linear-probe head: BatchNorm without affine, then Linear (std 0.01 init). Returns the head."""
+def probe_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the classifier of ``model`` by the MAE linear-probe head: BatchNorm without affine, then Linear
+    (std 0.01 init). Returns the head."""
     probe = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
                           nn.Linear(model.num_features, num_classes))
     nn.init.trunc_normal_(probe[1].weight, std=0.01)
@@ -152,7 +157,9 @@ def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Mod
         kw["drop_path_rate"] = 0.0  # the frozen backbone must give the same features every time
     model = create_model(cfg.model.name, num_classes=num_classes, head_init_scale=cfg.model.head_init_scale, **kw)
     if cfg.model.init:
-        rep = load_checkpoint(model, cfg.model.init, drop_mismatched_head=True)
+        with warnings.catch_warnings():  # what they say (head left at init) is in the one line below
+            warnings.filterwarnings("ignore", message=".*left at init", category=UserWarning)
+            rep = load_checkpoint(model, cfg.model.init, drop_mismatched_head=True)
         print(f"init from {cfg.model.init} ({rep.layout} layout; left at init: {', '.join(rep.skipped) or 'none'})")
     return model
 
@@ -168,7 +175,7 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     train_mode = None
     if linprobe:  # MAE protocol: frozen backbone, BatchNorm (no affine) + linear head
         model.requires_grad_(False)
-        probe = _probe_head(model, n)
+        probe = probe_head(model, n)
 
         def train_mode(m: nn.Module) -> None:  # frozen means frozen: backbone BatchNorm stats / dropout stay eval
             m.eval()
@@ -237,7 +244,7 @@ class EvalSource:
 def _run_config(saved: dict, model: str | None, overrides: dict) -> Config:
     from .config import load_config
 
-    base = {k: v for k, v in _flatten(saved).items() if k != "task" and not k.startswith("resolved.")}
+    base = {k: v for k, v in flatten(saved).items() if k != "task" and not k.startswith("resolved.")}
     if model:
         base["model.name"] = model
     return load_config(overrides={**base, **{k: v for k, v in overrides.items() if v is not None}})
@@ -330,14 +337,14 @@ def _eval_folder(home: Path, data: str | None, split: str) -> Path:
 
 def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | None = None,
              batch_size: int = 64, device: str = "auto", weights: str = "both", model: str | None = None,
-             img_size: int | None = None, in_chans: int | None = None, patch_size: int | None = None) -> dict:
+             img_size: int | None = None, in_chans: int | None = None, stem_stride: int | None = None) -> dict:
     """Evaluate a fine-tune / linear-probe run or weights file (see ``load_eval_source``) on ``data`` (default: the
     run's own validation data): top-1 (top-5 with more than 5 classes), per-class accuracy and the confusion
     matrix of the trained (``raw``) and/or EMA weights, printed and written (eval.json + confusion PNGs) to
     ``out`` (default ``<run>/eval/<split>``)."""
     if weights not in WEIGHTS:
         raise ValueError(f"--weights {weights!r}: choose {', '.join(WEIGHTS)}")
-    src = load_eval_source(checkpoint, model, **{"model.in_chans": in_chans, "model.patch_size": patch_size,
+    src = load_eval_source(checkpoint, model, **{"model.in_chans": in_chans, "model.stem_stride": stem_stride,
                                                  "data.img_size": img_size})
     if weights != "both" and weights not in src.weights:
         have = " and ".join(src.weights)
@@ -371,7 +378,7 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
     for kind, sd in chosen.items():
         net = create_model(cfg.model.name, num_classes=num_classes, **model_kwargs(cfg, classifier=True))
         if src.task == "linprobe":
-            _probe_head(net, num_classes)
+            probe_head(net, num_classes)
         try:
             net.load_state_dict(sd)
         except RuntimeError as e:
@@ -379,7 +386,7 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
 
             raise CheckpointError(f"{src.files[kind]} does not fit {cfg.model.name} as configured "
                                   f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
-                                  "check --model / --in-chans / --patch-size") from None
+                                  "check --model / --in-chans / --stem-stride") from None
         models[kind] = net.to(info.device)
     res = evaluate_classifiers(models, val, num_classes, info.device)
     out = Path(out) if out else _eval_folder(src.home, data, split)
@@ -433,12 +440,3 @@ def _eval_report(src: EvalSource, res: dict, classes: list[str], data: str, spli
                 weights={k: src.files[k] for k in res}, **{k: {m: v for m, v in r.items() if m not in strip}
                                                             for k, r in res.items()})
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

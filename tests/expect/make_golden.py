@@ -12,7 +12,7 @@ import maskconv
 CASES = {
     "test_convnext": dict(num_classes=10),
     "test_convnextv2": dict(num_classes=10),
-    "test_convnextv2@in1_p2": dict(num_classes=10, in_chans=1, patch_size=2),
+    "test_convnextv2@in1_p2": dict(num_classes=10, in_chans=1, stem_stride=2),
     "test_convmae": dict(num_classes=10),
     "test_slak": dict(num_classes=10),
     "test_replknet": dict(num_classes=10),

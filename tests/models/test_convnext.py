@@ -36,7 +36,7 @@ def test_headless_model_keeps_head_norm():
 
 
 def test_in_chans_and_patch_size():
-    m = maskconv.create_model("test_convnextv2", in_chans=1, patch_size=2, num_classes=4)
+    m = maskconv.create_model("test_convnextv2", in_chans=1, stem_stride=2, num_classes=4)
     assert m.stride == 16
     assert m(torch.randn(3, 1, 32, 48)).shape == (3, 4)
     m4 = maskconv.create_model("test_convnextv2", in_chans=4)

@@ -145,7 +145,7 @@ def test_encoder_weights_load_strict_into_dense_model_and_timm(tmp_path):
 
 
 def test_non_square_one_channel_and_patch_size():
-    obj = create_objective("fcmae", model="test_convnextv2", model_kwargs=dict(in_chans=1, patch_size=2),
+    obj = create_objective("fcmae", model="test_convnextv2", model_kwargs=dict(in_chans=1, stem_stride=2),
                            decoder_dim=16, mask_ratio=0.5)
     x = torch.randn(2, 1, 32, 48)
     out = obj(x)
@@ -212,7 +212,7 @@ def test_pretrain_demo_writes_run_recon_and_curves(tmp_path):
     from maskconv.pretrain import load_objective
 
     paths = run_pretrain_demo(tmp_path, data="photos", overrides=[
-        "model.name=test_convnextv2", "model.patch_size=4", "data.img_size=64", "data.batch_size=4",
+        "model.name=test_convnextv2", "model.stem_stride=4", "data.img_size=64", "data.batch_size=4",
         "run.max_steps=3", "objective.decoder_dim=16", "run.progress=false"])
     assert paths["reconstructions"].stat().st_size > 0 and paths["curves"].stat().st_size > 0
     obj = load_objective(paths["pretraining run"] / "objective.safetensors")

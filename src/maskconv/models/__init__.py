@@ -16,5 +16,15 @@ __all__ = [
     "BackboneOnlyCheckpointError", "CheckpointError", "ConvNeXt", "LoadReport", "checkpoint_filter_for",
     "checkpoint_num_classes", "create_model", "from_pretrained",
     "is_model", "list_models", "load_checkpoint", "read_state_dict", "register_checkpoint_filter", "register_model",
-    "register_with_timm", "save_pretrained", "save_weights",
+    "register_with_timm", "save_pretrained", "save_weights", "stem_stride_kwarg",
 ]
+
+
+def stem_stride_kwarg(name: str) -> str:
+    """The constructor argument of model ``name`` that sets its stem stride: ``stem_stride`` for the ConvNeXt
+    family (SLaK included; timm's ``patch_size`` means another network there at 2), ``patch_size`` for the
+    others (ViT and ConvMAE patch embeddings, as in timm / the official code; RepLKNet: fixed at 4)."""
+    import torch
+
+    with torch.device("meta"):  # the class only: no weights allocated
+        return "stem_stride" if isinstance(create_model(name), ConvNeXt) else "patch_size"

@@ -122,6 +122,26 @@ class ClassifierHead(nn.Module):
         return self.fc(self.drop(x))  # (B, num_classes)
 
 
+def resolve_stem_stride(patch_size: int | None, stem_stride: int | None) -> int:
+    """The stem stride from timm's ``patch_size`` and/or maskconv's ``stem_stride`` (default 4); see ``ConvNeXt``.
+
+    timm's ``patch_size`` is refused where timm builds another network from it (timm/models/convnext.py,
+    ``ConvNeXt.__init__``): at 2 timm adds a stride-2 downsample to stage 0, and from 8 on its stride cap
+    (``output_stride`` <= 32) turns the last downsample into a dilation. ``stem_stride`` builds them all."""
+    if patch_size is not None and (patch_size == 2 or patch_size >= 8):
+        why = ("adds a stride-2 downsample to stage 0 (total stride 32)" if patch_size == 2 else
+               "caps the total stride at 32 and dilates the last stage instead")
+        raise ValueError(f"patch_size={patch_size}: timm's ConvNeXt then {why}, which maskconv does not build; for "
+                         f"a plain stride-{patch_size} stem (total stride {patch_size * 8}) use stem_stride={patch_size} "
+                         "(weights without a timm equivalent)")
+    if patch_size is not None and stem_stride is not None and patch_size != stem_stride:
+        raise ValueError(f"patch_size={patch_size} and stem_stride={stem_stride} disagree: give one")
+    stride = stem_stride if stem_stride is not None else patch_size if patch_size is not None else 4
+    if stride < 1:
+        raise ValueError(f"stem_stride ({stride}) must be >= 1")
+    return stride
+
+
 class ConvNeXt(nn.Module):
     """ConvNeXt V1 (``ls_init_value``, no GRN) and V2 (``use_grn=True``, ``ls_init_value=None``)."""
 
@@ -137,7 +157,8 @@ class ConvNeXt(nn.Module):
         ls_init_value: float | None = 1e-6,
         use_grn: bool = False,
         conv_mlp: bool = False,
-        patch_size: int = 4,
+        patch_size: int | None = None,
+        stem_stride: int | None = None,
         head_init_scale: float = 1.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -145,8 +166,14 @@ class ConvNeXt(nn.Module):
         conv_dw: Callable[[int, int], nn.Module] | None = None,
     ):
         """``kernel_size``: one size or one per stage; ``conv_dw(dim, kernel_size)``: the blocks' depthwise module
-        (default: a k×k depthwise ``nn.Conv2d`` with bias), e.g. SLaK's decomposed large kernel."""
+        (default: a k×k depthwise ``nn.Conv2d`` with bias), e.g. SLaK's decomposed large kernel.
+
+        ``stem_stride`` (default 4): kernel = stride of the patchify stem; the stages then downsample 2× each
+        (total stride ``stem_stride * 8``). ``patch_size`` is timm's argument, accepted where timm builds the same
+        network from it (1 and 3-7; see ``resolve_stem_stride``): such weights load strict into timm's model
+        built with ``patch_size=stem_stride`` and give the same outputs."""
         super().__init__()
+        stem_stride = resolve_stem_stride(patch_size, stem_stride)
         kernel_sizes = (kernel_size,) * len(depths) if isinstance(kernel_size, int) else tuple(kernel_size)
         if len(kernel_sizes) != len(depths):
             raise ValueError(f"kernel_size {kernel_size}: give one size or one per stage ({len(depths)} stages)")
@@ -154,14 +181,15 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"global_pool={global_pool!r} is not supported; ConvNeXt uses 'avg'")
         if len(depths) != len(dims):
             raise ValueError(f"depths {depths} and dims {dims} must have the same length")
-        if in_chans < 1 or patch_size < 1:
-            raise ValueError(f"in_chans ({in_chans}) and patch_size ({patch_size}) must be >= 1")
+        if in_chans < 1:
+            raise ValueError(f"in_chans ({in_chans}) must be >= 1")
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.depths, self.dims, self.kernel_sizes = tuple(depths), tuple(dims), kernel_sizes
         self.drop_rate = drop_rate
-        self.stride = patch_size * 2 ** (len(depths) - 1)  # total stride: the patch size of FCMAE
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], patch_size, stride=patch_size), LayerNorm2d(dims[0]))
+        self.stem_stride = stem_stride
+        self.stride = stem_stride * 2 ** (len(depths) - 1)  # total stride: the patch size of FCMAE
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], stem_stride, stride=stem_stride), LayerNorm2d(dims[0]))
 
         dp = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: works under a meta device
         stages, prev, cursor = [], dims[0], 0
@@ -174,7 +202,7 @@ class ConvNeXt(nn.Module):
                     conv_dw=conv_dw,
                 )
             )
-            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2**i, module=f"stages.{i}"))
+            self.feature_info.append(dict(num_chs=dim, reduction=stem_stride * 2**i, module=f"stages.{i}"))
             prev, cursor = dim, cursor + depth
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = dims[-1]

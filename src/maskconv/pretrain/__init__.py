@@ -25,7 +25,7 @@ def list_objectives() -> list[str]:
 def create_objective(name: str, model: str | None = None, encoder: nn.Module | None = None,
                      model_kwargs: dict | None = None, **kwargs) -> nn.Module:
     """Build objective ``name`` around ``encoder``, or around ``create_model(model, num_classes=0,
-    **model_kwargs)`` (e.g. ``model_kwargs=dict(in_chans=1, patch_size=2)``)."""
+    **model_kwargs)`` (e.g. ``model_kwargs=dict(in_chans=1, stem_stride=2)``)."""
     if name not in _OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; available: {', '.join(list_objectives())}")
     if (model is None) == (encoder is None):

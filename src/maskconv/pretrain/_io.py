@@ -39,6 +39,10 @@ def load_objective(path: str | os.PathLike, **overrides) -> nn.Module:
                               "weights-only files load with maskconv.load_checkpoint")
     model_kwargs = json.loads(meta.get("model_kwargs", "{}"))
     model_kwargs.pop("num_classes", None)
+    from ..models import stem_stride_kwarg
+
+    if "patch_size" in model_kwargs and stem_stride_kwarg(meta["architecture"]) == "stem_stride":
+        model_kwargs["stem_stride"] = model_kwargs.pop("patch_size")  # a file from before the rename: same network
     obj = create_objective(meta["maskconv_objective"], model=meta["architecture"], model_kwargs=model_kwargs,
                            **{**json.loads(meta["objective_config"]), **overrides})
     from ..models import load_checkpoint

@@ -59,11 +59,14 @@ def plot_collapse(results: dict[str, list[dict]], path: str | Path, title: str |
     """One line per model: distance against relative depth (0..1), so models of other depths compare."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    top = 0.0
     for label, rows in results.items():
         n = max(1, len(rows) - 1)
         ax.plot([r["layer"] / n for r in rows], [r["distance"] for r in rows], "o-", ms=3, label=label)
+        top = max([top] + [r["distance"] for r in rows])
+    # from 0, with head-room above the highest point so no line sits on the frame (the distance can exceed 0.5)
     ax.set(xlabel="relative layer depth", ylabel="avg. pairwise cosine distance",
-           title=title or "feature collapse (higher = more diverse channels)", ylim=(0, None))
+           title=title or "feature collapse (higher = more diverse channels)", ylim=(0, top * 1.15 or 1.0))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, path, dpi=110)

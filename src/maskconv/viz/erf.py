@@ -2,7 +2,8 @@
 (RepLKNet-pytorch ``erf/visualize_erf.py`` + ``erf/analyze_erf.py``, reused by SLaK).
 
 For each image: the last stage's feature map (``forward_intermediates``, before any final norm), score =
-ReLU(features at the central pixel).sum(), gradient w.r.t. the input, ReLU, summed over channels; the maps are
+ReLU(features at the central pixel).sum() (at an even side: the mean of the two middle pixels, see ``central``),
+gradient w.r.t. the input, ReLU, summed over channels; the maps are
 averaged over images. Analysis: ``log10(x + 1)``, divided by its max, then the smallest centred square that
 holds more than a fraction ``t`` of the total, as side length and area ratio. A wider ERF = larger ratios.
 """
@@ -33,6 +34,16 @@ def last_feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return feats
 
 
+def central(feats: torch.Tensor) -> torch.Tensor:
+    """The output pixel at the centre of a (B, C, h, w) map, (B, C). At an even side the centre falls between
+    two pixels, so both are averaged: the ERF is then centred on the input's centre (the official
+    ``[h // 2, w // 2]`` pixel sits half an output stride below-right of it); at odd sides it is that pixel."""
+    h, w = feats.shape[-2:]
+    rows = slice(h // 2 - 1, h // 2 + 1) if h % 2 == 0 else slice(h // 2, h // 2 + 1)
+    cols = slice(w // 2 - 1, w // 2 + 1) if w % 2 == 0 else slice(w // 2, w // 2 + 1)
+    return feats[:, :, rows, cols].mean(dim=(2, 3))
+
+
 def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
     """Mean over ``images`` (N, C, H, W) of the input-gradient map of the central output pixel -> (H, W), a
     CPU float tensor whatever device the model and images are on.
@@ -51,8 +62,7 @@ def erf_map(model: nn.Module, images: torch.Tensor, batch_size: int = 4) -> torc
         for chunk in images.split(batch_size):
             x = chunk.detach().clone().requires_grad_(True)
             feats = last_feature_map(model, x)  # (B, C, h, w)
-            h, w = feats.shape[-2:]
-            score = torch.relu(feats[:, :, h // 2, w // 2]).sum()
+            score = torch.relu(central(feats)).sum()
             (grad,) = torch.autograd.grad(score, x)  # (B, C_in, H, W)
             total += torch.relu(grad).sum(dim=(0, 1)).double().cpu()  # the map lives on the CPU (plots, JSON)
     finally:
@@ -98,19 +108,24 @@ def plot_erf(maps: dict[str, torch.Tensor], path: str | Path, ratios: dict[str, 
     """Several models' log-scaled, max-normalised ERF heat maps side by side, their area ratios in the titles."""
     if not maps:
         raise ValueError("no ERF map to plot")
+    import textwrap
+
     plt = pyplot()
     n = len(maps)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)
+    width = 4.2 * n
+    lines = textwrap.wrap(title, width=int(width * 13)) if title else []  # ~13 characters per inch at 10 pt
+    fig, axes = plt.subplots(1, n, figsize=(width, 4.8 + 0.2 * len(lines)), squeeze=False)
     for ax, (label, m) in zip(axes[0], maps.items()):
         data = torch.log10(m.double() + 1)
         data = (data / data.max()).numpy()
         im = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=1)
         rows = (ratios or {}).get(label) or high_contribution_area(m)
-        text = "  ".join(f"t={r['t']:g}: {100 * r['area_ratio']:.1f}%" for r in rows)
-        ax.set_title(f"{label}\n{text}", fontsize=8)
+        pairs = [f"t={r['t']:g}: {100 * r['area_ratio']:.1f}%" for r in rows]
+        text = "\n".join(["  ".join(pairs[i:i + 2]) for i in range(0, len(pairs), 2)])  # two per line: fits
+        ax.set_title("\n".join(textwrap.wrap(label, 40) + [text]), fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return save(fig, path, dpi=110, top=0.93 if title else 1.0)
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize=10)
+    return save(fig, path, dpi=110, top=1 - (0.25 + 0.18 * len(lines)) / fig.get_figheight() if lines else 1.0)

@@ -118,16 +118,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_process_gloo_equals_one_process(tmp_path, mode):
-    common = ["finetune", "--model", "test_convnextv2", "--data", "synthetic", "data.img_size=64",
-              "data.num_workers=0", "run.progress=false", "optim.epochs=2", "optim.blr=1e-2", "run.log_every_steps=1"]
+def _one_vs_two_processes(tmp_path, common: list[str], two_extra: list[str] = ()) -> tuple[list, list]:
+    """Run ``common`` as 1 process x batch 8 and as 2 gloo processes x batch 4; their logged losses."""
     one = _cli(*common, "data.batch_size=8", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "maskconv", *common, "data.batch_size=4",
-                          f"run.fsdp={mode == 'fsdp'}", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, env=ENV)
+                          f"--master_port={_free_port()}", "-m", "maskconv", *common, "data.batch_size=4", *two_extra,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=ENV)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-6000:]
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())["resolved"]
     assert cfg["world_size"] == 2 and cfg["effective_batch"] == 8
@@ -136,7 +133,14 @@ def test_two_process_gloo_equals_one_process(tmp_path, mode):
         return [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
                 if '"loss"' in x]
 
-    l1, l2 = losses("one"), losses("two")
+    return losses("one"), losses("two")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_equals_one_process(tmp_path, mode):
+    common = ["finetune", "--model", "test_convnextv2", "--data", "synthetic", "data.img_size=64",
+              "data.num_workers=0", "run.progress=false", "optim.epochs=2", "optim.blr=1e-2", "run.log_every_steps=1"]
+    l1, l2 = _one_vs_two_processes(tmp_path, common, [f"run.fsdp={mode == 'fsdp'}"])
     assert len(l1) == len(l2) == 16
     # Same global batches and gradients; only the float summation order of the all-reduce differs.
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
@@ -153,18 +157,7 @@ def test_two_process_pretraining_equals_one_process(tmp_path, objective, model):
     common = ["pretrain", "--model", model, "--objective", objective, "--data", "synthetic", "data.img_size=64",
               "data.num_workers=0", "run.progress=false", "optim.epochs=1", "run.max_steps=4", "optim.lr=2e-3",
               "optim.warmup_epochs=0", "run.log_every_steps=1", "objective.decoder_dim=32", "objective.decoder_depth=1"]
-    one = _cli(*common, "data.batch_size=8", "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "maskconv", *common, "data.batch_size=4",
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=ENV)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-6000:]
-
-    def losses(run):
-        return [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-                if '"loss"' in x]
-
-    l1, l2 = losses("one"), losses("two")
+    l1, l2 = _one_vs_two_processes(tmp_path, common)
     assert len(l1) == len(l2) == 4
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
     w1, w2 = load_file(tmp_path / "one" / "objective.safetensors"), load_file(tmp_path / "two" / "objective.safetensors")

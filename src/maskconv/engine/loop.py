@@ -213,7 +213,7 @@ def _finite(model: nn.Module, info: D.DistInfo) -> bool:
     return D.all_true(ok, info)
 
 
-def _resolve_lr(cfg, eff_batch: int, task: str) -> tuple[float, str]:
+def _resolve_lr(cfg, eff_batch: int) -> tuple[float, str]:
     """The lr and the rule that produced it, e.g. ``lr 9.4e-06 = blr 0.00015 x batch 16 / 256``."""
     o = cfg.optim
     if o.lr is not None:
@@ -320,7 +320,7 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     if r.max_steps:  # a shortened run still gets the whole warmup + cosine schedule
         total_steps = min(total_steps, r.max_steps)
     eff_batch = cfg.data.batch_size * info.world * accum
-    lr, lr_rule = _resolve_lr(cfg, eff_batch, task)
+    lr, lr_rule = _resolve_lr(cfg, eff_batch)
     warmup = o.warmup_epochs * steps_per_epoch
     resolved = dict(world_size=info.world, effective_batch=eff_batch, lr=lr, steps_per_epoch=steps_per_epoch,
                     total_steps=total_steps, warmup_steps=warmup, images=len(dataset), device=str(info.device),
@@ -543,10 +543,10 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
 def _nan_stop(loss, state: TrainState, epoch: int, micro: int, last: Path, saved_step, checkpoint, step_rng, o):
     """A non-finite loss: keep a checkpoint of the last finite step (written now when the weights are finite and
     we stand at a step boundary), then stop with a message that says which step it holds."""
-    if micro == 0 and saved_step != state.step and checkpoint(step_rng):
+    if micro == 0 and state.step > 0 and saved_step != state.step and checkpoint(step_rng):
         saved_step = state.step
     where = (f"{last} holds step {saved_step}, the last checkpoint with finite weights" if saved_step is not None
-             else "no checkpoint holds finite weights (none was written)")
+             else "no checkpoint was written (no step ended with finite weights)")
     raise FloatingPointError(
         f"non-finite loss ({loss.item()}) at step {state.step + 1} (epoch {epoch + 1}, batch {state.batch_in_epoch}); "
         f"{where}. Lower optim.blr, set optim.clip_grad, or check the data.")

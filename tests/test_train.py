@@ -268,7 +268,8 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(tmp_path):
         t0 = time.time()
         proc.wait(timeout=15 + 30 + 60)
         assert proc.returncode != 0
-        assert time.time() - t0 < 15 + 30 + 60
+        assert time.time() - t0 < 15 + 30 + 60  # measured: 49 s
+        assert "did not answer within run.dist_timeout_minutes" in (tmp_path / "err.txt").read_text()
     finally:
         if victim is not None:
             try:

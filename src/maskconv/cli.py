@@ -166,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # Ctrl-C / SIGTERM: a checkpoint was saved
         print(f"maskconv: {e}", file=sys.stderr)
         return 128 + e.signum
+    except RuntimeError as e:
+        if "Timed out" not in str(e):  # a collective gave up on a stopped / hung process (run.dist_timeout_minutes)
+            raise
+        print(f"maskconv: error: another process did not answer within run.dist_timeout_minutes ({e})",
+              file=sys.stderr)
+        return 2
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:  # one line, no traceback
         print(f"maskconv: error: {e}", file=sys.stderr)
         return 2

@@ -278,3 +278,14 @@ def test_ema_warmup_rule_is_timms():
         # timm ModelEmaV3.get_decay: 1 - (1 + step / gamma) ** -power, gamma 1, power 2/3; first update copies
         expect = float(t) if expect is None else (lambda d: d * expect + (1 - d) * t)(1 - (1 + t - 1) ** (-2 / 3))
         assert ema.module.weight.item() == pytest.approx(expect, rel=1e-6)
+
+
+def test_finetune_into_a_pretraining_run_folder_is_refused_and_writes_nothing(tmp_path, capsys):
+    # Before: config.json was rewritten and classes.json added before the refusal.
+    out = tmp_path / "r"
+    assert main(["pretrain", *TINY, "--out", str(out), "optim.epochs=1", "run.max_steps=1"]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["finetune", *TINY, "--out", str(out), "optim.epochs=1"]) == 2
+    assert "is a pretrain run of test_convnextv2; this is a finetune run" in capsys.readouterr().err
+    assert _snapshot(out) == before and not (out / "classes.json").exists()

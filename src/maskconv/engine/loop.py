@@ -104,7 +104,7 @@ class MetricsLog:
 
     def __init__(self, out: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self.path = out / "metrics.jsonl"
+        self.path = out / RunDir.METRICS
         self.tb = None
         if enabled and tensorboard:
             try:

@@ -15,6 +15,8 @@ import socket
 import time
 from pathlib import Path
 
+from . import checkpoint
+
 # Config keys that do not change what is trained: they may differ on resume without being recorded.
 NOT_TRAINING_RELEVANT = frozenset({
     "run.out", "run.device", "run.progress", "run.tensorboard", "run.log_every_steps", "run.save_every_epochs",
@@ -38,7 +40,7 @@ class RunDir:
     CONFIG = "config.json"  # the config + resolved values the run started with; written once
     HISTORY = "config_history.jsonl"  # one row per accepted change: {"step", "changes", "time"}
     METRICS = "metrics.jsonl"
-    LAST = "last.pt"
+    LAST = checkpoint.LAST  # the training checkpoint (engine/checkpoint.py)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -72,3 +72,20 @@ def test_cli_refuses_a_recipe_of_another_task(capsys):
 
     assert main(["pretrain", "--recipe", "convnextv2_atto_finetune", "--out", "/tmp/never"]) == 2
     assert "is a finetune recipe" in capsys.readouterr().err
+
+
+def test_a_key_given_as_flag_and_as_key_value_is_an_error(tmp_path, capsys):
+    # Before: the flag silently won over the key=value, whatever their order.
+    from maskconv.cli import main
+
+    for argv in (["--optim.blr", "1e-3", "optim.blr=2e-3"], ["optim.blr=2e-3", "--optim.blr", "1e-3"],
+                 ["--out", str(tmp_path / "a"), f"run.out={tmp_path / 'b'}"]):
+        assert main(["pretrain", "--model", "test_convnextv2", "--data", "synthetic", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "is given twice" in err and "give it once" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_run_out_is_an_error():
+    with pytest.raises(ConfigError, match="run.out"):
+        load_config(None, ["run.out="])

@@ -2,7 +2,7 @@
 
 Parses arguments and calls ``maskconv.api``; nothing else happens here. Training flags are generated from
 the config dataclasses (``--optim.blr 1e-4`` or ``optim.blr=1e-4``); precedence: defaults < --recipe <
-flags and key=value overrides.
+flags and key=value overrides; one key given both as a flag and as key=value is an error.
 """
 from __future__ import annotations
 
@@ -110,6 +110,8 @@ def _add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
 
     for old in RENAMED:  # still accepted (set_key says it is renamed), not shown
         p.add_argument(f"--{old}", dest=old, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--allow-config-change", action="store_true", default=None, dest="run.allow_config_change",
+                   help="resume a run with other training settings, recording the change and its step")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=5")
 
 
@@ -193,13 +195,17 @@ def _build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> "Config":  # noqa: F821
     from .config import load_config, set_key  # noqa: F401
 
-    from .config import ConfigError, validate
+    from .config import ConfigError, split_override, validate
 
     cfg = load_config(args.recipe, args.overrides)
     if args.recipe and cfg.task != args.command:
         raise ConfigError(f"recipe {args.recipe!r} is a {cfg.task} recipe; run it with `maskconv {cfg.task}`")
+    given = {split_override(o)[0] for o in args.overrides}
     for key, value in vars(args).items():
         if "." in key and value is not None:
+            if key in given:  # which one wins would depend on argparse internals: say so instead
+                flag = next((f for f, k in ALIASES.items() if k == key), f"--{key}")
+                raise ConfigError(f"{key} is given twice ({flag} {value} and {key}=...): give it once")
             set_key(cfg, key, value)
     cfg.task = args.command
     return validate(cfg)
@@ -229,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     from . import api
     from .config import ConfigError
+    from .engine.loop import Interrupted
 
     clean = False  # every rank got to the end without an error: safe to meet at a barrier before teardown
     try:
@@ -271,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             api.run_demo(args.out)
         clean = True
+    except Interrupted as e:  # Ctrl-C / SIGTERM: a checkpoint was saved
+        print(f"maskconv: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except RuntimeError as e:
+        if "Timed out" not in str(e):  # a collective gave up on a stopped / hung process (run.dist_timeout_minutes)
+            raise
+        print(f"maskconv: error: another process did not answer within run.dist_timeout_minutes ({e})",
+              file=sys.stderr)
+        return 2
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:  # one line, no traceback
         print(f"maskconv: error: {error_line(e)}", file=sys.stderr)
         return 2

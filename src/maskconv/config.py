@@ -64,6 +64,7 @@ class OptimCfg:
     clip_grad: float | None = None  # clip the gradient norm to this (none = off)
     accum_steps: int = 1  # micro-batches accumulated per optimizer step
     ema_decay: float = 0.0  # EMA of the weights, decay per step (0 = off)
+    ema_warmup: bool = True  # timm ModelEmaV3 warm-up: step t decays by min(ema_decay, 1 - (1 + t)^(-2/3))
 
 
 @dataclass
@@ -85,12 +86,15 @@ class RunCfg:
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
     save_every_epochs: int = 1  # checkpoint every N epochs
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
+    save_every_minutes: float = 10.0  # also checkpoint when this much time passed since the last one (0 = off)
     eval_every_epochs: int = 1  # validation cadence (the last epoch is always evaluated)
     log_every_steps: int = 10  # metrics.jsonl / console cadence in optimizer steps
     tensorboard: bool = False  # also write TensorBoard event files
     progress: bool = True  # tqdm progress bar with ETA
     max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); the lr schedule spans them
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun: shards params, grads, optimizer state
+    allow_config_change: bool = False  # resume with other training settings, recording the change and its step
+    dist_timeout_minutes: float = 5.0  # a collective waits this long for a stopped / hung process, then the job ends
 
 
 @dataclass
@@ -253,7 +257,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | 
             raise ConfigError(f"recipe {path} must be a mapping of keys to values")
         for k, v in data.items():
             set_key(cfg, k, v)
-    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in (overrides or [])]
+    items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in (overrides or [])]
     for k, v in items:
         set_key(cfg, k, v)  # strings are parsed by the field's type, never as YAML
     return validate(cfg)
@@ -283,7 +287,9 @@ _RANGES = [
     ("run.amp", lambda v: v in ("auto", "off", "bf16", "fp16"), "auto, off, bf16 or fp16"),
     ("run.save_every_epochs", lambda v: v >= 1, ">= 1"), ("run.save_every_steps", lambda v: v >= 0, ">= 0"),
     ("run.eval_every_epochs", lambda v: v >= 1, ">= 1"), ("run.log_every_steps", lambda v: v >= 1, ">= 1"),
-    ("run.max_steps", lambda v: v >= 0, ">= 0"), ("run.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
+    ("run.max_steps", lambda v: v >= 0, ">= 0"), ("run.out", lambda v: v.strip() != "", "a folder (not empty)"),
+    ("run.save_every_minutes", lambda v: v >= 0, ">= 0"), ("run.dist_timeout_minutes", lambda v: v > 0, "> 0"),
+    ("run.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
     ("task", lambda v: v in ("pretrain", "finetune", "linprobe"), "pretrain, finetune or linprobe"),
     ("sparse.sparsity", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("sparse.init", lambda v: v in ("snip", "erk", "uniform"), "snip, erk or uniform"),
@@ -316,7 +322,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _split(item: str) -> tuple[str, str]:
+def split_override(item: str) -> tuple[str, str]:
+    """``"optim.blr=1e-4"`` -> ``("optim.blr", "1e-4")``."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value")
     k, v = item.split("=", 1)
@@ -332,3 +339,14 @@ def _recipe_path(recipe: str | Path) -> Path:
         return packaged
     names = sorted(q.stem for q in (Path(__file__).parent / "recipes").glob("*.yaml"))
     raise ConfigError(f"recipe {recipe!r} is neither a file nor a packaged recipe ({', '.join(names)})")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{'model': {'name': x}}`` -> ``{'model.name': x}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

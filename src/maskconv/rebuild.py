@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import Config, load_config
+from .config import Config, flatten, load_config
 
 # The final weights each task writes into its run folder (see train.py), in order of preference.
 RUN_WEIGHTS = {"raw": ("model.safetensors", "encoder.safetensors"), "ema": ("model_ema.safetensors",)}
@@ -29,17 +29,6 @@ class Trained:
     config: Config | None  # the run's config (None: a weights file outside any run folder)
     task: str | None  # pretrain | finetune | linprobe, from the run's config
     name: str  # registered architecture
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{'model': {'name': x}}`` -> ``{'model.name': x}``."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def read_run_config(run: str | Path) -> tuple[Config, str]:

@@ -11,14 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .config import Config, DataCfg
+from .config import Config, DataCfg, flatten
 from .data.build import build_dataset, build_transform
 from .data.datasets import collate_skip, image_folder_of
 from .engine import dist as D
 from .engine.loop import FitResult, fit
 from .inputs import Inputs, check_inputs
 from .models import checkpoint_num_classes, create_model, load_checkpoint, save_weights, stem_stride_kwarg
-from .rebuild import flatten
+
 
 
 def model_kwargs(cfg: Config, classifier: bool = False) -> dict:
@@ -36,8 +36,10 @@ def run_pretrain(cfg: Config) -> FitResult:
     """Masked-image pretraining of ``cfg.model`` with ``cfg.objective`` on unlabeled images."""
     from .pretrain import create_objective, save_objective
 
+    from .pretrain.masking import indexed_masks
+
     inputs = check_inputs(cfg, "pretrain")  # before any work or file
-    info = D.setup(cfg.run.device)
+    info = D.setup(cfg.run.device, cfg.run.dist_timeout_minutes)
     _print_notes(inputs, info)
     torch.manual_seed(cfg.run.seed)
     ob = cfg.objective
@@ -56,7 +58,15 @@ def run_pretrain(cfg: Config) -> FitResult:
                                  f"encoder weights ({enc_err})") from enc_err
     ds = inputs.train
     tf = build_transform(cfg.data, cfg.model.in_chans, train=True, pretrain=True)
-    res = fit(cfg, obj, ds, tf, lambda m, x, y: m(x).loss, task="pretrain", info=info)
+
+    def loss_fn(m, x, y, keys=None):
+        """Masks from each sample's (seed, epoch, global index): N processes draw exactly one process's masks."""
+        if keys is None:  # (SNIP's scoring batch) the objective draws its own
+            return m(x).loss
+        h, w = obj.grid(x)
+        return m(x, mask=indexed_masks(keys[0], keys[1], cfg.run.seed, h, w, obj.mask_ratio, x.device)).loss
+
+    res = fit(cfg, obj, ds, tf, loss_fn, task="pretrain", info=info, keyed_loss=True)
     if info.is_main:
         full = res.state_dict if res.state_dict is not None else obj.state_dict()
         save_objective(obj, res.out / "objective.safetensors", full)  # encoder + decoder + config
@@ -64,6 +74,7 @@ def run_pretrain(cfg: Config) -> FitResult:
         save_weights(enc, res.out / "encoder.safetensors",  # strict-loads into create_model / timm
                      metadata={"architecture": cfg.model.name})
         print(f"weights: {res.out / 'encoder.safetensors'} (encoder), {res.out / 'objective.safetensors'} (all)")
+    res.run.release()
     return res
 
 
@@ -166,7 +177,7 @@ def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Mod
 
 def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     inputs = check_inputs(cfg, "linprobe" if linprobe else "finetune")  # before any work or file
-    info = D.setup(cfg.run.device)
+    info = D.setup(cfg.run.device, cfg.run.dist_timeout_minutes)
     _print_notes(inputs, info)
     torch.manual_seed(cfg.run.seed)
     ds, classes = inputs.train, inputs.classes
@@ -190,9 +201,6 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
         batch_tf = v2.RandomChoice(choices)
     tf = build_transform(d, cfg.model.in_chans, train=not linprobe)  # the probe sees eval-style crops
     val = _eval_loader(cfg, inputs.val) if info.is_main and inputs.val is not None else None
-    if info.is_main:
-        Path(cfg.run.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run.out) / "classes.json").write_text(json.dumps(classes))  # eval numbers classes the same way
 
     def loss_fn(m, x, y):
         return F.cross_entropy(m(x), y, label_smoothing=d.label_smoothing)
@@ -206,7 +214,8 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
 
     task = "linprobe" if linprobe else "finetune"
     res = fit(cfg, model, ds, tf, loss_fn, task=task, batch_transform=batch_tf, evaluate=evaluate,
-              backbone=model if cfg.optim.layer_decay != 1.0 else None, info=info, train_mode=train_mode)
+              backbone=model if cfg.optim.layer_decay != 1.0 else None, info=info, train_mode=train_mode,
+              files={"classes.json": json.dumps(classes)})  # eval numbers classes the same way
     if info.is_main:
         meta = {"num_classes": str(n), "classes": json.dumps(classes)}
         save_weights(res.state_dict if res.state_dict is not None else model, res.out / "model.safetensors",
@@ -218,12 +227,16 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
 
 def run_finetune(cfg: Config) -> FitResult:
     """Supervised fine-tuning (layer decay, EMA, MixUp/CutMix, label smoothing as configured)."""
-    return _supervised(cfg, linprobe=False)
+    res = _supervised(cfg, linprobe=False)
+    res.run.release()  # the weights files are written: the run folder is free
+    return res
 
 
 def run_linprobe(cfg: Config) -> FitResult:
     """Linear probe: frozen backbone, BatchNorm + linear classifier trained."""
-    return _supervised(cfg, linprobe=True)
+    res = _supervised(cfg, linprobe=True)
+    res.run.release()
+    return res
 
 
 WEIGHTS = ("both", "raw", "ema")

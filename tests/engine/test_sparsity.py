@@ -285,12 +285,15 @@ def test_engine_resume_gives_the_same_weights_and_masks(tmp_path):
 def test_engine_refuses_to_switch_sparse_and_dense_on_resume(tmp_path):
     with pytest.raises(_Stop):
         _fit(tmp_path / "s", SPARSE, stop_at=8)
-    with pytest.raises(ValueError, match="sparse run"):  # dense resume would regrow the pruned weights
+    with pytest.raises(ValueError, match="sparse.sparsity 0.5 -> 0.0"):  # a config change: refused as any other
         _fit(tmp_path / "s", [])
+    allow = ["run.allow_config_change=true"]  # and refused even when config changes are allowed:
+    with pytest.raises(ValueError, match="sparse run"):  # dense resume would regrow the pruned weights
+        _fit(tmp_path / "s", allow)
     with pytest.raises(_Stop):
         _fit(tmp_path / "d", [], stop_at=8)
     with pytest.raises(ValueError, match="dense run"):
-        _fit(tmp_path / "d", SPARSE)
+        _fit(tmp_path / "d", [*SPARSE, *allow])
 
 
 def test_engine_amp_keeps_exact_sparsity_in_model_and_ema(tmp_path):

@@ -1,6 +1,7 @@
 """Training checkpoints: everything needed to resume exactly, written atomically (temp file + rename)."""
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
@@ -11,8 +12,20 @@ LAST = "last.pt"
 
 
 def save_training_checkpoint(path: str | Path, payload: dict) -> Path:
-    """``payload``: model / optimizer / scaler / ema state dicts, train state, RNG states, resolved config."""
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    """``payload``: model / optimizer / scaler / ema state dicts, train state, RNG states, resolved config.
+    A full disk is one line (CheckpointError) and leaves the previous file as it was (the write is atomic)."""
+    path = Path(path)
+    try:
+        return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        chain, cur = [], e
+        while cur is not None and len(chain) < 10:
+            chain.append(cur)
+            cur = cur.__cause__ or cur.__context__
+        if any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in chain):
+            raise CheckpointError(f"no space left on the device writing {path}; the previous {path.name} is kept "
+                                  "unchanged: free some space and re-run the same command to resume") from None
+        raise
 
 
 def load_training_checkpoint(path: str | Path) -> dict:

@@ -20,8 +20,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent = one process) and start the process group."""
+def setup(device: str = "auto", timeout_minutes: float = 5.0) -> DistInfo:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent = one process) and start the process group.
+    ``timeout_minutes``: how long a collective waits for a stopped or hung rank before the job ends (the loop
+    waits for rank 0's validation apart, on a group without this limit: ``wait_for_main``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -39,8 +41,7 @@ def setup(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         from datetime import timedelta
 
-        # Validation runs on rank 0 while the others wait at the next collective: allow it an hour.
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank, world, local, dev)
 
 
@@ -78,6 +79,31 @@ def all_true(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def any_true(flags: list[bool], info: DistInfo) -> list[bool]:
+    """Each flag True if it is True on any process (one collective for all of them)."""
+    if info.world == 1:
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def wait_for_main(info: DistInfo, group) -> None:
+    """The other ranks wait for rank 0's validation on ``group`` (made with a long timeout), so the run's
+    collective timeout can stay short without cutting a long validation."""
+    if info.world > 1:
+        dist.barrier(group=group)
+
+
+def long_wait_group(info: DistInfo, hours: float = 2.0):
+    """A process group (gloo: a barrier needs no GPU) whose collectives may wait ``hours`` (validation on rank 0)."""
+    if info.world == 1:
+        return None
+    from datetime import timedelta
+
+    return dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
 
 
 def barrier(info: DistInfo) -> None:

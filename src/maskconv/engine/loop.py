@@ -1,12 +1,15 @@
 """The one training loop, for pretraining and fine-tuning alike: the caller's ``loss_fn`` returns the loss.
 
-Resumable exactly: the sampler is a pure function of (seed, epoch, position), each sample's augmentation is
-seeded by (seed, epoch, index), the lr is a pure function of the step, and checkpoints hold the RNG states of
-every process. Re-running with the same ``run.out`` continues from ``last.pt``.
+Resumable exactly: the sampler is a pure function of (seed, epoch, position), each sample's augmentation (and,
+for pretraining, its mask) is seeded by (seed, epoch, index), the lr is a pure function of the step, and
+checkpoints hold the RNG states of every process. Re-running with the same ``run.out`` continues from
+``last.pt``; the run folder's lock and provenance rules are in ``engine/rundir.py``.
 """
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -20,7 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__
 from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, describe_unreadable
 from . import dist as D
+from ..models._helpers import CheckpointError
 from .checkpoint import LAST, load_training_checkpoint, save_training_checkpoint
+from .rundir import RunDir, RunFolderBusy, check_resume, data_fingerprint, format_changes
 from .optim import build_optimizer
 from .schedule import lr_at, set_lr
 from .sparsity import build_sparsity, first_batch
@@ -45,6 +50,19 @@ class FitResult:
     model: nn.Module  # unwrapped (with FSDP: still sharded; use ``state_dict``)
     ema: nn.Module | None
     state_dict: dict | None = None  # full (unsharded) model weights on CPU, main process only
+    run: RunDir | None = None  # still locked: the caller writes its weights files, then ``run.release()``
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM ended the run at a step boundary after saving a checkpoint."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped at step {step}; re-run the same command to resume")
+        self.step, self.signum = step, signum
+
+
+# lr below which a resolved lr is implausibly small for the task (the blr rule at a small batch)
+LOW_LR = {"pretrain": 1e-5, "finetune": 1e-5, "linprobe": 1e-4}
 
 
 def _shard(model: nn.Module) -> None:
@@ -87,7 +105,7 @@ class MetricsLog:
 
     def __init__(self, out: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self.path = out / "metrics.jsonl"
+        self.path = out / RunDir.METRICS
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -98,10 +116,22 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out / "tb"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-        if self.enabled and self.path.exists():
-            keep = [x for x in self.path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= step]
-            self.path.write_text("".join(k + "\n" for k in keep))
+        """Drop rows logged after the checkpoint we resume from (they will be logged again). A torn last line
+        (a crash mid-append) is trimmed with a warning; a damaged line elsewhere is an error naming the file."""
+        if not (self.enabled and self.path.exists()):
+            return
+        lines = [x for x in self.path.read_text(errors="replace").splitlines() if x.strip()]
+        rows = []
+        for n, x in enumerate(lines):
+            try:
+                rows.append((x, json.loads(x)))
+            except json.JSONDecodeError:
+                if n != len(lines) - 1:
+                    raise ValueError(f"{self.path}: line {n + 1} is not JSON (a damaged metrics log); repair or "
+                                     "remove that line to resume") from None
+                print(f"warning: {self.path}: trimmed a torn last line (a crash mid-write): {x[:60]!r}", flush=True)
+        keep = [x for x, row in rows if row.get("step", 0) <= step]
+        self.path.write_text("".join(k + "\n" for k in keep))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -114,64 +144,120 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, row.get("step", 0))
 
 
-def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *, task: str,
-        batch_transform: Callable | None = None, evaluate: Callable | None = None,
-        backbone: nn.Module | None = None, info: D.DistInfo | None = None,
-        train_mode: Callable[[nn.Module], None] | None = None) -> FitResult:
-    """Train ``model`` on ``dataset`` as ``cfg`` says. ``loss_fn(model, images, labels) -> loss``;
-    ``batch_transform(images, labels)`` (MixUp/CutMix) runs on each micro-batch; ``evaluate(model) -> dict``
-    runs on the main process after every epoch. ``train_mode(model)`` replaces ``model.train()`` at the start of
-    each epoch (a linear probe keeps its frozen backbone's BatchNorm statistics in eval mode)."""
-    info = info or D.setup(cfg.run.device)
-    out = Path(cfg.run.out)
+
+class _Keyed(Dataset):
+    """Each item with its sampler key ``(global index, epoch)``: per-sample randomness (masks) is drawn from it."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, item):
+        return self.ds[item], item
+
+
+def _collate_keyed(batch):
+    """``collate_skip`` + the global indices (B,) of the batch (training replaces bad files: nothing dropped)."""
+    images, labels, bad = collate_skip([b for b, _ in batch])
+    return images, labels, bad, torch.tensor([k[0] for _, k in batch], dtype=torch.long)
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _StopSignals:
+    """First SIGINT / SIGTERM: ask the loop to stop at the next step boundary; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def ema_warmup_fn(decay: float, warmup: bool) -> Callable:
+    """``multi_avg_fn`` for ``AveragedModel``: EMA with timm's ModelEmaV3 warm-up (gamma 1, power 2/3): after
+    ``n`` updates the decay is ``min(decay, 1 - (1 + n)^(-2/3))``, so a short run's EMA follows the weights."""
+
+    @torch.no_grad()
+    def update(ema_params, params, n_averaged) -> None:
+        d = min(decay, 1 - (1 + float(n_averaged)) ** (-2 / 3)) if warmup else decay
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        else:  # integer buffers (BatchNorm's num_batches_tracked) follow the model
+            for e, p in zip(ema_params, params):
+                e.copy_(p)
+
+    return update
+
+
+def _finite(model: nn.Module, info: D.DistInfo) -> bool:
+    """Every parameter finite on every process (FSDP: each process checks its shards)."""
+    ok = all(bool(torch.isfinite(getattr(p, "to_local", lambda: p)()).all()) for p in model.parameters())
+    return D.all_true(ok, info)
+
+
+def _resolve_lr(cfg, eff_batch: int) -> tuple[float, str]:
+    """The lr and the rule that produced it, e.g. ``lr 9.4e-06 = blr 0.00015 x batch 16 / 256``."""
+    o = cfg.optim
+    if o.lr is not None:
+        return o.lr, f"lr {o.lr:.3g} (optim.lr)"
+    lr = o.blr * eff_batch / 256
+    return lr, f"lr {lr:.3g} = blr {o.blr:g} x batch {eff_batch} / 256"
+
+
+def _open_run(cfg, run: RunDir, info: D.DistInfo, task: str, record: dict, files: dict | None):
+    """Lock the run folder, read its checkpoint and refuse a resume with other training settings, all before
+    writing anything; then write the start record (a fresh run only) and ``files``. Returns (checkpoint or
+    None, the accepted changes to record once the checkpoint has loaded)."""
+    err = None
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    D.barrier(info)
-    model.to(info.device)
-    o, r = cfg.optim, cfg.run
-    accum = max(1, o.accum_steps)
-    full_batches = ResumableSampler(len(dataset), cfg.data.batch_size, world=info.world).num_batches
-    steps_per_epoch = full_batches // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{full_batches} batches per epoch is fewer than optim.accum_steps={accum}")
-    per_epoch_batches = steps_per_epoch * accum  # whole accumulation cycles only: no gradient spills over
-    total_steps = o.epochs * steps_per_epoch
-    if r.max_steps:  # a shortened run still gets the whole warmup + cosine schedule
-        total_steps = min(total_steps, r.max_steps)
-    eff_batch = cfg.data.batch_size * info.world * accum
-    lr = o.lr if o.lr is not None else o.blr * eff_batch / 256
-    warmup = o.warmup_epochs * steps_per_epoch
-    resolved = dict(world_size=info.world, effective_batch=eff_batch, lr=lr, steps_per_epoch=steps_per_epoch,
-                    total_steps=total_steps, warmup_steps=warmup, images=len(dataset), device=str(info.device))
-    if info.is_main:
-        print("resolved: " + ", ".join(f"{k}={v}" for k, v in resolved.items()), flush=True)
-        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=1))
-
-    fsdp = r.fsdp and info.world > 1
-    if fsdp:
-        if o.ema_decay > 0:
-            raise ValueError("optim.ema_decay is not supported with run.fsdp (the EMA copy would not be sharded)")
-        _shard(model)
-    optimizer = build_optimizer(model, lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme, backbone)
-    amp_ctx, scaler = autocast_ctx(r.amp, info.device)
-    # sparse.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them below)
-    sparse = build_sparsity(cfg, model, total_steps, task=task, fsdp=fsdp, world=info.world,
-                            fresh=not (out / LAST).exists(), loss_fn=loss_fn,
-                            batch=lambda: first_batch(cfg, dataset, transform, batch_transform, info))
-    ema = None
-    if o.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay), use_buffers=True)
-
-    state = TrainState()
-    torch.manual_seed(r.seed * 1000 + info.rank)  # masks / drop path differ between processes
-    last = out / LAST
-    if last.exists():
-        ck = load_training_checkpoint(last)
+        try:
+            run.lock()
+        except RunFolderBusy as e:
+            err = e
+    if not D.all_true(err is None, info):
+        raise err or RunFolderBusy(f"run folder {run.path} is in use (rank 0 could not lock it)")
+    last = run.file(LAST)
+    ck = load_training_checkpoint(last) if last.exists() else None
+    changes = []
+    if ck is not None:
         if ck["config"]["model"]["name"] != cfg.model.name or ck.get("task") != task:
             raise ValueError(f"{last} is a {ck.get('task')} run of {ck['config']['model']['name']}; this is a "
                              f"{task} run of {cfg.model.name}: choose another run.out")
+        step = ck["state"].get("step", 0) if isinstance(ck["state"], dict) else 0
+        old = {**ck["config"], "resolved": ck.get("resolved", {})}
+        changes = check_resume(run, step, old, record, cfg.run.allow_config_change)
+    if info.is_main:
+        run.remove_stale_tmp()
+        if ck is None:  # a fresh start (or one whose earlier attempt saved no checkpoint): nothing trained yet
+            run.file(run.CONFIG).write_text(json.dumps(record, indent=1))
+        for name, text in (files or {}).items():
+            run.file(name).write_text(text)
+    D.barrier(info)
+    return ck, changes
+
+
+def _restore(ck: dict, last: Path, model, optimizer, scaler, ema, sparse, fsdp: bool, info: D.DistInfo) -> TrainState:
+    """Load a training checkpoint into the run's objects; a mismatch is one line (CheckpointError)."""
+    try:
         if fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
@@ -186,21 +272,112 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
             scaler.load_state_dict(ck["scaler"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
-        if sparse is not None:
-            if ck.get("sparse") is None:
-                raise ValueError(f"{last} was written by a dense run; sparse.sparsity>0 needs its own run.out")
-            sparse.load_state_dict(ck["sparse"])
-        elif ck.get("sparse") is not None:  # resuming dense would let the pruned weights grow back silently
-            raise ValueError(f"{last} was written by a sparse run (sparse.sparsity>0); resume it with the same sparse.* "
-                             "settings, or start a dense run in another run.out")
-        state = TrainState(**ck["state"])
-        rng = ck.get("rng", [])
-        if len(rng) == info.world:
-            torch.set_rng_state(rng[info.rank]["torch"])
-            if info.device.type == "cuda" and rng[info.rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(rng[info.rank]["cuda"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(x.strip() for x in first[:3])[:400]
+        raise CheckpointError(f"{last} does not fit this model ({detail}); resume with the run's settings or "
+                              "choose another run.out") from None
+    if sparse is not None:
+        if ck.get("sparse") is None:
+            raise ValueError(f"{last} was written by a dense run; sparse.sparsity>0 needs its own run.out")
+        sparse.load_state_dict(ck["sparse"])
+    elif ck.get("sparse") is not None:  # resuming dense would let the pruned weights grow back silently
+        raise ValueError(f"{last} was written by a sparse run (sparse.sparsity>0); resume it with the same sparse.* "
+                         "settings, or start a dense run in another run.out")
+    unknown = sorted(set(ck["state"]) - set(TrainState.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"{last} has training-state fields this version does not know: {', '.join(unknown)} "
+                              "(written by a newer maskconv?)")
+    state = TrainState(**ck["state"])
+    rng = ck.get("rng", [])
+    if len(rng) == info.world:
+        torch.set_rng_state(rng[info.rank]["torch"])
+        if info.device.type == "cuda" and rng[info.rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(rng[info.rank]["cuda"])
+    return state
+
+
+def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *, task: str,
+        batch_transform: Callable | None = None, evaluate: Callable | None = None,
+        backbone: nn.Module | None = None, info: D.DistInfo | None = None,
+        train_mode: Callable[[nn.Module], None] | None = None, files: dict[str, str] | None = None,
+        keyed_loss: bool = False) -> FitResult:
+    """Train ``model`` on ``dataset`` as ``cfg`` says. ``loss_fn(model, images, labels) -> loss`` (with
+    ``keyed_loss``: ``loss_fn(model, images, labels, keys=(indices (B,), epoch))`` for per-sample randomness);
+    ``batch_transform(images, labels)`` (MixUp/CutMix) runs on each micro-batch; ``evaluate(model) -> dict``
+    runs on the main process after every epoch. ``train_mode(model)`` replaces ``model.train()`` at the start of
+    each epoch (a linear probe keeps its frozen backbone's BatchNorm statistics in eval mode). ``files``
+    (name -> text) are written into the run folder once it is locked and checked. The returned ``run`` is still
+    locked: release it after writing the final files."""
+    info = info or D.setup(cfg.run.device, cfg.run.dist_timeout_minutes)
+    run = RunDir(cfg.run.out)
+    o, r = cfg.optim, cfg.run
+    accum = max(1, o.accum_steps)
+    full_batches = ResumableSampler(len(dataset), cfg.data.batch_size, world=info.world).num_batches
+    steps_per_epoch = full_batches // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{full_batches} batches per epoch is fewer than optim.accum_steps={accum}")
+    total_steps = o.epochs * steps_per_epoch
+    if r.max_steps:  # a shortened run still gets the whole warmup + cosine schedule
+        total_steps = min(total_steps, r.max_steps)
+    eff_batch = cfg.data.batch_size * info.world * accum
+    lr, lr_rule = _resolve_lr(cfg, eff_batch)
+    warmup = o.warmup_epochs * steps_per_epoch
+    resolved = dict(world_size=info.world, effective_batch=eff_batch, lr=lr, steps_per_epoch=steps_per_epoch,
+                    total_steps=total_steps, warmup_steps=warmup, images=len(dataset), device=str(info.device),
+                    data_fingerprint=data_fingerprint(dataset))
+    try:
+        ck, changes = _open_run(cfg, run, info, task, {**cfg.to_dict(), "resolved": resolved}, files)
+        return _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evaluate, backbone, info,
+                      train_mode, keyed_loss, run, ck, changes, resolved, lr, lr_rule)
+    except BaseException:  # refused, failed or interrupted: the folder is free again
+        run.release()
+        raise
+
+
+def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evaluate, backbone, info, train_mode,
+           keyed_loss, run: RunDir, ck, changes, resolved, lr, lr_rule) -> FitResult:
+    out, o, r = run.path, cfg.optim, cfg.run
+    accum = max(1, o.accum_steps)
+    steps_per_epoch, total_steps, warmup = resolved["steps_per_epoch"], resolved["total_steps"], resolved["warmup_steps"]
+    per_epoch_batches = steps_per_epoch * accum  # whole accumulation cycles only: no gradient spills over
+    if info.is_main:
+        print(lr_rule + "; resolved: " + ", ".join(f"{k}={v}" for k, v in resolved.items()), flush=True)
+        if lr < LOW_LR.get(task, 0):
+            print(f"warning: {lr_rule} is implausibly small for {task} (below {LOW_LR[task]:g}): the run will "
+                  "barely learn; at a small batch set optim.lr directly (e.g. optim.lr=1e-3)", flush=True)
+    model.to(info.device)
+    fsdp = r.fsdp and info.world > 1
+    if fsdp:
+        if o.ema_decay > 0:
+            raise ValueError("optim.ema_decay is not supported with run.fsdp (the EMA copy would not be sharded)")
+        _shard(model)
+    optimizer = build_optimizer(model, lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme, backbone)
+    amp_ctx, scaler = autocast_ctx(r.amp, info.device)
+    # sparse.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them below)
+    sparse = build_sparsity(cfg, model, total_steps, task=task, fsdp=fsdp, world=info.world, fresh=ck is None,
+                            loss_fn=loss_fn, batch=lambda: first_batch(cfg, dataset, transform, batch_transform, info))
+    ema = None
+    if o.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel
+
+        ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(o.ema_decay, o.ema_warmup), use_buffers=True)
+
+    state = TrainState()
+    torch.manual_seed(r.seed * 1000 + info.rank)  # drop path differs between processes
+    last = run.file(LAST)
+    config_history: list[dict] = []  # accepted config changes (also in every checkpoint)
+    if ck is not None:
+        state = _restore(ck, last, model, optimizer, scaler, ema, sparse, fsdp, info)
+        config_history = list(ck.get("config_history", []))
+        del ck
         if info.is_main:
             print(f"resumed from {last}: epoch {state.epoch}, step {state.step}", flush=True)
+            if changes:  # recorded only now that the checkpoint has loaded into the changed run
+                config_history.append(run.append_history(state.step, changes))
+                print(f"config change recorded at step {state.step} ({run.file(run.HISTORY)}): "
+                      f"{format_changes(changes)}", flush=True)
+    saved_step = state.step if last.exists() else None  # the step last.pt holds
 
     ddp = model
     if info.world > 1 and not fsdp:
@@ -210,21 +387,31 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     log = MetricsLog(out, info.is_main, r.tensorboard)
     log.truncate_after(state.step)
     history: list[dict] = []
+    eval_group = D.long_wait_group(info) if evaluate is not None else None
+    last_save = time.monotonic()
 
-    def checkpoint(tag: str = LAST) -> None:
-        rng = D.all_gather_object({"torch": torch.get_rng_state(),
-                                   "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
+    def checkpoint(local_rng: dict | None = None) -> bool:
+        """Write last.pt unless a weight is non-finite (then the older checkpoint stays); True if written."""
+        nonlocal saved_step, last_save
+        if not _finite(model, info):
+            if info.is_main:
+                print(f"warning: non-finite weights at step {state.step}: {last} not overwritten", flush=True)
+            return False
+        rng = D.all_gather_object(local_rng or {"torch": torch.get_rng_state(),
+                                                "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
                                   info)
         model_sd, optim_sd = _full_state(model, optimizer, fsdp)
         if info.is_main:
-            save_training_checkpoint(out / tag, {
+            save_training_checkpoint(last, {
                 "model": model_sd, "optimizer": optim_sd,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "ema": ema.state_dict() if ema is not None else None, "state": asdict(state), "rng": rng,
                 "sparse": sparse.state_dict() if sparse is not None else None,
-                "config": cfg.to_dict(), "resolved": resolved, "task": task, "model_name": cfg.model.name,
-                "maskconv_version": __version__})
+                "config": cfg.to_dict(), "resolved": resolved, "config_history": config_history, "task": task,
+                "model_name": cfg.model.name, "maskconv_version": __version__})
         D.barrier(info)
+        saved_step, last_save = state.step, time.monotonic()
+        return True
 
     stop = False
     cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
@@ -232,104 +419,136 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     finished = state.step >= total_steps  # e.g. a run.max_steps run re-run with the same --out: nothing to add
     if finished and info.is_main:
         print(f"{out} is already at step {state.step} of {total_steps}: nothing to train", flush=True)
-    for epoch in range(state.epoch, state.epoch if finished else o.epochs):
-        sampler = ResumableSampler(len(dataset), cfg.data.batch_size, r.seed, epoch, info.rank, info.world,
-                                   start_batch=state.batch_in_epoch, max_batches=per_epoch_batches)
-        loader = DataLoader(SeededDataset(dataset, transform, r.seed), batch_size=cfg.data.batch_size,
-                            sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate_skip,
-                            generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
-                            pin_memory=info.device.type == "cuda")
-        (train_mode or nn.Module.train)(model)
-        bar = None
-        if info.is_main and r.progress:
-            from tqdm import tqdm
+    signals = _StopSignals()
+    with signals:
+        for epoch in range(state.epoch, state.epoch if finished else o.epochs):
+            sampler = ResumableSampler(len(dataset), cfg.data.batch_size, r.seed, epoch, info.rank, info.world,
+                                       start_batch=state.batch_in_epoch, max_batches=per_epoch_batches)
+            loader = DataLoader(_Keyed(SeededDataset(dataset, transform, r.seed)), batch_size=cfg.data.batch_size,
+                                sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=_collate_keyed,
+                                generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
+                                worker_init_fn=_ignore_sigint, pin_memory=info.device.type == "cuda")
+            (train_mode or nn.Module.train)(model)
+            bar = None
+            if info.is_main and r.progress:
+                from tqdm import tqdm
 
-            bar = tqdm(total=per_epoch_batches, initial=state.batch_in_epoch, desc=f"{task} epoch {epoch + 1}/"
-                       f"{o.epochs}", unit="batch", dynamic_ncols=True)
-        losses = []
-        for images, labels, skipped in loader:
-            state.unreadable.update(skipped)  # replaced by SeededDataset (batches stay full); counted once per file
-            state.skipped_files = len(state.unreadable)
-            micro = state.batch_in_epoch % accum
-            images = images.to(info.device, non_blocking=True)
-            labels = labels.to(info.device, non_blocking=True)
-            if batch_transform is not None:
-                images, labels = batch_transform(images, labels)
-            sync = micro == accum - 1
-            if fsdp:
-                model.set_requires_gradient_sync(sync)
-            with (ddp.no_sync() if info.world > 1 and not fsdp and not sync else nullcontext()):
-                with amp_ctx:
-                    loss = loss_fn(ddp, images, labels)
-                if not D.all_true(bool(torch.isfinite(loss)), info):  # every rank stops together
-                    raise FloatingPointError(
-                        f"non-finite loss ({loss.item()}) at step {state.step} (epoch {epoch + 1}, batch "
-                        f"{state.batch_in_epoch}); the last good checkpoint {last} is intact. Lower optim.blr, "
-                        "set optim.clip_grad, or check the data.")
-                (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-            losses.append(loss.item())
-            state.loss_sum += losses[-1]
-            state.loss_count += 1
-            state.batch_in_epoch += 1
-            if bar is not None:
-                bar.update(1)
-            if not sync:
-                continue
-            cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
-            set_lr(optimizer, cur_lr)
-            if o.clip_grad:
+                # the batches this epoch will run: run.max_steps may end it early
+                epoch_total = per_epoch_batches
+                if r.max_steps:
+                    epoch_total = max(0, min(per_epoch_batches, r.max_steps * accum - epoch * per_epoch_batches))
+                bar = tqdm(total=epoch_total, initial=state.batch_in_epoch, desc=f"{task} epoch {epoch + 1}/"
+                           f"{o.epochs}", unit="batch", dynamic_ncols=True)
+            losses = []
+            step_rng = None
+            for images, labels, skipped, indices in loader:
+                state.unreadable.update(skipped)  # replaced by SeededDataset (batches stay full); counted once per file
+                state.skipped_files = len(state.unreadable)
+                micro = state.batch_in_epoch % accum
+                if micro == 0:  # the RNG state a checkpoint of the previous step would hold (NaN stop)
+                    step_rng = {"torch": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None}
+                images = images.to(info.device, non_blocking=True)
+                labels = labels.to(info.device, non_blocking=True)
+                if batch_transform is not None:
+                    images, labels = batch_transform(images, labels)
+                sync = micro == accum - 1
+                if fsdp:
+                    model.set_requires_gradient_sync(sync)
+                with (ddp.no_sync() if info.world > 1 and not fsdp and not sync else nullcontext()):
+                    with amp_ctx:
+                        loss = (loss_fn(ddp, images, labels, keys=(indices, epoch)) if keyed_loss
+                                else loss_fn(ddp, images, labels))
+                    if not D.all_true(bool(torch.isfinite(loss)), info):  # every rank stops together
+                        _nan_stop(loss, state, epoch, micro, last, saved_step, checkpoint, step_rng, o)
+                    (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+                losses.append(loss.item())
+                state.loss_sum += losses[-1]
+                state.loss_count += 1
+                state.batch_in_epoch += 1
+                if bar is not None:
+                    bar.update(1)
+                if not sync:
+                    continue
+                cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
+                set_lr(optimizer, cur_lr)
+                if o.clip_grad:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
                 if scaler:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if sparse is not None:  # after every step, AMP or not: mask weights + momenta; prune/regrow when due
-                sparse.step(optimizer, state.step + 1)
-            if ema is not None:
-                ema.update_parameters(model)
-                if sparse is not None:
-                    sparse.mask_ema(ema.module)
-            state.step += 1
-            step_loss = sum(losses[-accum:]) / accum
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if sparse is not None:  # after every step, AMP or not: mask weights + momenta; prune/regrow when due
+                    sparse.step(optimizer, state.step + 1)
+                if ema is not None:
+                    ema.update_parameters(model)
+                    if sparse is not None:
+                        sparse.mask_ema(ema.module)
+                state.step += 1
+                step_loss = sum(losses[-accum:]) / accum
+                if bar is not None:
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
+                if state.step % r.log_every_steps == 0:  # same condition on every rank: the all-reduce is safe
+                    log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
+                                   loss=D.mean_across(step_loss, info), lr=cur_lr, time=time.perf_counter() - t_start,
+                                   **({"sparsity": sparse.global_sparsity} if sparse is not None else {})))
+                # one collective for both: a signal on any rank stops all; a time-based save is taken together
+                asked, due = D.any_true([signals.signum is not None,
+                                         bool(r.save_every_minutes) and time.monotonic() - last_save
+                                         >= r.save_every_minutes * 60], info)
+                if asked:
+                    if bar is not None:
+                        bar.close()
+                    checkpoint()
+                    raise Interrupted(state.step, signals.signum or signal.SIGTERM)
+                if due or (r.save_every_steps and state.step % r.save_every_steps == 0):
+                    checkpoint()
+                if r.max_steps and state.step >= r.max_steps:
+                    stop = True
+                    break
             if bar is not None:
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
-            if state.step % r.log_every_steps == 0:  # same condition on every rank: the all-reduce is safe
+                bar.close()
+            epoch_loss = D.mean_across(state.loss_sum / max(1, state.loss_count), info)
+            if stop:  # run.max_steps: summarise the partial epoch, keep a resumable checkpoint
                 log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
-                               loss=D.mean_across(step_loss, info), lr=cur_lr, time=time.perf_counter() - t_start,
-                               **({"sparsity": sparse.global_sparsity} if sparse is not None else {})))
-            if r.save_every_steps and state.step % r.save_every_steps == 0:
+                               train_loss=epoch_loss, lr=cur_lr))
                 checkpoint()
-            if r.max_steps and state.step >= r.max_steps:
-                stop = True
                 break
-        if bar is not None:
-            bar.close()
-        epoch_loss = D.mean_across(state.loss_sum / max(1, state.loss_count), info)
-        if stop:  # run.max_steps: summarise the partial epoch, keep a resumable checkpoint
-            log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
-                           train_loss=epoch_loss, lr=cur_lr))
-            checkpoint()
-            break
-        state.epoch, state.batch_in_epoch, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
-        row = dict(step=state.step, epoch=epoch + 1, train_loss=epoch_loss, lr=cur_lr)
-        if evaluate is not None and info.is_main and not fsdp and ((epoch + 1) % max(1, r.eval_every_epochs) == 0
+            state.epoch, state.batch_in_epoch, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
+            row = dict(step=state.step, epoch=epoch + 1, train_loss=epoch_loss, lr=cur_lr)
+            if evaluate is not None and not fsdp and ((epoch + 1) % max(1, r.eval_every_epochs) == 0
                                                       or epoch + 1 == o.epochs):
-            row.update(evaluate(model))  # the trained weights (model.safetensors)
-            if ema is not None:  # and their EMA (model_ema.safetensors), named apart
-                row.update({f"ema_{k}": v for k, v in evaluate(ema.module).items()})
-        log.write(row)
-        history.append(row)
-        if info.is_main:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        if (epoch + 1) % max(1, r.save_every_epochs) == 0 or epoch + 1 == o.epochs:
-            checkpoint()
+                if info.is_main:
+                    row.update(evaluate(model))  # the trained weights (model.safetensors)
+                    if ema is not None:  # and their EMA (model_ema.safetensors), named apart
+                        row.update({f"ema_{k}": v for k, v in evaluate(ema.module).items()})
+                D.wait_for_main(info, eval_group)
+            log.write(row)
+            history.append(row)
+            if info.is_main:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
+            if (epoch + 1) % max(1, r.save_every_epochs) == 0 or epoch + 1 == o.epochs:
+                checkpoint()
     unreadable = {k: v for part in D.all_gather_object(state.unreadable, info) for k, v in part.items()}
     if info.is_main and unreadable:
         print(f"{describe_unreadable(unreadable)}; each was replaced by the next readable image", flush=True)
     full = _full_state(model, optimizer, fsdp)[0] if fsdp else None
     return FitResult(out, state, history, model, ema.module if ema is not None else None,
-                     full if info.is_main else None)
+                     full if info.is_main else None, run)
+
+
+def _nan_stop(loss, state: TrainState, epoch: int, micro: int, last: Path, saved_step, checkpoint, step_rng, o):
+    """A non-finite loss: keep a checkpoint of the last finite step (written now when the weights are finite and
+    we stand at a step boundary), then stop with a message that says which step it holds."""
+    if micro == 0 and state.step > 0 and saved_step != state.step and checkpoint(step_rng):
+        saved_step = state.step
+    where = (f"{last} holds step {saved_step}, the last checkpoint with finite weights" if saved_step is not None
+             else "no checkpoint was written (no step ended with finite weights)")
+    raise FloatingPointError(
+        f"non-finite loss ({loss.item()}) at step {state.step + 1} (epoch {epoch + 1}, batch {state.batch_in_epoch}); "
+        f"{where}. Lower optim.blr, set optim.clip_grad, or check the data.")

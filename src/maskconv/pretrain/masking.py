@@ -57,3 +57,15 @@ def visible_index(mask: torch.Tensor) -> torch.Tensor:
     vis = (~mask).reshape(b, h * w)
     idx = vis.nonzero()  # (B*L_vis, 2) rows sorted by (sample, position)
     return idx[:, 0] * (h * w) + idx[:, 1]
+
+
+def indexed_masks(indices: torch.Tensor, epoch: int, seed: int, h: int, w: int, mask_ratio: float,
+                  device=None) -> torch.Tensor:
+    """(B, h, w) masks, sample i's drawn from its own generator seeded by (seed, epoch, global index): the same
+    sample gets the same mask whichever process, batch position or world size it lands in, so N processes
+    train on exactly the masks one process would (and a resumed run on the masks of an uninterrupted one)."""
+    rows = []
+    for i in indices.tolist():
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 100_003 + int(i)) % (2**63) ^ 0x5DEECE66D)
+        rows.append(random_mask(1, h, w, mask_ratio, generator=g))
+    return torch.cat(rows).to(device)

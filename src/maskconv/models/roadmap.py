@@ -149,14 +149,15 @@ class RoadmapNet(nn.Module):
     ``depthwise`` / ``width``: ResNeXt-ify (Section 2.3); ``inverted`` (2.4); ``dw_first``, ``kernel_size`` (2.5);
     ``act``, ``fewer_acts``, ``fewer_norms``, ``norm``, ``separate_downsample`` (2.6); ``ls_init_value``: layer scale
     (the training recipe's, Appendix A.1). ``patch_size``: the stem's stride (4 as in the paper; 2 or 1 for small
-    images: the ResNet stem then drops its max pool, and at 1 its conv's stride).
+    images: the ResNet stem then drops its max pool, and at 1 its conv's stride). ``head_init_scale``, ``drop_rate``,
+    ``drop_path_rate``: as ConvNeXt's.
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: tuple[int, ...] = (3, 4, 6, 3),
                  width: int = 64, stem: str = "resnet", depthwise: bool = False, inverted: bool = False,
                  dw_first: bool = False, kernel_size: int = 3, act: str = "relu", fewer_acts: bool = False,
                  fewer_norms: bool = False, norm: str = "bn", separate_downsample: bool = False,
-                 ls_init_value: float | None = None, patch_size: int = 4, drop_rate: float = 0.0,
+                 ls_init_value: float | None = None, patch_size: int = 4, head_init_scale: float = 1.0, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, global_pool: str = "avg"):
         super().__init__()
         if stem not in ("resnet", "patchify"):
@@ -210,6 +211,10 @@ class RoadmapNet(nn.Module):
         # the LN "after the final global average pooling" comes with the separate downsampling layers (Section 2.6)
         self.head = RoadmapHead(prev, num_classes, separate_downsample, drop_rate)
         self.apply(_init_weights)  # trunc_normal(.02) convs and linears, zero biases: ConvNeXt's init, every step
+        if head_init_scale != 1.0 and isinstance(self.head.fc, nn.Linear):  # as ConvNeXt (fine-tuning recipes)
+            with torch.no_grad():
+                self.head.fc.weight.mul_(head_init_scale)
+                self.head.fc.bias.mul_(head_init_scale)
 
     first_conv = "stem.0"
 

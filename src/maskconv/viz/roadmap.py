@@ -84,7 +84,8 @@ def plot_roadmap(rows: list[RoadmapRow], out: str | Path, measured: dict[int, li
         flops = f"{r.paper_gflops:.1f}G" if r.paper_gflops is not None else "  -  "
         ax.text(83.3, yy, f"{flops} / {r.gmacs:.2f}G", va="center", fontsize=8, family="monospace")
     ax.axvline(SWIN_T["top1"], color="black", linestyle="--", linewidth=0.8)
-    ax.text(SWIN_T["top1"], n - 0.3, f"Swin-T {SWIN_T['top1']}", fontsize=7, ha="center")
+    ax.text(SWIN_T["top1"] + 0.05, -0.75, f"Swin-T {SWIN_T['top1']} ({SWIN_T['gflops']}G)", fontsize=7)
+    ax.set_ylim(-1.0, n - 0.4)
     ax.set_yticks(y)
     ax.set_yticklabels([r.change.replace("ResNeXt-ify: ", "") for r in rows], fontsize=8)
     ax.set_xlim(77.0, 85.2)
@@ -92,7 +93,7 @@ def plot_roadmap(rows: list[RoadmapRow], out: str | Path, measured: dict[int, li
     ax.set_xlabel("ImageNet-1K top-1 (%), paper")
     ax.set_title("ConvNeXt roadmap (paper, Fig. 2)   GFLOPs: paper / ours", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
-    ax.legend(handles, list(_COLORS), fontsize=7, loc="upper center", bbox_to_anchor=(0.45, -0.09), ncol=4)
+    fig.legend(handles, list(_COLORS), fontsize=7, loc="lower center", ncol=len(_COLORS), frameon=False)
     if measured:
         ax2 = axes[0][1]
         for r, yy in zip(rows, y):
@@ -108,7 +109,7 @@ def plot_roadmap(rows: list[RoadmapRow], out: str | Path, measured: dict[int, li
         accs = [a for v in measured.values() for a in v]
         if accs:
             ax2.set_xlim(max(0.0, min(accs) - 5.0), min(100.0, max(accs) + 3.0))
-    return save(fig, out, dpi=120)
+    return save(fig, out, dpi=120, bottom=0.3 / fig.get_figheight())  # room for the legend
 
 
 def write_roadmap(out: str | Path | None = "roadmap.png", img_size: int = 224) -> str:

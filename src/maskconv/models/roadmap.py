@@ -1,7 +1,7 @@
 """The ConvNeXt roadmap: ResNet-50 modernised into ConvNeXt-T one design choice at a time.
 
 Paper: "A ConvNet for the 2020s" (Liu et al., CVPR 2022, arXiv:2201.03545), Section 2 ("Modernizing a ConvNet: a
-Roadmap", Figure 2; Figure 3 for the inverted bottleneck, Figure 4 for the block at each end; Appendix Table 10 lists
+Roadmap", Figure 2; Figure 3 for the inverted bottleneck, Figure 4 for the block at each end; the appendix tabulates
 every step's result). The official repo (facebookresearch/ConvNeXt) has no code for the intermediate networks: the
 steps are transcribed from the paper's text, one switch of ``RoadmapNet`` per step (``ROADMAP`` below).
 

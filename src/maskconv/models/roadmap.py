@@ -405,3 +405,11 @@ def torchvision_state_dict(model: RoadmapNet) -> dict[str, torch.Tensor]:
             raise ValueError(f"{k!r} has no torchvision ResNet counterpart (only ResNet-like steps map to torchvision)")
         out[new] = v[:, :, None, None] if re.search(r"\.conv[13]\.weight$", new) and v.ndim == 2 else v
     return out
+
+
+# ---- tiny variant for fast tests (not a published architecture) ----------------------------------------------
+@register_model
+def test_roadmap(**kw) -> RoadmapNet:
+    """Step 8's switches (patchify stem, inverted BN/ReLU blocks with the 7×7 depthwise conv first, strided
+    shortcut convs), 1 block per stage, widths 8..64: the registry-wide contract tests' view of the family."""
+    return RoadmapNet(**{**step_kwargs(8), "depths": (1, 1, 1, 1), "width": 8, **kw})

@@ -99,9 +99,11 @@ def test_every_step_forward_backward(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_every_step_at_224(name):
-    m = maskconv.create_model(name).eval()
-    with torch.no_grad():
-        assert m(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+    m = maskconv.create_model(name)
+    out = m(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 1000)
+    out.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
 
 
 @pytest.mark.parametrize("index", [i for i, s in enumerate(ROADMAP) if s.gflops is not None])
@@ -184,6 +186,10 @@ def test_bad_arguments_and_inputs():
         m(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="in_chans=3"):
         m(torch.randn(1, 1, 64, 64))
+    p = maskconv.create_model("roadmap_02_patchify", num_classes=3)
+    assert p.stride == 32 and p(torch.randn(1, 3, 36, 44)).shape == (1, 3)  # patchify: multiples of 4 suffice
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        p(torch.randn(1, 3, 34, 44))
 
 
 def test_contract_small_input_in_chans_and_patch_size():

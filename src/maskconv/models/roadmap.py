@@ -174,9 +174,10 @@ class RoadmapNet(nn.Module):
             raise ValueError(f"in_chans ({in_chans}), width ({width}) and every depth ({depths}) must be >= 1")
         self.in_chans, self.num_classes, self.drop_rate = in_chans, num_classes, drop_rate
         self.depths = tuple(depths)
-        # the input size each step needs: patchify cuts patch_size patches, 2×2/s2 downsampling layers halve exactly
-        self.stride = patch_size * 2 ** (len(depths) - 1) if separate_downsample else (
-            patch_size if stem == "patchify" else 1)
+        self.stride = patch_size * 2 ** (len(depths) - 1)  # total stride (as ConvNeXt's)
+        # what the input size must divide by: patchify cuts whole patches, 2×2/s2 downsampling layers halve exactly;
+        # ResNet's padded strided convs take any size (as torchvision's)
+        self.input_multiple = self.stride if separate_downsample else (patch_size if stem == "patchify" else 1)
         if stem == "resnet":
             layers = [nn.Conv2d(in_chans, width, 7, stride=min(patch_size, 2), padding=3, bias=norm != "bn"),
                       _norm(norm, width), _ACTS[act]()]
@@ -224,9 +225,10 @@ class RoadmapNet(nn.Module):
             raise ValueError(f"expected a (B, {self.in_chans}, H, W) input (in_chans={self.in_chans} channels), "
                              f"got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        if h % self.stride or w % self.stride:
-            raise ValueError(f"input size {h}x{w} is not divisible by {self.stride}, which this step's stem / "
-                             f"downsampling layers need; resize or pad to a multiple of {self.stride}")
+        k = self.input_multiple
+        if h % k or w % k:
+            raise ValueError(f"input size {h}x{w} is not divisible by {k}, which this step's stem / downsampling "
+                             f"layers need; resize or pad to a multiple of {k}")
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

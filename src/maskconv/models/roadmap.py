@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from ..layers import LayerNorm, LayerNorm2d
 from ._registry import register_checkpoint_filter, register_model
-from .convnext import ConvNeXt, _init_weights
+from .convnext import ConvNeXt, ConvNeXtStage
 
 __all__ = ["ROADMAP", "RoadmapNet", "RoadmapStep", "checkpoint_filter_fn", "torchvision_state_dict"]
 
@@ -44,6 +43,14 @@ _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
 def _norm(kind: str, dim: int) -> nn.Module:
     # BN: torchvision's BatchNorm2d (eps 1e-5); LN over channels at every position: ConvNeXt's (eps 1e-6)
     return nn.BatchNorm2d(dim) if kind == "bn" else LayerNorm2d(dim)
+
+
+def _init_weights(m: nn.Module) -> None:
+    """ConvNeXt's init (official ``_init_weights``) at every step: trunc-normal(.02) conv / linear weights, zero bias."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def _pointwise(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:  # (B, C, H, W) -> (B, C', H, W)
@@ -118,13 +125,7 @@ class RoadmapStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+    forward = ConvNeXtStage.forward  # downsample, then the blocks (checkpointed when asked): same attributes
 
 
 class RoadmapHead(nn.Module):
@@ -230,36 +231,15 @@ class RoadmapNet(nn.Module):
             raise ValueError(f"input size {h}x{w} is not divisible by {k}, which this step's stem / downsampling "
                              f"layers need; resize or pad to a multiple of {k}")
 
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return self.stem(x.contiguous(memory_format=torch.channels_last))  # NHWC views in _pointwise are free
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_chans, H, W) -> (B, C, H/32, W/32)
-        return self.stages(self._stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool={global_pool!r} is not supported; the roadmap uses 'avg'")
-        self.num_classes = num_classes
-        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            _init_weights(self.head.fc)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def no_weight_decay(self) -> set[str]:
-        """Layer scales: never decayed (as ConvNeXt)."""
-        return {n for n, _ in self.named_parameters() if n.endswith(".gamma")}
-
     # Same stage / block naming as ConvNeXt, so its contract methods apply as they are (layer ids for layer-wise lr
     # decay: the official ConvNeXt optim_factory's, stem = layer 0).
+    _stem = ConvNeXt._stem  # check_input, channels_last (the NHWC views of _pointwise are free), stem
+    forward_features = ConvNeXt.forward_features
+    forward_head = ConvNeXt.forward_head
+    forward = ConvNeXt.forward
+    reset_classifier = ConvNeXt.reset_classifier
+    get_classifier = ConvNeXt.get_classifier
+    no_weight_decay = ConvNeXt.no_weight_decay  # layer scales (``.gamma``)
     forward_intermediates = ConvNeXt.forward_intermediates
     fsdp_units = ConvNeXt.fsdp_units
     set_grad_checkpointing = ConvNeXt.set_grad_checkpointing

@@ -34,7 +34,8 @@ from ..layers import LayerNorm, LayerNorm2d
 from ._registry import register_checkpoint_filter, register_model
 from .convnext import ConvNeXt, ConvNeXtStage
 
-__all__ = ["ROADMAP", "RoadmapNet", "RoadmapStep", "checkpoint_filter_fn", "torchvision_state_dict"]
+__all__ = ["ROADMAP", "RoadmapNet", "RoadmapStep", "checkpoint_filter_fn", "step_kwargs", "step_model_name",
+           "torchvision_state_dict"]
 
 _NORMS = ("bn", "ln")
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}

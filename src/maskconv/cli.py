@@ -187,6 +187,9 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--reparam", action="store_true", help="merge re-parameterizable branches before exporting")
     x.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's classifier size")
     x.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)")
+    rm = sub.add_parser("roadmap", help="ConvNeXt paper's ResNet-50 -> ConvNeXt-T steps: params, GMACs, paper figures")
+    rm.add_argument("--out", default="roadmap.png", help="PNG of the paper's Figure-2 chart to write")
+    rm.add_argument("--img-size", type=int, default=224)
     d = sub.add_parser("demo", help="the main job on the embedded data: zoo table + short FCMAE pretraining")
     d.add_argument("--out", default="demo_out")
     return p
@@ -275,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:  # the reloaded file does not match PyTorch
                 print(f"maskconv: export failed: {e}", file=sys.stderr)
                 return 1
+        elif args.command == "roadmap":
+            from .viz.roadmap import write_roadmap
+
+            print(write_roadmap(args.out, args.img_size))
         elif args.command == "demo":
             api.run_demo(args.out)
         clean = True

@@ -14,11 +14,12 @@ def pyplot():
     return plt
 
 
-def save(fig, path: str | Path, dpi: int = 100, top: float = 1.0) -> Path:
-    """Tight layout (below ``top``, leaving room for a suptitle), write ``path`` (creating its folder), close."""
+def save(fig, path: str | Path, dpi: int = 100, top: float = 1.0, bottom: float = 0.0) -> Path:
+    """Tight layout (between ``bottom`` and ``top``, leaving room for a figure legend / suptitle), write ``path``
+    (creating its folder), close."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.tight_layout(rect=(0, bottom, 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -85,6 +85,12 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("--reparam", action="store_true", help="merge re-parameterizable branches before exporting")
     x.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's classifier size")
     x.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: dynamic)")
+    s = sub.add_parser("scenes", help="write the offline detection benchmark: Fashion-MNIST scenes as COCO JSON")
+    s.add_argument("--out", required=True, help="folder for annotations.json + images/ (reused when it exists)")
+    s.add_argument("--split", choices=("train", "val"), default="train", help="train or t10k Fashion-MNIST items")
+    s.add_argument("--num", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=128, help="canvas side in px")
     d = sub.add_parser("demo", help="the main job on the embedded data: zoo table + short FCMAE pretraining")
     d.add_argument("--out", default="demo_out")
     return p
@@ -153,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:  # the reloaded file does not match PyTorch
                 print(f"maskconv: export failed: {e}", file=sys.stderr)
                 return 1
+        elif args.command == "scenes":
+            from .data.scenes import make_scenes
+
+            print(f"scenes: {make_scenes(args.out, args.split, args.num, args.seed, args.size)}")
         elif args.command == "demo":
             api.run_demo(args.out)
         clean = True

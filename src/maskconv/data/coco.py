@@ -138,14 +138,17 @@ def load_coco(path: str | Path, image_dir: str | Path | None = None, check_files
 class CocoDetection(Dataset):
     """Images of a ``CocoData`` with their objects: ``(image uint8 (C, H, W), target)``, target =
     ``{"boxes": (N, 4) float xyxy px, "labels": (N,) long 1..K, "image_id": int}``. ``train=True`` drops crowd
-    and degenerate boxes (official ``filter_invalid_objects``); eval keeps the whole ground truth in ``gt``."""
+    and degenerate boxes (official ``filter_invalid_objects``) and images left with none; eval keeps all."""
 
     def __init__(self, data: CocoData, in_chans: int = 3, train: bool = True):
         self.data, self.in_chans, self.train = data, in_chans, train
-        self.images = data.gt["images"]
-        per_image: dict[int, list] = {im["id"]: [] for im in self.images}
+        per_image: dict[int, list] = {im["id"]: [] for im in data.gt["images"]}
         for a in data.gt["annotations"]:
             per_image[a["image_id"]].append(a)
+        self.images = data.gt["images"]
+        if train:  # official: images without a usable object are left out of training
+            self.images = [im for im in self.images if any(not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0
+                                                           for a in per_image[im["id"]])]
         self.objects = [per_image[im["id"]] for im in self.images]
 
     def __len__(self) -> int:

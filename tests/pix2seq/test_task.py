@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+
+from maskconv.config import load_config
+from maskconv.data.coco import load_coco
+from maskconv.pix2seq import task as task_module
+from maskconv.data.datasets import find_fashion_mnist
+from maskconv.pix2seq.task import (Pix2SeqOptions, evaluate_detection, load_pix2seq, run_pix2seq_eval,
+                                   run_pix2seq_predict, run_pix2seq_train)
+from tests.data.test_coco import write_coco
+
+needs_fmnist = pytest.mark.skipif(find_fashion_mnist() is None, reason="dataset-fashion-mnist not installed")
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    if find_fashion_mnist() is None:
+        pytest.skip("dataset-fashion-mnist not installed")
+    from maskconv.data.scenes import make_scenes
+
+    root = tmp_path_factory.mktemp("scenes")
+    return make_scenes(root / "train", "train", 8, 0, size=64, max_items=3).parent, \
+        make_scenes(root / "val", "val", 30, 0).parent
+
+
+def test_oracle_through_tokenizer_scores_ap50_on_scenes(scenes):
+    res, dets = evaluate_detection(None, load_coco(scenes[1]), Pix2SeqOptions(), 128, oracle=True)
+    assert res["AP50"] >= 0.99 and res["AP"] > 0.9
+    res_coarse, _ = evaluate_detection(None, load_coco(scenes[1]), Pix2SeqOptions(bins=16), 128, oracle=True)
+    assert res_coarse["AP"] < res["AP"] - 0.1  # the check sees quantization
+
+
+def test_oracle_scores_ap_one_on_an_id0_file(tmp_path):
+    data = load_coco(write_coco(tmp_path / "c", size=(60, 45)))
+    res, _ = evaluate_detection(None, data, Pix2SeqOptions(bins=1000), 64, oracle=True)
+    assert res["AP"] == pytest.approx(1.0)
+
+
+def _cfg(data, out, **kw):
+    o = {"model.name": "test_convnextv2", "data.path": str(data), "data.img_size": 64, "data.batch_size": 4,
+         "data.num_workers": 0, "optim.epochs": 2, "optim.warmup_epochs": 0, "optim.lr": 1e-3, "run.out": str(out),
+         "run.device": "cpu", "run.progress": False, "run.log_every_steps": 1, "run.seed": 3}
+    o.update(kw)
+    return load_config(overrides=o)
+
+
+TINY = Pix2SeqOptions(max_objects=4, dim=32, depth=1, heads=4, jitter_min=0.8, jitter_max=1.2)
+
+
+@needs_fmnist
+def test_train_resume_equals_uninterrupted_and_eval_predict(scenes, tmp_path, monkeypatch):
+    train = scenes[0]
+    full = run_pix2seq_train(_cfg(train, tmp_path / "a"), TINY)
+    calls = {"n": 0}
+    real_ce = task_module.F.cross_entropy
+
+    def crash_on_fourth(*a, **k):  # a crash in step 4, after step 3's checkpoint
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_ce(*a, **k)
+
+    monkeypatch.setattr(task_module.F, "cross_entropy", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_pix2seq_train(_cfg(train, tmp_path / "b", **{"run.save_every_steps": 1}), TINY)
+    monkeypatch.setattr(task_module.F, "cross_entropy", real_ce)
+    assert torch.load(tmp_path / "b/last.pt", weights_only=True)["state"]["step"] == 3
+    run_pix2seq_train(_cfg(train, tmp_path / "b", **{"run.save_every_steps": 1}), TINY)  # resumed
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert la == lb and len(la) == 4
+    ma, _, _ = load_pix2seq(tmp_path / "a")
+    mb, _, _ = load_pix2seq(tmp_path / "b")
+    for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert full.state.step == 4
+    with pytest.raises(ValueError, match="other settings"):
+        run_pix2seq_train(_cfg(train, tmp_path / "a"), Pix2SeqOptions(max_objects=5, dim=32, depth=1, heads=4))
+    res = run_pix2seq_eval(tmp_path / "a", train, batch_size=8)
+    assert set(res) >= {"AP", "AP50", "AP75"}
+    preds = json.loads((tmp_path / "a/eval/predictions.json").read_text())
+    assert all(set(p) == {"image_id", "category_id", "bbox", "score"} for p in preds)
+    rows = run_pix2seq_predict(tmp_path / "a", train / "images", tmp_path / "p.json", tmp_path / "p.png", threshold=0)
+    assert (tmp_path / "p.png").is_file() and json.loads((tmp_path / "p.json").read_text()) == rows
+    assert all({"file_name", "category", "category_id", "bbox", "score"} == set(r) for r in rows)
+
+
+@needs_fmnist
+def test_cli_train_eval_predict(scenes, tmp_path):
+    from maskconv.cli import main
+
+    train = str(scenes[0])
+    args = ["pix2seq", "train", "--backbone", "test_convnextv2", "--data", train, "--out", str(tmp_path / "r"),
+            "--max-objects", "4", "--dim", "32", "--depth", "1", "--heads", "4", "data.img_size=64",
+            "data.batch_size=4", "data.num_workers=0", "optim.epochs=1", "run.progress=false", "run.device=cpu"]
+    assert main(args) == 0
+    assert main(["pix2seq", "eval", "--checkpoint", str(tmp_path / "r"), "--data", train]) == 0
+    assert main(["pix2seq", "predict", "--checkpoint", str(tmp_path / "r"), "--images", train + "/images",
+                 "--out", str(tmp_path / "p.json"), "--draw", str(tmp_path / "p.png")]) == 0
+    assert main(["pix2seq", "eval", "--checkpoint", str(tmp_path / "nothing"), "--data", train]) == 2

@@ -166,13 +166,15 @@ def run_pix2seq_train(cfg, o: Pix2SeqOptions | None = None, val: str | None = No
     if data.num_classes > Vocab().max_classes:
         raise ValueError(f"{data.path}: {data.num_classes} categories; the vocabulary holds {Vocab().max_classes}")
     out = Path(cfg.run.out)
-    meta = {"backbone": cfg.model.name, "img_size": size, "in_chans": in_chans, "options": asdict(o),
+    enc_kw = {"patch_size": cfg.model.patch_size} if cfg.model.patch_size else {}
+    meta = {"backbone": cfg.model.name, "backbone_kwargs": enc_kw, "img_size": size, "in_chans": in_chans,
+            "options": asdict(o),
             "categories": data.category_names, "category_ids": data.orig_category_ids}
     if (out / OPTIONS_FILE).exists():  # resuming: the same task settings, or a clear refusal
         have = json.loads((out / OPTIONS_FILE).read_text())
         if have != json.loads(json.dumps(meta)):
             raise ValueError(f"{out / OPTIONS_FILE} was written with other settings or data; choose another --out")
-    model = build_pix2seq(cfg.model.name, o, size, in_chans, drop_path_rate=cfg.model.drop_path_rate)
+    model = build_pix2seq(cfg.model.name, o, size, in_chans, drop_path_rate=cfg.model.drop_path_rate, **enc_kw)
     if cfg.model.init:
         rep = load_checkpoint(model.encoder, cfg.model.init, drop_mismatched_head=True)
         print(f"encoder init from {cfg.model.init} ({rep.layout} layout)")
@@ -215,7 +217,7 @@ def load_pix2seq(run: str | Path) -> tuple[Pix2Seq, dict, Pix2SeqOptions]:
         raise FileNotFoundError(f"{run} is not a pix2seq run (no {OPTIONS_FILE})")
     meta = json.loads((run / OPTIONS_FILE).read_text())
     o = Pix2SeqOptions(**{f.name: meta["options"][f.name] for f in fields(Pix2SeqOptions) if f.name in meta["options"]})
-    model = build_pix2seq(meta["backbone"], o, meta["img_size"], meta["in_chans"])
+    model = build_pix2seq(meta["backbone"], o, meta["img_size"], meta["in_chans"], **meta.get("backbone_kwargs", {}))
     if (run / "model.safetensors").is_file():
         from safetensors.torch import load_file
 

@@ -131,7 +131,7 @@ def config_from_args(args) -> "Config":  # noqa: F821
     from .config import ConfigError, validate
 
     cfg = load_config(args.recipe, args.overrides)
-    if args.recipe and cfg.task != args.command:
+    if args.recipe and args.command in ("pretrain", "finetune", "linprobe") and cfg.task != args.command:
         raise ConfigError(f"recipe {args.recipe!r} is a {cfg.task} recipe; run it with `maskconv {cfg.task}`")
     for key, value in vars(args).items():
         if "." in key and value is not None:

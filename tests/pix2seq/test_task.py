@@ -92,11 +92,83 @@ def test_cli_train_eval_predict(scenes, tmp_path):
     from maskconv.cli import main
 
     train = str(scenes[0])
-    args = ["pix2seq", "train", "--backbone", "test_convnextv2", "--data", train, "--out", str(tmp_path / "r"),
+    args = ["pix2seq", "train", "--backbone", "test_convnextv2", "--data", train, "--val", train, "--out", str(tmp_path / "r"),
             "--max-objects", "4", "--dim", "32", "--depth", "1", "--heads", "4", "data.img_size=64",
             "data.batch_size=4", "data.num_workers=0", "optim.epochs=1", "run.progress=false", "run.device=cpu"]
     assert main(args) == 0
+    rows = [json.loads(x) for x in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    assert "val_AP50" in rows[-1] and 0 <= rows[-1]["val_AP50"] <= 1
     assert main(["pix2seq", "eval", "--checkpoint", str(tmp_path / "r"), "--data", train]) == 0
     assert main(["pix2seq", "predict", "--checkpoint", str(tmp_path / "r"), "--images", train + "/images",
                  "--out", str(tmp_path / "p.json"), "--draw", str(tmp_path / "p.png")]) == 0
     assert main(["pix2seq", "eval", "--checkpoint", str(tmp_path / "nothing"), "--data", train]) == 2
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted(scenes, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = ["-m", "maskconv", "pix2seq", "train", "--backbone", "test_convnextv2", "--data", str(scenes[0]),
+            "--max-objects", "4", "--dim", "32", "--depth", "1", "--heads", "4", "data.img_size=64",
+            "data.batch_size=4", "data.num_workers=0", "optim.epochs=12", "run.progress=false", "run.device=cpu",
+            "run.save_every_steps=1", "run.log_every_steps=1"]
+    ref = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "ref")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *args, "--out", str(run)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill mid-run, after a few steps (possibly mid-checkpoint)
+        m = run / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model.safetensors").exists(), "the run finished before it could be killed"
+    again = subprocess.run([sys.executable, *args, "--out", str(run)], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_tiny_model_overfits_scenes(tmp_path):
+    """The whole pipeline learns: 32 scenes (1-3 items, 64 px), AP50 >= 0.9 on those scenes after training."""
+    from maskconv.data.scenes import make_scenes
+
+    js = make_scenes(tmp_path / "s", "train", 32, 0, size=64, max_items=3)
+    o = Pix2SeqOptions(max_objects=4, dim=64, depth=2, heads=4, drop=0.0, drop_path=0.0, jitter_min=1.0, jitter_max=1.0)
+    cfg = _cfg(js.parent, tmp_path / "r", **{"model.patch_size": 2, "data.batch_size": 8, "optim.epochs": 400,
+                                             "optim.warmup_epochs": 1, "optim.lr": 2e-3, "optim.weight_decay": 0.0,
+                                             "run.log_every_steps": 100, "run.save_every_epochs": 1000})
+    res = run_pix2seq_train(cfg, o)
+    r, _ = evaluate_detection(res.model, load_coco(js), o, 64)
+    assert r["AP50"] >= 0.9, r
+
+
+@pytest.mark.parametrize("kw, need", [({"dim": 30, "heads": 4}, "multiple of heads"), ({"top_p": 0}, "top_p"),
+                                      ({"corruption": "typo"}, "corruption"), ({"max_objects": 0}, "max_objects")])
+def test_bad_options_fail_with_one_line(kw, need, tmp_path, capsys):
+    with pytest.raises(ValueError, match=need):
+        Pix2SeqOptions(**kw)
+    from maskconv.cli import main
+
+    flag = "--" + next(iter(kw)).replace("_", "-")
+    assert main(["pix2seq", "train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), flag,
+                 str(next(iter(kw.values())))]) == 2
+    assert "pix2seq options" in capsys.readouterr().err

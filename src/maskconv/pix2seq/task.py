@@ -47,6 +47,19 @@ class Pix2SeqOptions:
     top_p: float = 0.4
     temperature: float = 1.0
 
+    def __post_init__(self):
+        from .tokenizer import CORRUPTIONS
+
+        bad = [(ok, need) for ok, need in (
+            (self.bins == 0 or self.bins >= 2, "bins: 0 (auto) or >= 2"), (self.max_objects >= 1, "max_objects >= 1"),
+            (self.dim >= 1 and self.heads >= 1 and self.dim % self.heads == 0, "dim a multiple of heads"),
+            (self.depth >= 1, "depth >= 1"), (0 < self.top_p <= 1, "top_p in (0, 1]"),
+            (self.temperature > 0, "temperature > 0"), (0 < self.jitter_min <= self.jitter_max, "0 < jitter_min <= jitter_max"),
+            (self.corruption in CORRUPTIONS, f"corruption one of {', '.join(CORRUPTIONS)}"),
+            (0 <= self.drop < 1 and 0 <= self.drop_path < 1, "drop and drop_path in [0, 1)")) if not ok]
+        if bad:
+            raise ValueError(f"pix2seq options: need {bad[0][1]} ({self})")
+
     def resolved_bins(self, img_size: int) -> int:
         return self.bins or default_bins(img_size)
 

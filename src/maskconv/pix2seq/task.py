@@ -257,7 +257,8 @@ def run_pix2seq_eval(checkpoint: str | Path, data: str | Path, out: str | Path |
     info = D.setup(device)
     model.to(info.device)
     res, dets = evaluate_detection(model, coco, o, meta["img_size"], meta["in_chans"], batch_size, info.device)
-    out = Path(out) if out else Path(checkpoint) / "eval"
+    run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    out = Path(out) if out else run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions.json").write_text(json.dumps(_to_file_ids(dets, coco)))
     (out / "eval.json").write_text(json.dumps(res, indent=1))

@@ -36,7 +36,7 @@ def _recipe(name: str, run: Path, seed: int, a) -> list[str]:
     """One recipe for every step (AdamW + cosine, label smoothing, drop path; the budget in optimizer steps)."""
     epochs = max(1, math.ceil(a.steps * a.batch_size / TRAIN_IMAGES))
     warmup = min(0.5 * epochs, 0.1 * a.steps * a.batch_size / TRAIN_IMAGES)  # 10% of the steps
-    return [f"model.name={name}", "model.in_chans=1", f"model.patch_size={a.patch_size}", "model.drop_path_rate=0.1",
+    return [f"model.name={name}", "model.in_chans=1", f"model.stem_stride={a.patch_size}", "model.drop_path_rate=0.1",
             "data.path=fashion-mnist", "data.img_size=32", f"data.batch_size={a.batch_size}", "data.num_workers=0",
             "data.crop_scale_min=0.5", "data.label_smoothing=0.1", f"optim.epochs={epochs}",
             f"optim.warmup_epochs={warmup}", f"optim.blr={a.blr}", "optim.weight_decay=0.05",

@@ -25,6 +25,8 @@ UNUSED = {
     "linprobe": ("objective", "sparse", "model.drop_path_rate", "model.head_init_scale", "data.crop_scale_min",
                  "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "optim.layer_decay",
                  "optim.layer_decay_scheme"),
+    "pix2seq": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
+                "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing"),
 }
 
 
@@ -190,9 +192,44 @@ def _build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("roadmap", help="ConvNeXt paper's ResNet-50 -> ConvNeXt-T steps: params, GMACs, paper figures")
     rm.add_argument("--out", default="roadmap.png", help="PNG of the paper's Figure-2 chart to write")
     rm.add_argument("--img-size", type=int, default=224)
+    s = sub.add_parser("scenes", help="write the offline detection benchmark: Fashion-MNIST scenes as COCO JSON")
+    s.add_argument("--out", required=True, help="folder for annotations.json + images/ (reused when it exists)")
+    s.add_argument("--split", choices=("train", "val"), default="train", help="train or t10k Fashion-MNIST items")
+    s.add_argument("--num", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=128, help="canvas side in px")
+    px = sub.add_parser("pix2seq", help="Pix2Seq object detection on any backbone (COCO-format data)")
+    psub = px.add_subparsers(dest="what", required=True)
+    _add_pix2seq_train(psub.add_parser("train", help="train on a COCO folder / JSON (--data), any --backbone"))
+    pe = psub.add_parser("eval", help="COCO AP / AP50 / AP75 of a run, predictions in COCO results format")
+    pe.add_argument("--checkpoint", required=True, help="a pix2seq run folder")
+    pe.add_argument("--data", required=True, help="COCO folder (annotations.json + images) or JSON file")
+    pe.add_argument("--out", default=None)
+    pe.add_argument("--batch-size", type=int, default=16)
+    pp = psub.add_parser("predict", help="detect objects in images; JSON and an optional picture")
+    pp.add_argument("--checkpoint", required=True, help="a pix2seq run folder")
+    pp.add_argument("--images", required=True, help="an image file or a folder")
+    pp.add_argument("--out", required=True, help="JSON to write")
+    pp.add_argument("--draw", default=None, help="PNG of the images with boxes, classes and scores")
+    pp.add_argument("--threshold", type=float, default=0.3, help="lowest score kept")
     d = sub.add_parser("demo", help="the main job on the embedded data: zoo table + short FCMAE pretraining")
     d.add_argument("--out", default="demo_out")
     return p
+
+
+def _add_pix2seq_train(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from .pix2seq.task import Pix2SeqOptions
+
+    _add_config_flags(p, "pix2seq")
+    p.add_argument("--backbone", dest="model.name", default=None, help="= model.name (any maskconv backbone)")
+    p.add_argument("--val", default=None, help="COCO data scored (AP) after each evaluated epoch")
+    for f in fields(Pix2SeqOptions):
+        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes")}.get(f.type, None) or \
+            {"int": int, "float": float}.get(f.type, str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"p2s_{f.name}", type=kind, default=None,
+                       metavar="V", help=f"pix2seq, default {f.default!r}")
 
 
 def config_from_args(args) -> "Config":  # noqa: F821
@@ -201,7 +238,7 @@ def config_from_args(args) -> "Config":  # noqa: F821
     from .config import ConfigError, split_override, validate
 
     cfg = load_config(args.recipe, args.overrides)
-    if args.recipe and cfg.task != args.command:
+    if args.recipe and args.command in ("pretrain", "finetune", "linprobe") and cfg.task != args.command:
         raise ConfigError(f"recipe {args.recipe!r} is a {cfg.task} recipe; run it with `maskconv {cfg.task}`")
     given = {split_override(o)[0] for o in args.overrides}
     for key, value in vars(args).items():
@@ -210,7 +247,8 @@ def config_from_args(args) -> "Config":  # noqa: F821
                 flag = next((f for f, k in ALIASES.items() if k == key), f"--{key}")
                 raise ConfigError(f"{key} is given twice ({flag} {value} and {key}=...): give it once")
             set_key(cfg, key, value)
-    cfg.task = args.command
+    if args.command in ("pretrain", "finetune", "linprobe"):
+        cfg.task = args.command
     return validate(cfg)
 
 
@@ -282,6 +320,21 @@ def main(argv: list[str] | None = None) -> int:
             from .viz.roadmap import write_roadmap
 
             print(write_roadmap(args.out, args.img_size))
+        elif args.command == "pix2seq":
+            from .pix2seq import task as p2s
+
+            if args.what == "train":
+                opts = p2s.Pix2SeqOptions(**{k[4:]: v for k, v in vars(args).items() if k.startswith("p2s_") and
+                                             v is not None})
+                p2s.run_pix2seq_train(config_from_args(args), opts, args.val)
+            elif args.what == "eval":
+                p2s.run_pix2seq_eval(args.checkpoint, args.data, args.out, args.batch_size)
+            else:
+                p2s.run_pix2seq_predict(args.checkpoint, args.images, args.out, args.draw, args.threshold)
+        elif args.command == "scenes":
+            from .data.scenes import make_scenes
+
+            print(f"scenes: {make_scenes(args.out, args.split, args.num, args.seed, args.size)}")
         elif args.command == "demo":
             api.run_demo(args.out)
         clean = True

@@ -282,7 +282,9 @@ class SyntheticImages(Dataset):
 
 class SeededDataset(Dataset):
     """Applies ``transform`` with the global RNG seeded from (seed, epoch, index); indices come from
-    ``ResumableSampler`` as ``(index, epoch)`` pairs. Returns ``(sample or None, unreadable records)``.
+    ``ResumableSampler`` as ``(index, epoch)`` pairs. Returns ``(sample or None, unreadable records)``. A
+    transform with ``joint = True`` is called as ``transform(image, label) -> (image, label)`` (detection:
+    boxes move with the pixels).
 
     An unreadable file is recorded and, with ``replace_bad`` (training), replaced by the next readable one, so
     every process always gets full batches (a skipped step on one DDP rank would desynchronise the others).
@@ -316,6 +318,8 @@ class SeededDataset(Dataset):
         img, label = sample
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
+            if getattr(self.transform, "joint", False):  # box-aware transforms change image and label together
+                return self.transform(img, label), tuple(bad)
             return (self.transform(img), label), tuple(bad)
 
 
@@ -327,7 +331,10 @@ def collate_skip(batch):
     if not good:
         return None, None, bad
     imgs = torch.stack([s[0] for s in good])
-    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
+    if isinstance(good[0][1], torch.Tensor):  # e.g. Pix2Seq token sequences, one equal-length row per image
+        labels = torch.stack([s[1] for s in good])
+    else:
+        labels = torch.tensor([s[1] for s in good], dtype=torch.long)
     return imgs, labels, bad
 
 

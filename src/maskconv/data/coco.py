@@ -1,0 +1,262 @@
+"""COCO-format instance data: read and check a JSON + image folder, remap ids, box-aware transforms, COCOeval.
+
+* ``load_coco``: reads a COCO instances JSON, checks every entry (a bad file raises ``CocoFormatError`` naming
+  the file and the entry), and remaps image / annotation / category ids to 1..N in file order (categories in
+  id order). COCOeval uses the matched ground-truth id as its "matched" flag, so an annotation id 0 is never
+  counted as matched and an oracle scores < 1 on files whose ids start at 0 (labelme's exporter writes such
+  files). After the remap the class label of an object is its category id, 1..K: 0 stays free for padding, as
+  in the official Pix2Seq code (``vocab.py``: class token = label + 100, label 0 = padding).
+* ``CocoDetection``: ``(image uint8 (C, H, W), target)`` per image; target boxes are xyxy pixels.
+  Crowd and degenerate boxes are kept in the ground truth (COCOeval ignores crowd regions) and dropped from the
+  training targets, as ``data_utils.filter_invalid_objects(filter_crowd=True)`` does in google-research/pix2seq.
+* ``DetectionTrainTransform`` / ``DetectionEvalTransform``: the official Pix2Seq image pipeline
+  (``data_utils.preprocess_train`` / ``preprocess_eval``: scale jitter keeping the aspect, a fixed-size random
+  crop, horizontal flip, bottom/right padding) on torchvision ``tv_tensors.BoundingBoxes``, so boxes follow.
+* ``coco_evaluate``: pycocotools COCOeval of xyxy detections; results in COCO results format.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["CocoFormatError", "CocoData", "load_coco", "CocoDetection", "DetectionTrainTransform",
+           "DetectionEvalTransform", "coco_evaluate", "find_annotations"]
+
+BOX_TOLERANCE = 1.0  # px a box may cross the image border (exporters round); beyond it the file is wrong
+
+
+class CocoFormatError(ValueError):
+    """A COCO file is malformed or inconsistent (the message names the file and the entry)."""
+
+
+@dataclass
+class CocoData:
+    """A checked COCO file with ids remapped to 1..N. ``gt`` is the remapped dict (what COCOeval reads);
+    ``orig_*_ids[i]`` is the file's id of remapped id i + 1."""
+    path: Path
+    image_dir: Path
+    gt: dict
+    orig_image_ids: list
+    orig_category_ids: list
+    category_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_names)
+
+
+def find_annotations(root: str | Path) -> Path:
+    """``root`` = a COCO JSON file, or a folder holding ``annotations.json``."""
+    root = Path(root)
+    js = root / "annotations.json" if root.is_dir() else root
+    if not js.is_file():
+        raise FileNotFoundError(f"no COCO annotations: {js} does not exist")
+    return js
+
+
+def _image_dir(js: Path, images: list) -> Path:
+    """The folder the file names are relative to: beside the JSON, or its ``images/`` / ``JPEGImages/``."""
+    first = images[0].get("file_name", "") if images and isinstance(images[0], dict) else ""
+    for d in (js.parent, js.parent / "images", js.parent / "JPEGImages"):
+        if first and (d / first).is_file():
+            return d
+    return js.parent
+
+
+def _need(entry: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise CocoFormatError(f"{where} lacks {', '.join(missing)}")
+
+
+def load_coco(path: str | Path, image_dir: str | Path | None = None, check_files: bool = True) -> CocoData:
+    """Read and check a COCO instances file; see the module docstring for the remap."""
+    js = find_annotations(path)
+    try:
+        raw = json.loads(js.read_text())
+    except json.JSONDecodeError as e:
+        raise CocoFormatError(f"{js}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise CocoFormatError(f"{js}: expected a JSON object with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(raw.get(key), list):
+            raise CocoFormatError(f"{js}: missing or non-list '{key}'")
+    image_dir = Path(image_dir) if image_dir else _image_dir(js, raw["images"])
+    cats = sorted(raw["categories"], key=lambda c: c.get("id", 0) if isinstance(c, dict) else 0)
+    cat_map: dict = {}
+    for k, c in enumerate(cats):
+        _need(c, ("id", "name"), f"{js}: categories entry {c!r}")
+        if c["id"] in cat_map:
+            raise CocoFormatError(f"{js}: category id {c['id']} appears twice")
+        cat_map[c["id"]] = k + 1
+    img_map: dict = {}
+    sizes = {}
+    images = []
+    for k, im in enumerate(raw["images"]):
+        where = f"{js}: images[{k}]"
+        _need(im, ("id", "file_name", "width", "height"), where)
+        if im["id"] in img_map:
+            raise CocoFormatError(f"{where}: image id {im['id']} appears twice")
+        if check_files and not (image_dir / im["file_name"]).is_file():
+            raise CocoFormatError(f"{where} (id {im['id']}): image file {image_dir / im['file_name']} not found")
+        img_map[im["id"]] = k + 1
+        sizes[im["id"]] = (float(im["width"]), float(im["height"]))
+        images.append({**im, "id": k + 1})
+    anns = []
+    for k, a in enumerate(raw["annotations"]):
+        where = f"{js}: annotations[{k}] (id {a.get('id')})" if isinstance(a, dict) else f"{js}: annotations[{k}]"
+        if not isinstance(a, dict):
+            raise CocoFormatError(f"{where} is not an object")
+        _need(a, ("image_id", "category_id", "bbox"), where)
+        if a["image_id"] not in img_map:
+            raise CocoFormatError(f"{where}: image_id {a['image_id']} is not in 'images'")
+        if a["category_id"] not in cat_map:
+            raise CocoFormatError(f"{where}: category_id {a['category_id']} is not in 'categories'")
+        b = a["bbox"]
+        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
+            raise CocoFormatError(f"{where}: bbox must be [x, y, w, h] numbers, got {b!r}")
+        w_img, h_img = sizes[a["image_id"]]
+        x, y, w, h = b
+        if w < 0 or h < 0 or x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + w > w_img + BOX_TOLERANCE \
+                or y + h > h_img + BOX_TOLERANCE:
+            raise CocoFormatError(f"{where}: bbox {b} lies outside its {w_img:g}x{h_img:g} image")
+        ann = {**a, "id": k + 1, "image_id": img_map[a["image_id"]], "category_id": cat_map[a["category_id"]],
+               "iscrowd": int(a.get("iscrowd", 0))}
+        ann.setdefault("area", float(w * h))  # COCOeval needs an area (for its area ranges)
+        anns.append(ann)
+    gt = {"info": raw.get("info", {}), "images": images, "annotations": anns,
+          "categories": [{**c, "id": cat_map[c["id"]]} for c in cats]}
+    return CocoData(js, image_dir, gt, [im["id"] for im in raw["images"]], [c["id"] for c in cats],
+                    [str(c["name"]) for c in cats])
+
+
+class CocoDetection(Dataset):
+    """Images of a ``CocoData`` with their objects: ``(image uint8 (C, H, W), target)``, target =
+    ``{"boxes": (N, 4) float xyxy px, "labels": (N,) long 1..K, "image_id": int}``. ``train=True`` drops crowd
+    and degenerate boxes (official ``filter_invalid_objects``) and images left with none; eval keeps all."""
+
+    def __init__(self, data: CocoData, in_chans: int = 3, train: bool = True):
+        self.data, self.in_chans, self.train = data, in_chans, train
+        per_image: dict[int, list] = {im["id"]: [] for im in data.gt["images"]}
+        for a in data.gt["annotations"]:
+            per_image[a["image_id"]].append(a)
+        self.images = data.gt["images"]
+        if train:  # official: images without a usable object are left out of training
+            self.images = [im for im in self.images if any(not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0
+                                                           for a in per_image[im["id"]])]
+        self.objects = [per_image[im["id"]] for im in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def target(self, i: int) -> dict:
+        boxes, labels = [], []
+        for a in self.objects[i]:
+            x, y, w, h = a["bbox"]
+            if self.train and (a["iscrowd"] or w <= 0 or h <= 0):
+                continue
+            boxes.append([x, y, x + w, y + h])
+            labels.append(a["category_id"])
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor(labels, dtype=torch.long), "image_id": self.images[i]["id"]}
+
+    def __getitem__(self, i: int):
+        from .datasets import decode_image
+
+        try:
+            img = decode_image(self.data.image_dir / self.images[i]["file_name"], self.in_chans)
+        except Exception:
+            return None  # counted and reported by the training loop (collate_skip)
+        return img, self.target(i)
+
+
+def _boxes(target: dict, size: tuple[int, int]):
+    from torchvision import tv_tensors
+
+    return tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=size)
+
+
+class DetectionTrainTransform:
+    """Official Pix2Seq train pipeline on (image uint8 (C, H, W), target): scale jitter in [lo, hi] of ``size``
+    (aspect kept), random crop of at most size x size, horizontal flip, then pad bottom/right to size x size.
+    Boxes cut to nothing by the crop are dropped. Returns (float image (C, size, size) in [0, 1], target with
+    boxes in padded-image pixels and ``unpadded_size``)."""
+
+    def __init__(self, size: int, jitter: tuple[float, float] = (0.3, 2.0), hflip: bool = True, pad_value: float = 0.3):
+        self.size, self.jitter, self.hflip, self.pad_value = size, jitter, hflip, pad_value
+
+    def __call__(self, img: torch.Tensor, target: dict):
+        from torchvision.transforms.v2 import functional as TF
+
+        h, w = img.shape[-2:]
+        boxes = _boxes(target, (h, w))
+        s = float(torch.empty(()).uniform_(*self.jitter)) * self.size / max(h, w)  # official scale_jitter
+        nh, nw = max(1, int(h * s)), max(1, int(w * s))
+        img, boxes = TF.resize(img, [nh, nw], antialias=True), TF.resize(boxes, [nh, nw])
+        ch, cw = min(self.size, nh), min(self.size, nw)  # official fixed_size_crop
+        top = int(float(torch.rand(())) * (nh - ch))
+        left = int(float(torch.rand(())) * (nw - cw))
+        img, boxes = TF.crop(img, top, left, ch, cw), TF.crop(boxes, top, left, ch, cw)
+        if self.hflip and float(torch.rand(())) < 0.5:
+            img, boxes = TF.horizontal_flip(img), TF.horizontal_flip(boxes)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # official filter_invalid_objects
+        return _pad(img, self.size, self.pad_value), {**target, "boxes": boxes.as_subclass(torch.Tensor)[keep],
+                                                      "labels": target["labels"][keep], "unpadded_size": (ch, cw)}
+
+
+class DetectionEvalTransform:
+    """Official Pix2Seq eval pipeline: resize the longer side to ``size`` (aspect kept), pad bottom/right.
+    ``target["scale"]`` = resized / original, to map predictions back to the original pixels."""
+
+    def __init__(self, size: int, pad_value: float = 0.3):
+        self.size, self.pad_value = size, pad_value
+
+    def __call__(self, img: torch.Tensor, target: dict):
+        from torchvision.transforms.v2 import functional as TF
+
+        h, w = img.shape[-2:]
+        s = self.size / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        boxes = TF.resize(_boxes(target, (h, w)), [nh, nw]).as_subclass(torch.Tensor)
+        img = TF.resize(img, [nh, nw], antialias=True)
+        return _pad(img, self.size, self.pad_value), {**target, "boxes": boxes, "unpadded_size": (nh, nw),
+                                                      "scale": (nh / h, nw / w)}
+
+
+def _pad(img: torch.Tensor, size: int, value: float) -> torch.Tensor:
+    """uint8 (C, h, w) -> float (C, size, size) in [0, 1], padded bottom/right with ``value`` (official 0.3)."""
+    out = torch.full((img.shape[0], size, size), value, dtype=torch.float32)
+    out[:, :img.shape[1], :img.shape[2]] = img.float() / 255.0
+    return out
+
+
+def coco_evaluate(gt: dict, detections: list[dict], quiet: bool = True) -> dict:
+    """COCO box AP / AP50 / AP75 (pycocotools) of ``detections`` (COCO results format: image_id, category_id,
+    bbox xywh, score) against the remapped ground truth ``gt``. APs/APm/APl are not reported: COCO's area
+    ranges mean nothing on small canvases."""
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        raise ImportError("COCO evaluation needs pycocotools: pip install 'maskconv[detect]'") from None
+    import contextlib
+    import io
+
+    if not detections:
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "detections": 0}
+    sink = io.StringIO() if quiet else None
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(detections)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    s = [max(0.0, float(v)) for v in ev.stats[:3]]  # -1 = no ground truth at all
+    return {"AP": s[0], "AP50": s[1], "AP75": s[2], "detections": len(detections)}

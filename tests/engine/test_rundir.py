@@ -224,7 +224,7 @@ def test_time_based_checkpoint_protects_a_long_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "fit", crashing_fit)
 
     def run(minutes):
-        cfg = load_config(None, [f"run.out={tmp_path / str(minutes)}", "model.name=test_convnextv2",
+        cfg = load_config(None, [f"run.out={tmp_path / str(minutes)}", "model.name=test_convnextv2", "data.path=synthetic",
                                  "data.img_size=64", "data.batch_size=8", "data.num_workers=0", "run.progress=false",
                                  "objective.decoder_dim=32", "optim.epochs=1", f"run.save_every_minutes={minutes}"])
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -287,5 +287,5 @@ def test_finetune_into_a_pretraining_run_folder_is_refused_and_writes_nothing(tm
     before = _snapshot(out)
     capsys.readouterr()
     assert main(["finetune", *TINY, "--out", str(out), "optim.epochs=1"]) == 2
-    assert "is a pretrain run of test_convnextv2; this is a finetune run" in capsys.readouterr().err
+    assert "a pretrain run of test_convnextv2; this is a finetune run" in capsys.readouterr().err
     assert _snapshot(out) == before and not (out / "classes.json").exists()

@@ -223,7 +223,9 @@ class RoadmapNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the problem if ``x`` is not a (B, in_chans, H, W) tensor this step accepts."""
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
             raise ValueError(f"expected a (B, {self.in_chans}, H, W) input (in_chans={self.in_chans} channels), "
                              f"got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]

@@ -182,13 +182,13 @@ def test_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match="roadmap step 17 does not exist"):
         step_kwargs(17)
     m = maskconv.create_model("roadmap_15_sep_downsample", num_classes=3)
-    with pytest.raises(ValueError, match="not divisible by 32"):
+    with pytest.raises(ValueError, match="not divisible by .*32"):
         m(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="in_chans=3"):
         m(torch.randn(1, 1, 64, 64))
     p = maskconv.create_model("roadmap_02_patchify", num_classes=3)
     assert p.stride == 32 and p(torch.randn(1, 3, 36, 44)).shape == (1, 3)  # patchify: multiples of 4 suffice
-    with pytest.raises(ValueError, match="not divisible by 4"):
+    with pytest.raises(ValueError, match="not divisible by .*4"):
         p(torch.randn(1, 3, 34, 44))
 
 

@@ -31,7 +31,7 @@ from ..layers import LayerNorm, LayerNorm2d, Mlp, pointwise
 from ..layers.pos_embed import resample_pos_embed, sincos_pos_embed_2d
 from ..layers.transformer import Block
 from ._registry import register_checkpoint_filter, register_model
-from ._features import feature_indices
+from ._features import check_image_input, feature_indices
 
 __all__ = ["CBlock", "ConvViT", "PatchEmbed", "checkpoint_filter_fn"]
 
@@ -167,17 +167,7 @@ class ConvViT(nn.Module):
     # ---- timm model contract -------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the problem if ``x`` is not a (B, in_chans, H, W) tensor the strides allow."""
-        if x.ndim != 4:
-            raise ValueError(f"expected a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"input has {x.shape[1]} channels but the model was built with in_chans={self.in_chans} "
-                             f"(create_model(..., in_chans={x.shape[1]}) adapts pretrained weights)")
-        h, w = x.shape[-2:]
-        if h % self.stride or w % self.stride:
-            raise ValueError(
-                f"input size {h}x{w} is not divisible by the model's total stride {self.stride}; resize or pad to a "
-                f"multiple of {self.stride} (e.g. {max(1, round(h / self.stride)) * self.stride}"
-                f"x{max(1, round(w / self.stride)) * self.stride})")
+        check_image_input(x, self.in_chans, self.stride, "the model's total stride")
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """The (1, h*w, C) position table for an h x w token grid (the stored one, resampled if needed)."""

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from ..layers import LayerNorm, LayerNorm2d, Mlp, init_trunc_normal
-from ._features import feature_indices
+from ._features import check_image_input, feature_indices
 from ._registry import register_model
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock"]
@@ -216,20 +216,7 @@ class ConvNeXt(nn.Module):
     # ---- timm model contract -------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the problem if ``x`` is not a (B, in_chans, H, W) tensor the strides allow."""
-        if x.ndim != 4:
-            raise ValueError(f"expected a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"input has {x.shape[1]} channels but the model was built with in_chans={self.in_chans} "
-                f"(create_model(..., in_chans={x.shape[1]}) adapts pretrained weights)"
-            )
-        h, w = x.shape[-2:]
-        if h % self.stride or w % self.stride:
-            raise ValueError(
-                f"input size {h}x{w} is not divisible by the model's total stride {self.stride}; "
-                f"resize or pad to a multiple of {self.stride} (e.g. {max(1, round(h / self.stride)) * self.stride}"
-                f"x{max(1, round(w / self.stride)) * self.stride})"
-            )
+        check_image_input(x, self.in_chans, self.stride, "the model's total stride")
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
 from ..layers import LayerNorm, LayerNorm2d
+from ._features import check_image_input
 from ._registry import register_checkpoint_filter, register_model
 from .convnext import ConvNeXt, ConvNeXtStage
 
@@ -223,16 +224,7 @@ class RoadmapNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the problem if ``x`` is not a (B, in_chans, H, W) tensor this step accepts."""
-        if x.ndim != 4:
-            raise ValueError(f"expected a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected a (B, {self.in_chans}, H, W) input (in_chans={self.in_chans} channels), "
-                             f"got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        k = self.input_multiple
-        if h % k or w % k:
-            raise ValueError(f"input size {h}x{w} is not divisible by {k}, which this step's stem / downsampling "
-                             f"layers need; resize or pad to a multiple of {k}")
+        check_image_input(x, self.in_chans, self.input_multiple, "this step's total stride")
 
     # Same stage / block naming as ConvNeXt, so its contract methods apply as they are (layer ids for layer-wise lr
     # decay: the official ConvNeXt optim_factory's, stem = layer 0).

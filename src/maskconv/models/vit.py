@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block, LayerNorm, resample_pos_embed
 from ._registry import register_checkpoint_filter, register_model
-from ._features import feature_indices
+from ._features import check_image_input, feature_indices
 from .vit_layouts import hf_vit_to_mae, is_hf_vit
 
 __all__ = ["PatchEmbed", "VisionTransformer", "checkpoint_filter_fn"]
@@ -116,16 +116,7 @@ class VisionTransformer(nn.Module):
     # ---- timm model contract -------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the problem if ``x`` is not a (B, in_chans, H, W) tensor of whole patches."""
-        if x.ndim != 4:
-            raise ValueError(f"expected a 4-D (B, C, H, W) input, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"input has {x.shape[1]} channels but the model was built with in_chans={self.in_chans} "
-                             f"(create_model(..., in_chans={x.shape[1]}) adapts pretrained weights)")
-        h, w = x.shape[-2:]
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"input size {h}x{w} is not divisible by the patch size {p}; resize or pad to a multiple "
-                             f"of {p} (e.g. {max(1, round(h / p)) * p}x{max(1, round(w / p)) * p})")
+        check_image_input(x, self.in_chans, self.patch_size, "the patch size")
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """The (1, 1 + h*w, D) position table for a ``grid`` of patches (resampled if it is not the stored one)."""

@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +29,7 @@ from .rundir import RunDir, RunFolderBusy, check_resume, data_fingerprint, forma
 from .optim import build_optimizer
 from .schedule import lr_at, set_lr
 from .sparsity import build_sparsity, first_batch
+from .step import LossWatch, NonFinite, compile_model
 
 
 @dataclass
@@ -362,6 +363,8 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
         from torch.optim.swa_utils import AveragedModel
 
         ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(o.ema_decay, o.ema_warmup), use_buffers=True)
+    if r.compile:  # after the EMA copy (a plain module) is taken; the state-dict keys do not change
+        compile_model(model, r.compile_mode, r.compile_dynamic)
 
     state = TrainState()
     torch.manual_seed(r.seed * 1000 + info.rank)  # drop path differs between processes
@@ -390,12 +393,36 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
     eval_group = D.long_wait_group(info) if evaluate is not None else None
     last_save = time.monotonic()
 
-    def checkpoint(local_rng: dict | None = None) -> bool:
-        """Write last.pt unless a weight is non-finite (then the older checkpoint stays); True if written."""
+    watch = LossWatch(info.device)  # loss sums and the first non-finite loss, read at log / checkpoint steps
+    boundary = None  # (state, device loss sum, rng) at the start of the current optimizer step
+
+    def nan_stop(bad: NonFinite, before_update: bool):
+        """Stop at a non-finite loss, naming its step; when it is read at the step it happened in, before the
+        update, write the last finite step's checkpoint first (the state saved at that step's start)."""
+        step = bad.micro // accum + 1
+        if before_update and step == state.step + 1 and state.step > 0 and saved_step != state.step:
+            at, at_sum, rng = boundary
+            at.loss_sum += float(at_sum)
+            checkpoint(rng, at=at)
+        late = "" if step == state.step + (1 if before_update else 0) else \
+            f" (read at step {state.step}: the loss is checked every run.log_every_steps and at checkpoints)"
+        _nan_stop(bad.value, step, bad.micro // per_epoch_batches, bad.micro % per_epoch_batches, late, last,
+                  saved_step)
+
+    def checkpoint(local_rng: dict | None = None, at: TrainState | None = None) -> bool:
+        """Write last.pt unless the loss went non-finite since the last read (then stop, naming its step) or a
+        weight is non-finite (then the older checkpoint stays); True if written. ``at``: the state to save (the
+        NaN stop's last finite step boundary) instead of the current one."""
         nonlocal saved_step, last_save
+        if at is None:
+            bad = watch.first_non_finite(info)
+            if bad is not None:
+                nan_stop(bad, before_update=False)
+            state.loss_sum += watch.take_sum()
+        at = at or state
         if not _finite(model, info):
             if info.is_main:
-                print(f"warning: non-finite weights at step {state.step}: {last} not overwritten", flush=True)
+                print(f"warning: non-finite weights at step {at.step}: {last} not overwritten", flush=True)
             return False
         rng = D.all_gather_object(local_rng or {"torch": torch.get_rng_state(),
                                                 "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
@@ -405,12 +432,12 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
             save_training_checkpoint(last, {
                 "model": model_sd, "optimizer": optim_sd,
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None, "state": asdict(state), "rng": rng,
+                "ema": ema.state_dict() if ema is not None else None, "state": asdict(at), "rng": rng,
                 "sparse": sparse.state_dict() if sparse is not None else None,
                 "config": cfg.to_dict(), "resolved": resolved, "config_history": config_history, "task": task,
                 "model_name": cfg.model.name, "maskconv_version": __version__})
         D.barrier(info)
-        saved_step, last_save = state.step, time.monotonic()
+        saved_step, last_save = at.step, time.monotonic()
         return True
 
     stop = False
@@ -439,15 +466,15 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                     epoch_total = max(0, min(per_epoch_batches, r.max_steps * accum - epoch * per_epoch_batches))
                 bar = tqdm(total=epoch_total, initial=state.batch_in_epoch, desc=f"{task} epoch {epoch + 1}/"
                            f"{o.epochs}", unit="batch", dynamic_ncols=True)
-            losses = []
-            step_rng = None
             for images, labels, skipped, indices in loader:
                 state.unreadable.update(skipped)  # replaced by SeededDataset (batches stay full); counted once per file
                 state.skipped_files = len(state.unreadable)
                 micro = state.batch_in_epoch % accum
-                if micro == 0:  # the RNG state a checkpoint of the previous step would hold (NaN stop)
-                    step_rng = {"torch": torch.get_rng_state(),
-                                "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None}
+                if micro == 0:  # the state a checkpoint of the previous step would hold (NaN stop)
+                    boundary = (replace(state, unreadable=dict(state.unreadable)), watch.snapshot_sum(),
+                                {"torch": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None})
+                    watch.new_step()
                 images = images.to(info.device, non_blocking=True)
                 labels = labels.to(info.device, non_blocking=True)
                 if batch_transform is not None:
@@ -459,17 +486,21 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                     with amp_ctx:
                         loss = (loss_fn(ddp, images, labels, keys=(indices, epoch)) if keyed_loss
                                 else loss_fn(ddp, images, labels))
-                    if not D.all_true(bool(torch.isfinite(loss)), info):  # every rank stops together
-                        _nan_stop(loss, state, epoch, micro, last, saved_step, checkpoint, step_rng, o)
+                    watch.update(loss, epoch * per_epoch_batches + state.batch_in_epoch)  # no host sync
                     (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-                losses.append(loss.item())
-                state.loss_sum += losses[-1]
                 state.loss_count += 1
                 state.batch_in_epoch += 1
                 if bar is not None:
                     bar.update(1)
                 if not sync:
                     continue
+                nxt = state.step + 1
+                log_now = nxt % r.log_every_steps == 0
+                if (log_now or (r.save_every_steps and nxt % r.save_every_steps == 0)
+                        or state.batch_in_epoch == per_epoch_batches or (r.max_steps and nxt >= r.max_steps)):
+                    bad = watch.first_non_finite(info)  # read before the update: a NaN here keeps the last step
+                    if bad is not None:
+                        nan_stop(bad, before_update=True)
                 cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
                 set_lr(optimizer, cur_lr)
                 if o.clip_grad:
@@ -489,10 +520,10 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                     if sparse is not None:
                         sparse.mask_ema(ema.module)
                 state.step += 1
-                step_loss = sum(losses[-accum:]) / accum
-                if bar is not None:
-                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
-                if state.step % r.log_every_steps == 0:  # same condition on every rank: the all-reduce is safe
+                if log_now:  # same condition on every rank: the all-reduce is safe
+                    step_loss = watch.step_mean(accum)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
                     log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
                                    loss=D.mean_across(step_loss, info), lr=cur_lr, time=time.perf_counter() - t_start,
                                    **({"sparsity": sparse.global_sparsity} if sparse is not None else {})))
@@ -512,6 +543,7 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                     break
             if bar is not None:
                 bar.close()
+            state.loss_sum += watch.take_sum()
             epoch_loss = D.mean_across(state.loss_sum / max(1, state.loss_count), info)
             if stop:  # run.max_steps: summarise the partial epoch, keep a resumable checkpoint
                 log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
@@ -542,13 +574,10 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                      full if info.is_main else None, run)
 
 
-def _nan_stop(loss, state: TrainState, epoch: int, micro: int, last: Path, saved_step, checkpoint, step_rng, o):
-    """A non-finite loss: keep a checkpoint of the last finite step (written now when the weights are finite and
-    we stand at a step boundary), then stop with a message that says which step it holds."""
-    if micro == 0 and state.step > 0 and saved_step != state.step and checkpoint(step_rng):
-        saved_step = state.step
+def _nan_stop(value: float, step: int, epoch: int, batch: int, late: str, last: Path, saved_step) -> None:
+    """Stop with a message that names the step whose loss went non-finite and the step ``last`` holds."""
     where = (f"{last} holds step {saved_step}, the last checkpoint with finite weights" if saved_step is not None
              else "no checkpoint was written (no step ended with finite weights)")
     raise FloatingPointError(
-        f"non-finite loss ({loss.item()}) at step {state.step + 1} (epoch {epoch + 1}, batch {state.batch_in_epoch}); "
+        f"non-finite loss ({value}) at step {step} (epoch {epoch + 1}, batch {batch}){late}; "
         f"{where}. Lower optim.blr, set optim.clip_grad, or check the data.")

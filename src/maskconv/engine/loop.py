@@ -404,8 +404,9 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
             at, at_sum, rng = boundary
             at.loss_sum += float(at_sum)
             checkpoint(rng, at=at)
-        late = "" if step == state.step + (1 if before_update else 0) else \
-            f" (read at step {state.step}: the loss is checked every run.log_every_steps and at checkpoints)"
+        now = state.step + (1 if before_update else 0)
+        late = "" if step == now else \
+            f" (noticed at step {now}: the loss is read every run.log_every_steps steps and at checkpoints)"
         _nan_stop(bad.value, step, bad.micro // per_epoch_batches, bad.micro % per_epoch_batches, late, last,
                   saved_step)
 

@@ -78,6 +78,9 @@ class ObjectiveCfg:
     sparse: str | None = None  # FCMAE / ConvMAE only: gather (default) | dense
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile modes
+
+
 @dataclass
 class RunCfg:
     out: str = "runs/default"  # run folder: config, metrics, checkpoints, weights (re-run to resume)
@@ -88,13 +91,16 @@ class RunCfg:
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
     save_every_minutes: float = 10.0  # also checkpoint when this much time passed since the last one (0 = off)
     eval_every_epochs: int = 1  # validation cadence (the last epoch is always evaluated)
-    log_every_steps: int = 10  # metrics.jsonl / console cadence in optimizer steps
+    log_every_steps: int = 10  # metrics.jsonl / console cadence in optimizer steps (the loss is read and checked then)
     tensorboard: bool = False  # also write TensorBoard event files
     progress: bool = True  # tqdm progress bar with ETA
     max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); the lr schedule spans them
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun: shards params, grads, optimizer state
     allow_config_change: bool = False  # resume with other training settings, recording the change and its step
     dist_timeout_minutes: float = 5.0  # a collective waits this long for a stopped / hung process, then the job ends
+    compile: bool = False  # torch.compile the model's forward as one graph (fullgraph); the first steps pay the compile
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune[-no-cudagraphs]
+    compile_dynamic: bool | None = None  # dynamic shapes; none = torch's default (recompile once when a shape changes)
 
 
 @dataclass
@@ -290,6 +296,7 @@ _RANGES = [
     ("run.max_steps", lambda v: v >= 0, ">= 0"), ("run.out", lambda v: v.strip() != "", "a folder (not empty)"),
     ("run.save_every_minutes", lambda v: v >= 0, ">= 0"), ("run.dist_timeout_minutes", lambda v: v > 0, "> 0"),
     ("run.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
+    ("run.compile_mode", lambda v: v in COMPILE_MODES, ", ".join(COMPILE_MODES)),
     ("task", lambda v: v in ("pretrain", "finetune", "linprobe"), "pretrain, finetune or linprobe"),
     ("sparse.sparsity", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("sparse.init", lambda v: v in ("snip", "erk", "uniform"), "snip, erk or uniform"),

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .masking import random_mask
+from .masking import check_mask, num_visible, random_mask
 from .targets import patch_stats, patchify
 
 
@@ -60,6 +60,13 @@ class MaskedImageObjective(nn.Module):
             raise ValueError(f"images must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
                              f"{p} (the encoder's total stride); got {tuple(images.shape)}")
         return h // p, w // p
+
+    def visible_count(self, images: torch.Tensor, mask: torch.Tensor) -> int:
+        """Check ``mask`` against the patch grid of ``images``; the visible patches per sample. Eager: read from
+        the mask (validated); under ``torch.compile``: the objective's own count for ``mask_ratio`` (the count the
+        masks it and the engine draw always keep), so the traced step has static shapes and no host sync."""
+        h, w = self.grid(images)
+        return check_mask(mask, images.shape[0], h, w, keep=num_visible(h * w, self.mask_ratio))
 
     def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A random (B, h, w) bool mask, True = masked, the same number hidden in every sample."""

@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..config import flatten as config_flatten
+from ..config import flatten as config_flatten, renamed_key
 from . import checkpoint
 
 # Config keys that do not change what is trained: they may differ on resume without being recorded.
@@ -109,8 +109,9 @@ class RunDir:
 
 
 def flatten(d: dict) -> dict:
-    """``config.flatten`` with JSON-normalised values (tuples become lists), as they read back from a file."""
-    return {k: json.loads(json.dumps(v)) for k, v in config_flatten(d).items()}
+    """``config.flatten`` with JSON-normalised values (tuples become lists), as they read back from a file, and
+    renamed keys under their current names (a run recorded before a rename compares with its resume)."""
+    return {renamed_key(k) or k: json.loads(json.dumps(v)) for k, v in config_flatten(d).items()}
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import torch
 
+from ..config import MASK_RATIO_RANGE, mask_ratio_ok
+
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
     """Visible patches per sample: ``int(L * (1 - ratio))`` as the official code."""
     return int(num_patches * (1 - mask_ratio))
 
 
+def check_mask_ratio(mask_ratio: float) -> None:
+    """ValueError unless ``mask_ratio`` is in the one range ``config.mask_ratio_ok`` defines."""
+    if not mask_ratio_ok(mask_ratio):
+        raise ValueError(f"mask_ratio must be {MASK_RATIO_RANGE}, got {mask_ratio}")
+
+
 def random_mask(batch: int, h: int, w: int, mask_ratio: float, device=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform random mask (B, h, w), True = masked; each sample keeps ``int(h*w*(1-ratio))`` patches."""
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    check_mask_ratio(mask_ratio)
     L = h * w
     keep = num_visible(L, mask_ratio)
     if keep < 1:

@@ -24,7 +24,7 @@ from .. import __version__
 from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, describe_unreadable
 from . import dist as D
 from ..models._helpers import CheckpointError
-from .checkpoint import LAST, load_training_checkpoint, save_training_checkpoint
+from .checkpoint import load_training_checkpoint, save_training_checkpoint
 from .rundir import RunDir, RunFolderBusy, check_resume, data_fingerprint, format_changes
 from .optim import build_optimizer
 from .schedule import lr_at, set_lr
@@ -114,7 +114,7 @@ class MetricsLog:
             except ImportError:
                 raise ImportError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
 
-            self.tb = SummaryWriter(str(out / "tb"))
+            self.tb = SummaryWriter(str(out / RunDir.TENSORBOARD))
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after the checkpoint we resume from (they will be logged again). A torn last line
@@ -227,7 +227,7 @@ def _open_run(cfg, run: RunDir, info: D.DistInfo, task: str, record: dict, files
             err = e
     if not D.all_true(err is None, info):
         raise err or RunFolderBusy(f"run folder {run.path} is in use (rank 0 could not lock it)")
-    last = run.file(LAST)
+    last = run.file(RunDir.LAST)
     ck = load_training_checkpoint(last) if last.exists() else None
     changes = []
     if ck is not None:
@@ -426,7 +426,7 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                batch=lambda: first_batch(cfg.data.batch_size, r.seed, dataset, transform, batch_transform, info))
     state = TrainState()
     torch.manual_seed(r.seed * 1000 + info.rank)  # drop path differs between processes
-    last = run.file(LAST)
+    last = run.file(RunDir.LAST)
     config_history: list[dict] = []
     if ck is not None:
         state, config_history = _resume(t, ck, last, run, changes, info)

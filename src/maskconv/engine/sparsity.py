@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..config import SparsityInit, literal_words
+from .schedule import cosine
 
 INITS = literal_words(SparsityInit)
 
@@ -220,7 +221,7 @@ class DynamicSparsity:
     def prune_rate_at(self, step: int) -> float:
         """Cosine decay from ``prune_rate`` to ``min_prune_rate`` over the run (official CosineAnnealingLR)."""
         t = min(max(step, 0), self.total_steps) / self.total_steps
-        return self.min_prune_rate + (self.prune_rate - self.min_prune_rate) * 0.5 * (1 + math.cos(math.pi * t))
+        return cosine(t, self.prune_rate, self.min_prune_rate)
 
     def step(self, optimizer: torch.optim.Optimizer | None, step: int) -> bool:
         """After an optimizer step (``step`` = optimizer steps taken): mask weights and optimizer state, and

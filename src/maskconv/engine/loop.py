@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__
 from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, describe_unreadable
 from . import dist as D
-from ..models._helpers import CheckpointError
+from ..models import CheckpointError
 from .checkpoint import load_training_checkpoint, save_training_checkpoint
 from .rundir import RunDir, RunFolderBusy, check_resume, data_fingerprint, format_changes
 from .optim import build_optimizer

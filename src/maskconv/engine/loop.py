@@ -23,14 +23,14 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__
 from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, describe_unreadable
 from . import dist as D
-from ..models._helpers import CheckpointError
-from .checkpoint import LAST, load_training_checkpoint, save_training_checkpoint
+from ..models import CheckpointError
+from .checkpoint import load_training_checkpoint, save_training_checkpoint
 from .rundir import RunDir, RunFolderBusy, check_resume, data_fingerprint, format_changes
 from .optim import build_optimizer
 from .schedule import lr_at, set_lr
 from .sparsity import build_sparsity, first_batch
 from .step import LossWatch, NonFinite, compile_model
-from ..config import Resolved, resolve
+from ..config import Amp, Resolved, one_of, resolve
 
 
 @dataclass
@@ -99,7 +99,7 @@ def autocast_ctx(amp: str, device: torch.device):
         if device.type != "cuda":
             raise ValueError("run.amp=fp16 needs a GPU; use bf16 on CPU")
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-    raise ValueError(f"run.amp={amp!r}: use auto, off, bf16 or fp16")
+    raise ValueError(f"run.amp={amp!r}: use {one_of(Amp)}")
 
 
 class MetricsLog:
@@ -115,7 +115,7 @@ class MetricsLog:
             except ImportError:
                 raise ImportError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
 
-            self.tb = SummaryWriter(str(out / "tb"))
+            self.tb = SummaryWriter(str(out / RunDir.TENSORBOARD))
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after the checkpoint we resume from (they will be logged again). A torn last line
@@ -228,7 +228,7 @@ def _open_run(cfg, run: RunDir, info: D.DistInfo, task: str, record: dict, files
             err = e
     if not D.all_true(err is None, info):
         raise err or RunFolderBusy(f"run folder {run.path} is in use (rank 0 could not lock it)")
-    last = run.file(LAST)
+    last = run.file(RunDir.LAST)
     ck = load_training_checkpoint(last) if last.exists() else None
     changes = []
     if ck is not None:
@@ -272,11 +272,11 @@ def _restore(ck: dict, last: Path, model, optimizer, scaler, ema, sparse, fsdp: 
                               "choose another run.out") from None
     if sparse is not None:
         if ck.get("sparse") is None:
-            raise ValueError(f"{last} was written by a dense run; sparse.sparsity>0 needs its own run.out")
+            raise ValueError(f"{last} was written by a dense run; dynamic_sparsity.sparsity>0 needs its own run.out")
         sparse.load_state_dict(ck["sparse"])
     elif ck.get("sparse") is not None:  # resuming dense would let the pruned weights grow back silently
-        raise ValueError(f"{last} was written by a sparse run (sparse.sparsity>0); resume it with the same sparse.* "
-                         "settings, or start a dense run in another run.out")
+        raise ValueError(f"{last} was written by a sparse run (dynamic_sparsity.sparsity>0); resume it with the same "
+                         "dynamic_sparsity.* settings, or start a dense run in another run.out")
     unknown = sorted(set(ck["state"]) - set(TrainState.__dataclass_fields__))
     if unknown:
         raise CheckpointError(f"{last} has training-state fields this version does not know: {', '.join(unknown)} "
@@ -346,7 +346,7 @@ def _setup(model: nn.Module, o, r, sparse_cfg, plan: Resolved, info: D.DistInfo,
     optimizer = build_optimizer(model, plan.lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme,
                                 backbone)
     amp_ctx, scaler = autocast_ctx(r.amp, info.device)
-    # sparse.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them in _resume)
+    # dynamic_sparsity.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them in _resume)
     sparse = build_sparsity(sparse_cfg, model, plan.total_steps, seed=r.seed, task=task, fsdp=fsdp, world=info.world,
                             fresh=fresh, loss_fn=loss_fn, batch=batch)
     ema = None
@@ -452,11 +452,11 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
         if lr < LOW_LR.get(task, 0):
             print(f"warning: {lr_rule} is implausibly small for {task} (below {LOW_LR[task]:g}): the run will "
                   "barely learn; at a small batch set optim.lr directly (e.g. optim.lr=1e-3)", flush=True)
-    t = _setup(model, o, r, cfg.sparse, plan, info, task=task, backbone=backbone, fresh=ck is None, loss_fn=loss_fn,
+    t = _setup(model, o, r, cfg.dynamic_sparsity, plan, info, task=task, backbone=backbone, fresh=ck is None, loss_fn=loss_fn,
                batch=lambda: first_batch(cfg.data.batch_size, r.seed, dataset, transform, batch_transform, info))
     state = TrainState()
     torch.manual_seed(r.seed * 1000 + info.rank)  # drop path differs between processes
-    last = run.file(LAST)
+    last = run.file(RunDir.LAST)
     config_history: list[dict] = []
     if ck is not None:
         state, config_history = _resume(t, ck, last, run, changes, info)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..commands import Command, add_config_flags, config_from_args
+from ..engine.rundir import RunDir
 from ..data.coco import CocoData, CocoDetection, DetectionEvalTransform, DetectionTrainTransform, coco_evaluate, load_coco
 from .model import Pix2Seq
 from .tokenizer import DetectionTokenizer
@@ -24,7 +25,7 @@ from .vocab import TASK_TOKENS, Vocab, default_bins
 __all__ = ["Pix2SeqOptions", "build_pix2seq", "run_pix2seq_train", "run_pix2seq_eval", "run_pix2seq_predict",
            "evaluate_detection", "detections_to_coco", "Pix2SeqTrainTransform"]
 
-OPTIONS_FILE = "pix2seq.json"
+OPTIONS_FILE = RunDir.PIX2SEQ
 
 
 @dataclass
@@ -212,7 +213,7 @@ def run_pix2seq_train(cfg, o: Pix2SeqOptions | None = None, val: str | None = No
     res = fit(cfg, model, CocoDetection(data, in_chans, train=True), tf, loss_fn, task="pix2seq",
               evaluate=evaluate, info=info, files={OPTIONS_FILE: json.dumps(meta, indent=1)})  # written once locked
     if info.is_main:
-        save_weights(res.state_dict if res.state_dict is not None else model, res.out / "model.safetensors",
+        save_weights(res.state_dict if res.state_dict is not None else model, res.out / RunDir.MODEL,
                      metadata={"architecture": f"pix2seq:{cfg.model.name}"})
     res.run.release()
     return res
@@ -220,7 +221,7 @@ def run_pix2seq_train(cfg, o: Pix2SeqOptions | None = None, val: str | None = No
 
 def load_pix2seq(run: str | Path) -> tuple[Pix2Seq, dict, Pix2SeqOptions]:
     """A trained model from its run folder: (model in eval mode, meta, options)."""
-    from ..engine.checkpoint import LAST, load_training_checkpoint
+    from ..engine.checkpoint import load_training_checkpoint
 
     run = Path(run)
     if run.is_file():
@@ -230,14 +231,14 @@ def load_pix2seq(run: str | Path) -> tuple[Pix2Seq, dict, Pix2SeqOptions]:
     meta = json.loads((run / OPTIONS_FILE).read_text())
     o = Pix2SeqOptions(**{f.name: meta["options"][f.name] for f in fields(Pix2SeqOptions) if f.name in meta["options"]})
     model = build_pix2seq(meta["backbone"], o, meta["img_size"], meta["in_chans"], **meta.get("backbone_kwargs", {}))
-    if (run / "model.safetensors").is_file():
+    if (run / RunDir.MODEL).is_file():
         from safetensors.torch import load_file
 
-        sd = load_file(run / "model.safetensors")
-    elif (run / LAST).is_file():  # an unfinished run: its last checkpoint
-        sd = load_training_checkpoint(run / LAST)["model"]
+        sd = load_file(run / RunDir.MODEL)
+    elif (run / RunDir.LAST).is_file():  # an unfinished run: its last checkpoint
+        sd = load_training_checkpoint(run / RunDir.LAST)["model"]
     else:
-        raise FileNotFoundError(f"{run} holds neither model.safetensors nor {LAST}")
+        raise FileNotFoundError(f"{run} holds neither {RunDir.MODEL} nor {RunDir.LAST}")
     model.load_state_dict(sd)
     return model.eval(), meta, o
 

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import torch
 
+from ..config import MASK_RATIO_RANGE, mask_ratio_ok
+
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
     """Visible patches per sample: ``int(L * (1 - ratio))`` as the official code."""
     return int(num_patches * (1 - mask_ratio))
 
 
+def check_mask_ratio(mask_ratio: float) -> None:
+    """ValueError unless ``mask_ratio`` is in the one range ``config.mask_ratio_ok`` defines."""
+    if not mask_ratio_ok(mask_ratio):
+        raise ValueError(f"mask_ratio must be {MASK_RATIO_RANGE}, got {mask_ratio}")
+
+
 def _keep(h: int, w: int, mask_ratio: float) -> int:
     """Visible patches per sample on an h x w grid; a clear error for a ratio that leaves none."""
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    check_mask_ratio(mask_ratio)
     keep = num_visible(h * w, mask_ratio)
     if keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch on a {h}x{w} grid; use a lower ratio "

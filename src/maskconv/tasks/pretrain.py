@@ -8,6 +8,7 @@ from ..config import Config
 from ..data.build import build_transform
 from ..engine import dist as D
 from ..engine.loop import FitResult, fit
+from ..engine.rundir import RunDir
 from ..inputs import check_inputs
 from ..models import load_checkpoint, save_weights
 from ..rebuild import model_kwargs
@@ -49,11 +50,11 @@ def run_pretrain(cfg: Config) -> FitResult:
     res = fit(cfg, obj, ds, tf, loss_fn, task="pretrain", info=info, keyed_loss=True)
     if info.is_main:
         full = res.state_dict if res.state_dict is not None else obj.state_dict()
-        save_objective(obj, res.out / "objective.safetensors", full)  # encoder + decoder + config
+        save_objective(obj, res.out / RunDir.OBJECTIVE, full)  # encoder + decoder + config
         enc = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
-        save_weights(enc, res.out / "encoder.safetensors",  # strict-loads into create_model / timm
+        save_weights(enc, res.out / RunDir.ENCODER,  # strict-loads into create_model / timm
                      metadata={"architecture": cfg.model.name})
-        print(f"weights: {res.out / 'encoder.safetensors'} (encoder), {res.out / 'objective.safetensors'} (all)")
+        print(f"weights: {res.out / RunDir.ENCODER} (encoder), {res.out / RunDir.OBJECTIVE} (all)")
     res.run.release()
     return res
 

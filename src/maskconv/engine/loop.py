@@ -449,7 +449,7 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                     step_rng = {"torch": torch.get_rng_state(),
                                 "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None}
                 images = images.to(info.device, non_blocking=True)
-                labels = labels.to(info.device, non_blocking=True)
+                labels = to_device(labels, info.device)
                 if batch_transform is not None:
                     images, labels = batch_transform(images, labels)
                 sync = micro == accum - 1
@@ -540,6 +540,15 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
     full = _full_state(model, optimizer, fsdp)[0] if fsdp else None
     return FitResult(out, state, history, model, ema.module if ema is not None else None,
                      full if info.is_main else None, run)
+
+
+def to_device(labels, device: torch.device):
+    """A batch's labels on ``device``: a tensor, or a list of per-image target dicts (detection; their tensors
+    move, other values stay)."""
+    if isinstance(labels, torch.Tensor):
+        return labels.to(device, non_blocking=True)
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for t in labels]
 
 
 def _nan_stop(loss, state: TrainState, epoch: int, micro: int, last: Path, saved_step, checkpoint, step_rng, o):

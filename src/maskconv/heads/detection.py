@@ -96,12 +96,19 @@ def dense_backbone(name: str, img_size: int, in_chans: int = 3, pretrained: str 
 
 def build_detector(backbone: str, num_classes: int, masks: bool = True, img_size: int = 800, in_chans: int = 3,
                    anchor_size: int = 32, fpn_dim: int = 256, pretrained: str | None = None,
-                   detections_per_image: int = 100, **backbone_kwargs) -> nn.Module:
+                   detections_per_image: int = 100, head_dim: int = 256, proposals: int = 2000,
+                   roi_samples: int = 512, **backbone_kwargs) -> nn.Module:
     """Mask R-CNN (``masks``) or Faster R-CNN for ``num_classes`` object classes (labels 1..K; 0 = background)
     on maskconv backbone ``backbone`` (weights from ``pretrained``: any layout ``load_checkpoint`` reads).
     Images are resized so their shorter side is ``img_size`` (longer side at most ``img_size``) and normalised
-    as maskconv's backbones expect (``data.photos.default_norm``)."""
+    as maskconv's backbones expect (``data.photos.default_norm``).
+
+    Sizes of torchvision's parts, at torchvision's defaults: ``head_dim`` (mask head convs; the box head's MLP is
+    4x), ``proposals`` (RPN boxes kept after NMS in training; half at test), ``roi_samples`` (ROIs sampled per
+    image for the box loss). Small images with few objects train as well and far faster with smaller ones."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
     from ..data.photos import default_norm
@@ -114,11 +121,18 @@ def build_detector(backbone: str, num_classes: int, masks: bool = True, img_size
     anchors = AnchorGenerator(tuple((anchor_size * 2**i,) for i in range(levels)), ((0.5, 1.0, 2.0),) * levels)
     mean, std = default_norm(in_chans)
     mask_rcnn, faster_rcnn = _detector_classes()
-    common = dict(num_classes=num_classes + 1, min_size=img_size, max_size=img_size, image_mean=list(mean),
+    k = num_classes + 1  # + background
+    common = dict(num_classes=None, min_size=img_size, max_size=img_size, image_mean=list(mean),
                   image_std=list(std), rpn_anchor_generator=anchors, box_detections_per_img=detections_per_image,
-                  box_roi_pool=MultiScaleRoIAlign(fpn.names, 7, 2))
+                  box_roi_pool=MultiScaleRoIAlign(fpn.names, 7, 2), box_head=TwoMLPHead(fpn_dim * 49, 4 * head_dim),
+                  box_predictor=FastRCNNPredictor(4 * head_dim, k), rpn_pre_nms_top_n_train=proposals,
+                  rpn_post_nms_top_n_train=proposals,
+                  rpn_pre_nms_top_n_test=max(1, proposals // 2), rpn_post_nms_top_n_test=max(1, proposals // 2),
+                  box_batch_size_per_image=roi_samples)
     if masks:
-        model = mask_rcnn(fpn, mask_roi_pool=MultiScaleRoIAlign(fpn.names, 14, 2), **common)
+        model = mask_rcnn(fpn, mask_roi_pool=MultiScaleRoIAlign(fpn.names, 14, 2),
+                          mask_head=MaskRCNNHeads(fpn_dim, (head_dim,) * 4, 1),
+                          mask_predictor=MaskRCNNPredictor(head_dim, head_dim, k), **common)
     else:
         model = faster_rcnn(fpn, **common)
     model.transform.size_divisible = max(32, body.stride)  # batched images padded to a size every level divides

@@ -11,8 +11,7 @@ from maskconv.data.datasets import find_fashion_mnist
 from maskconv.heads.detection import build_detector
 from maskconv.heads.segmentation import SegmentationMetric, build_segmenter
 from maskconv.heads.task import (DenseOptions, SemanticMaps, evaluate_instances, evaluate_segmentation, load_dense,
-                                 run_detect_eval, run_detect_predict, run_detect_train, run_segment_eval,
-                                 run_segment_predict, run_segment_train)
+                                 run_detect_train, run_segment_train)
 from tests.data.test_coco import write_coco
 
 needs_fmnist = pytest.mark.skipif(find_fashion_mnist() is None, reason="dataset-fashion-mnist not installed")
@@ -34,9 +33,6 @@ def _cfg(data, out, **kw):
     o.update(kw)
     return load_config(overrides=o)
 
-
-SMALL = DenseOptions(anchor_size=8, fpn_dim=32, head_dim=32, proposals=100, roi_samples=64, channels=32,
-                     jitter_min=1.0, jitter_max=1.0, hflip=False)
 
 
 # ---- metrics: the ground truth as the prediction scores 1.0, and a wrong prediction does not -------------------
@@ -141,27 +137,11 @@ def test_layer_decay_reaches_the_backbone_inside_the_detector():
     assert "head.classifier.weight" not in nodecay
 
 
-# ---- the task functions: train -> eval -> predict, through the loop ------------------------------------------
-@needs_fmnist
-def test_detect_train_eval_predict(scenes, tmp_path):
-    res = run_detect_train(_cfg(scenes, tmp_path / "d"), SMALL, val=str(scenes))
-    assert (res.out / "model.safetensors").is_file() and "val_mask_AP50" in res.history[-1]
-    model, meta, o = load_dense(res.out)
-    assert meta["task"] == "detect" and o.masks and len(meta["categories"]) == 10
-    r = run_detect_eval(res.out, scenes)
-    assert json.loads((res.out / "eval" / "eval.json").read_text())["AP"] == r["AP"]
-    rows = run_detect_predict(res.out, scenes / "images", tmp_path / "p.json", draw=tmp_path / "p.png", threshold=0.0)
-    assert (tmp_path / "p.png").is_file() and all(set(r) >= {"file_name", "category", "bbox", "score"} for r in rows)
-
-
-@needs_fmnist
-def test_segment_train_eval_predict(scenes, tmp_path):
-    res = run_segment_train(_cfg(scenes, tmp_path / "s"), SMALL, val=str(scenes))
-    assert "val_mIoU" in res.history[-1]
-    r = run_segment_eval(res.out, scenes)
-    assert len(r["per_class_IoU"]) == 11
-    rows = run_segment_predict(res.out, scenes / "images", tmp_path / "maps", draw=tmp_path / "s.png")
-    assert len(rows) == 8 and (tmp_path / "s.png").is_file() and (tmp_path / "maps" / "predictions.json").is_file()
+def test_faster_rcnn_is_the_same_detector_without_masks():
+    model = build_detector("test_convnextv2", 2, masks=False, img_size=64, anchor_size=8, fpn_dim=16, head_dim=16)
+    t = {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])}
+    assert "loss_mask" not in model([torch.rand(3, 64, 64)], [t]) and not model.roi_heads.has_mask()
+    assert model.layer_id("backbone.body.model.stem.0.weight") == model.backbone.body.model.layer_id("stem.0.weight")
 
 
 # ---- overfitting a handful of scenes: the whole pipeline learns (slow) -----------------------------------------
@@ -184,3 +164,36 @@ def test_upernet_overfits_a_handful_of_scenes(scenes, tmp_path):
     res = run_segment_train(cfg, DenseOptions(channels=64, jitter_min=1.0, jitter_max=1.0, hflip=False))
     r = evaluate_segmentation(res.model, SemanticMaps(scenes), 64)
     assert r["mIoU"] >= 0.9, r
+
+
+@needs_fmnist
+def test_cli_detect_and_segment(scenes, tmp_path):
+    from maskconv.cli import main
+
+    common = ["--backbone", "test_convnextv2", "--data", str(scenes), "data.img_size=64", "data.batch_size=4",
+              "data.num_workers=0", "optim.epochs=1", "optim.lr=1e-3", "run.progress=false", "--anchor-size", "8",
+              "--fpn-dim", "16", "--head-dim", "16", "--proposals", "50", "--roi-samples", "32", "--channels", "16"]
+    det, seg = tmp_path / "det", tmp_path / "seg"
+    assert main(["detect", "train", *common, "--val", str(scenes), "--out", str(det)]) == 0
+    rows = [json.loads(x) for x in (det / "metrics.jsonl").read_text().splitlines()]
+    assert "val_mask_AP50" in rows[-1] and "val_AP50" in rows[-1]
+    model, meta, o = load_dense(det)
+    assert o.masks and o.head_dim == 16 and meta["task"] == "detect" and len(meta["categories"]) == 10
+    assert main(["detect", "eval", "--checkpoint", str(det), "--data", str(scenes)]) == 0
+    res = json.loads((det / "eval" / "eval.json").read_text())
+    assert res["mask_AP50"] == pytest.approx(rows[-1]["val_mask_AP50"])  # the same weights score the same
+    preds = json.loads((det / "eval" / "predictions.json").read_text())
+    assert all("segmentation" in d for d in preds) and len(preds) == res["detections"]
+    assert main(["detect", "predict", "--checkpoint", str(det), "--images", str(scenes / "images"), "--out",
+                 str(tmp_path / "d.json"), "--draw", str(tmp_path / "d.png"), "--threshold", "0"]) == 0
+    assert (tmp_path / "d.png").is_file() and all(set(r) >= {"file_name", "category", "bbox", "score"}
+                                                  for r in json.loads((tmp_path / "d.json").read_text()))
+    assert main(["segment", "train", *common, "--val", str(scenes), "--out", str(seg)]) == 0
+    rows = [json.loads(x) for x in (seg / "metrics.jsonl").read_text().splitlines()]
+    assert main(["segment", "eval", "--checkpoint", str(seg), "--data", str(scenes)]) == 0
+    res = json.loads((seg / "eval" / "eval.json").read_text())
+    assert res["mIoU"] == pytest.approx(rows[-1]["val_mIoU"]) and len(res["per_class_IoU"]) == 11
+    assert main(["segment", "predict", "--checkpoint", str(seg), "--images", str(scenes / "images" / "train_000000.png"),
+                 "--out", str(tmp_path / "maps"), "--draw", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "maps" / "train_000000.png").is_file() and (tmp_path / "s.png").is_file()
+    assert main(["detect", "eval", "--checkpoint", str(seg), "--data", str(scenes)]) != 0  # a segment run: refused

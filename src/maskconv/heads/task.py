@@ -204,8 +204,9 @@ def _finish(res, info, task: str, backbone: str):
     return res
 
 
-def load_dense(run: str | Path):
-    """A trained detector / segmenter from its run folder: (model in eval mode, meta, options)."""
+def load_dense(run: str | Path, task: str | None = None):
+    """A trained detector / segmenter from its run folder: (model in eval mode, meta, options); ``task``
+    ('detect' / 'segment'): the run must be of that task."""
     from ..engine.checkpoint import LAST, load_training_checkpoint
 
     run = Path(run)
@@ -214,6 +215,8 @@ def load_dense(run: str | Path):
     if not (run / META_FILE).is_file():
         raise FileNotFoundError(f"{run} is not a detect / segment run (no {META_FILE})")
     meta = json.loads((run / META_FILE).read_text())
+    if task is not None and meta["task"] != task:
+        raise ValueError(f"{run} is a {meta['task']} run, not a {task} run")
     o = DenseOptions(**{f.name: meta["options"][f.name] for f in fields(DenseOptions) if f.name in meta["options"]})
     model = _build(meta, o)
     if (run / "model.safetensors").is_file():
@@ -330,7 +333,7 @@ def run_detect_eval(checkpoint, data, out=None, batch_size: int = 8, device: str
     results format, the data file's own ids) under ``out`` (default RUN/eval)."""
     from ..engine import dist as D
 
-    model, meta, _ = load_dense(checkpoint)
+    model, meta, _ = load_dense(checkpoint, "detect")
     coco = load_coco(data)
     _same_classes(coco.category_names, meta)
     info = D.setup(device)
@@ -372,7 +375,7 @@ def run_detect_predict(checkpoint, images, out, draw=None, threshold: float = 0.
     from ..data.datasets import decode_image
     from ..engine import dist as D
 
-    model, meta, _ = load_dense(checkpoint)
+    model, meta, _ = load_dense(checkpoint, "detect")
     info = D.setup(device)
     model.to(info.device)
     rows, drawn = [], []
@@ -472,7 +475,7 @@ def run_segment_eval(checkpoint, data, out=None, device: str = "auto") -> dict:
     """mIoU and per-class IoU of a segment run on ``data``; writes ``eval.json`` under ``out`` (default RUN/eval)."""
     from ..engine import dist as D
 
-    model, meta, _ = load_dense(checkpoint)
+    model, meta, _ = load_dense(checkpoint, "segment")
     ds = SemanticMaps(data, meta["in_chans"])
     if ds.classes != meta["categories"]:
         raise ValueError(f"{ds.path} has classes {ds.classes[:5]}...; the model was trained on {meta['categories'][:5]}...")
@@ -494,7 +497,7 @@ def run_segment_predict(checkpoint, images, out, draw=None, device: str = "auto"
     from ..data.datasets import decode_image
     from ..engine import dist as D
 
-    model, meta, _ = load_dense(checkpoint)
+    model, meta, _ = load_dense(checkpoint, "segment")
     info = D.setup(device)
     model.to(info.device)
     out = Path(out)
@@ -517,3 +520,82 @@ def run_segment_predict(checkpoint, images, out, draw=None, device: str = "auto"
         draw_semantic(drawn, meta["categories"], Path(draw))
     print(f"{len(rows)} label map(s) in {out}" + (f", picture: {draw}" if draw else ""))
     return rows
+
+
+# ---- the CLI: maskconv detect | segment  train | eval | predict (rooms of cli.COMMANDS) -------------------------
+def _option_arguments(p) -> None:
+    for f in fields(DenseOptions):
+        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes")}.get(f.type, None) or \
+            {"int": int, "float": float}.get(f.type, str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"dense_{f.name}", type=kind, default=None, metavar="V",
+                       help=f"{f.name}, default {f.default!r}")
+
+
+def _options(args) -> DenseOptions:
+    return DenseOptions(**{k[6:]: v for k, v in vars(args).items() if k.startswith("dense_") and v is not None})
+
+
+def _arguments(task: str):
+    from ..commands import add_config_flags
+
+    data = ("COCO folder (annotations.json + images) or JSON" if task == "detect" else
+            "COCO folder / JSON (polygons) or a folder with images/ + labels/ (PNG label maps)")
+
+    def add(px) -> None:
+        psub = px.add_subparsers(dest="what", required=True)
+        pt = psub.add_parser("train", help=f"train on --data ({data}), any --backbone; the scenes benchmark "
+                                           "(`maskconv scenes`) is the documented default")
+        add_config_flags(pt, task)
+        pt.add_argument("--backbone", dest="model.name", default=None, help="= model.name (any maskconv backbone)")
+        pt.add_argument("--val", default=None, help="data scored after each evaluated epoch")
+        _option_arguments(pt)
+        pe = psub.add_parser("eval", help="box / mask AP of a run (predictions in COCO results format)" if task ==
+                             "detect" else "mIoU and per-class IoU of a run")
+        pe.add_argument("--checkpoint", required=True, help=f"a {task} run folder")
+        pe.add_argument("--data", required=True, help=data)
+        pe.add_argument("--out", default=None, help="folder for eval.json (default RUN/eval)")
+        if task == "detect":
+            pe.add_argument("--batch-size", type=int, default=8)
+        pp = psub.add_parser("predict", help="predict on images; JSON (label maps for segment) and a picture")
+        pp.add_argument("--checkpoint", required=True, help=f"a {task} run folder")
+        pp.add_argument("--images", required=True, help="an image file or a folder")
+        pp.add_argument("--out", required=True, help="JSON to write" if task == "detect" else
+                        "folder for the PNG label maps and predictions.json")
+        pp.add_argument("--draw", default=None, help="PNG of the images with their predictions")
+        if task == "detect":
+            pp.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
+    return add
+
+
+def _detect_cli(args) -> None:
+    from ..commands import config_from_args
+
+    if args.what == "train":
+        run_detect_train(config_from_args(args), _options(args), args.val)
+    elif args.what == "eval":
+        run_detect_eval(args.checkpoint, args.data, args.out, args.batch_size)
+    else:
+        run_detect_predict(args.checkpoint, args.images, args.out, args.draw, args.threshold)
+
+
+def _segment_cli(args) -> None:
+    from ..commands import config_from_args
+
+    if args.what == "train":
+        run_segment_train(config_from_args(args), _options(args), args.val)
+    elif args.what == "eval":
+        run_segment_eval(args.checkpoint, args.data, args.out)
+    else:
+        run_segment_predict(args.checkpoint, args.images, args.out, args.draw)
+
+
+def _commands():
+    from ..commands import Command
+
+    return (Command("Mask R-CNN / Faster R-CNN (torchvision) on any backbone (COCO-format data)", _arguments("detect"),
+                    _detect_cli),
+            Command("UperNet semantic segmentation on any backbone (COCO polygons or PNG label maps)",
+                    _arguments("segment"), _segment_cli))
+
+
+DETECT, SEGMENT = _commands()

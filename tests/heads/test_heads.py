@@ -60,6 +60,13 @@ def test_ground_truth_as_prediction_on_an_id0_file(tmp_path):
     assert res["AP"] == pytest.approx(1.0) and res["mask_AP"] == pytest.approx(1.0)
 
 
+def test_mask_rcnn_on_boxes_only_data_is_refused_before_any_work(tmp_path):
+    root = write_coco(tmp_path / "c", size=(60, 45))
+    with pytest.raises(ValueError, match=r"annotations\[0\] has no 'segmentation'.*--masks false"):
+        run_detect_train(_cfg(root, tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
 @needs_fmnist
 def test_ground_truth_as_prediction_gives_miou_one_and_metric_counts_right(scenes):
     res = evaluate_segmentation(None, SemanticMaps(scenes), 64, oracle=True)

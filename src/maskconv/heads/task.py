@@ -310,6 +310,11 @@ def run_detect_train(cfg, o: DenseOptions | None = None, val: str | None = None)
     info = D.setup(cfg.run.device, cfg.run.dist_timeout_minutes)
     torch.manual_seed(cfg.run.seed)
     data = load_coco(cfg.data.path)
+    if o.masks:  # before any work: Mask R-CNN needs every training object's region
+        bare = next((a for a in data.gt["annotations"] if not a.get("segmentation") and not a["iscrowd"]), None)
+        if bare is not None:
+            raise ValueError(f"{data.path}: annotations[{bare['id'] - 1}] has no 'segmentation'; Mask R-CNN needs "
+                             "polygons or RLE: train boxes only with --masks false (Faster R-CNN)")
     meta, model = _start(cfg, "detect", o, data.category_names, data.orig_category_ids)
     val_data = load_coco(val) if val and info.is_main else None
 

@@ -67,8 +67,8 @@ def draw_instances(items: list, names: list[str], path: Path, max_images: int = 
 
 
 def draw_semantic(items: list, names: list[str], path: Path, max_images: int = 16, alpha: float = 0.5) -> None:
-    """``items``: (uint8 image (C, H, W), class map (H, W)); each class present is named at its largest blob's
-    centre of mass."""
+    """``items``: (uint8 image (C, H, W), class map (H, W)); each class present is named once, at the centre of
+    mass of its pixels (two objects of one class: between them)."""
     from PIL import ImageDraw
 
     cols = palette(len(names))

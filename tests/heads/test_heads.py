@@ -151,6 +151,36 @@ def test_faster_rcnn_is_the_same_detector_without_masks():
     assert model.layer_id("backbone.body.model.stem.0.weight") == model.backbone.body.model.layer_id("stem.0.weight")
 
 
+@needs_fmnist
+def test_detect_resumed_after_a_crash_equals_uninterrupted(scenes, tmp_path, monkeypatch, capsys):
+    """Targets as lists of dicts (boxes + masks) through the loop resume exactly: RPN / ROI sampling draws from
+    the RNG the checkpoints hold, the transform is seeded per sample."""
+    from safetensors.torch import load_file
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    opts = DenseOptions(anchor_size=8, fpn_dim=16, head_dim=16, proposals=50, roi_samples=32)  # jitter + flip on
+    kw = {"optim.epochs": 2, "run.save_every_steps": 1}
+    run_detect_train(_cfg(scenes, tmp_path / "a", **kw), opts)
+    real, calls = GeneralizedRCNN.forward, {"n": 0}
+
+    def crash_on_fourth(self, images, targets=None):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise RuntimeError("simulated crash in step 4")
+        return real(self, images, targets)
+
+    monkeypatch.setattr(GeneralizedRCNN, "forward", crash_on_fourth)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_detect_train(_cfg(scenes, tmp_path / "b", **kw), opts)
+    monkeypatch.setattr(GeneralizedRCNN, "forward", real)
+    capsys.readouterr()
+    run_detect_train(_cfg(scenes, tmp_path / "b", **kw), opts)
+    assert "epoch 1, step 3" in capsys.readouterr().out  # resumed from step 3's checkpoint
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---- overfitting a handful of scenes: the whole pipeline learns (slow) -----------------------------------------
 @needs_fmnist
 @pytest.mark.slow

@@ -37,6 +37,13 @@ UNUSED = {
                  "optim.layer_decay_scheme"),
     "pix2seq": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
                 "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing"),
+    # detect / segment: their own box- and mask-aware transform (heads/task.py), no classifier, no masking
+    "detect": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
+               "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing",
+               "data.crop_scale_min", "data.hflip"),
+    "segment": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class",
+                "data.val_fraction", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix",
+                "data.label_smoothing", "data.crop_scale_min", "data.hflip"),
 }
 
 

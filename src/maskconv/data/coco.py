@@ -25,8 +25,9 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["CocoFormatError", "CocoData", "load_coco", "CocoDetection", "DetectionTrainTransform",
-           "DetectionEvalTransform", "coco_evaluate", "find_annotations"]
+           "DetectionEvalTransform", "coco_evaluate", "find_annotations", "annotation_mask", "IGNORE_INDEX"]
 
+IGNORE_INDEX = 255  # semantic maps: pixels no loss or metric reads (padding, crowd regions, PNG value 255)
 BOX_TOLERANCE = 1.0  # px a box may cross the image border (exporters round); beyond it the file is wrong
 
 
@@ -140,8 +141,8 @@ class CocoDetection(Dataset):
     ``{"boxes": (N, 4) float xyxy px, "labels": (N,) long 1..K, "image_id": int}``. ``train=True`` drops crowd
     and degenerate boxes (official ``filter_invalid_objects``) and images left with none; eval keeps all."""
 
-    def __init__(self, data: CocoData, in_chans: int = 3, train: bool = True):
-        self.data, self.in_chans, self.train = data, in_chans, train
+    def __init__(self, data: CocoData, in_chans: int = 3, train: bool = True, masks: bool = False):
+        self.data, self.in_chans, self.train, self.masks = data, in_chans, train, masks
         per_image: dict[int, list] = {im["id"]: [] for im in data.gt["images"]}
         for a in data.gt["annotations"]:
             per_image[a["image_id"]].append(a)
@@ -162,8 +163,15 @@ class CocoDetection(Dataset):
                 continue
             boxes.append([x, y, x + w, y + h])
             labels.append(a["category_id"])
-        return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                "labels": torch.tensor(labels, dtype=torch.long), "image_id": self.images[i]["id"]}
+        out = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+               "labels": torch.tensor(labels, dtype=torch.long), "image_id": self.images[i]["id"]}
+        if self.masks:  # (N, H, W) uint8, one per kept object, from its polygons / RLE
+            im = self.images[i]
+            kept = [a for a in self.objects[i] if not (self.train and (a["iscrowd"] or a["bbox"][2] <= 0
+                                                                       or a["bbox"][3] <= 0))]
+            out["masks"] = torch.stack([annotation_mask(a, im["height"], im["width"], self.data.path) for a in kept]) \
+                if kept else torch.zeros(0, im["height"], im["width"], dtype=torch.uint8)
+        return out
 
     def __getitem__(self, i: int):
         from .datasets import decode_image
@@ -173,6 +181,26 @@ class CocoDetection(Dataset):
         except Exception:
             return None  # counted and reported by the training loop (collate_skip)
         return img, self.target(i)
+
+
+def annotation_mask(ann: dict, h: int, w: int, where="") -> torch.Tensor:
+    """An annotation's region as an (h, w) uint8 mask: COCO polygons (several parts merged), RLE or
+    uncompressed RLE (pycocotools). An annotation without ``segmentation`` is an error naming it."""
+    seg = ann.get("segmentation")
+    if not seg:
+        raise CocoFormatError(f"{where}: annotation id {ann.get('id')} has no 'segmentation' (masks need polygons "
+                              "or RLE)")
+    try:
+        from pycocotools import mask as mask_utils
+    except ImportError:
+        raise ImportError("masks from COCO polygons need pycocotools: pip install 'maskconv[detect]'") from None
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg
+    return torch.from_numpy(mask_utils.decode(rle)).to(torch.uint8)
 
 
 def _boxes(target: dict, size: tuple[int, int]):
@@ -191,22 +219,33 @@ class DetectionTrainTransform:
         self.size, self.jitter, self.hflip, self.pad_value = size, jitter, hflip, pad_value
 
     def __call__(self, img: torch.Tensor, target: dict):
+        from torchvision import tv_tensors
         from torchvision.transforms.v2 import functional as TF
 
         h, w = img.shape[-2:]
         boxes = _boxes(target, (h, w))
         s = float(torch.empty(()).uniform_(*self.jitter)) * self.size / max(h, w)  # official scale_jitter
         nh, nw = max(1, int(h * s)), max(1, int(w * s))
+        # masks follow the pixels (nearest-neighbour resize): "masks" (N, H, W) per object, "semantic" (H, W) classes
+        dense = {k: tv_tensors.Mask(target[k]) for k in ("masks", "semantic") if k in target}
         img, boxes = TF.resize(img, [nh, nw], antialias=True), TF.resize(boxes, [nh, nw])
+        dense = {k: TF.resize(v, [nh, nw]) for k, v in dense.items()}
         ch, cw = min(self.size, nh), min(self.size, nw)  # official fixed_size_crop
         top = int(float(torch.rand(())) * (nh - ch))
         left = int(float(torch.rand(())) * (nw - cw))
         img, boxes = TF.crop(img, top, left, ch, cw), TF.crop(boxes, top, left, ch, cw)
+        dense = {k: TF.crop(v, top, left, ch, cw) for k, v in dense.items()}
         if self.hflip and float(torch.rand(())) < 0.5:
             img, boxes = TF.horizontal_flip(img), TF.horizontal_flip(boxes)
+            dense = {k: TF.horizontal_flip(v) for k, v in dense.items()}
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # official filter_invalid_objects
-        return _pad(img, self.size, self.pad_value), {**target, "boxes": boxes.as_subclass(torch.Tensor)[keep],
-                                                      "labels": target["labels"][keep], "unpadded_size": (ch, cw)}
+        out = {**target, "boxes": boxes.as_subclass(torch.Tensor)[keep], "labels": target["labels"][keep],
+               "unpadded_size": (ch, cw)}
+        if "masks" in dense:  # padding is background
+            out["masks"] = _pad_mask(dense["masks"].as_subclass(torch.Tensor)[keep], self.size, 0)
+        if "semantic" in dense:  # padding is ignored by the loss
+            out["semantic"] = _pad_mask(dense["semantic"].as_subclass(torch.Tensor), self.size, IGNORE_INDEX)
+        return _pad(img, self.size, self.pad_value), out
 
 
 class DetectionEvalTransform:
@@ -228,6 +267,13 @@ class DetectionEvalTransform:
                                                       "scale": (nh / h, nw / w)}
 
 
+def _pad_mask(m: torch.Tensor, size: int, value: int) -> torch.Tensor:
+    """(..., h, w) integer mask -> (..., size, size), padded bottom/right with ``value``."""
+    out = torch.full((*m.shape[:-2], size, size), value, dtype=m.dtype)
+    out[..., :m.shape[-2], :m.shape[-1]] = m
+    return out
+
+
 def _pad(img: torch.Tensor, size: int, value: float) -> torch.Tensor:
     """uint8 (C, h, w) -> float (C, size, size) in [0, 1], padded bottom/right with ``value`` (official 0.3)."""
     out = torch.full((img.shape[0], size, size), value, dtype=torch.float32)
@@ -235,10 +281,13 @@ def _pad(img: torch.Tensor, size: int, value: float) -> torch.Tensor:
     return out
 
 
-def coco_evaluate(gt: dict, detections: list[dict], quiet: bool = True) -> dict:
+def coco_evaluate(gt: dict, detections: list[dict], quiet: bool = True, iou_type: str = "bbox") -> dict:
     """COCO box AP / AP50 / AP75 (pycocotools) of ``detections`` (COCO results format: image_id, category_id,
-    bbox xywh, score) against the remapped ground truth ``gt``. APs/APm/APl are not reported: COCO's area
-    ranges mean nothing on small canvases."""
+    bbox xywh, score) against the remapped ground truth ``gt``; ``iou_type='segm'``: mask AP of detections
+    carrying an RLE ``segmentation``. APs/APm/APl are not reported: COCO's area ranges mean nothing on small
+    canvases."""
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type={iou_type!r}: use 'bbox' or 'segm'")
     try:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -254,7 +303,7 @@ def coco_evaluate(gt: dict, detections: list[dict], quiet: bool = True) -> dict:
         coco = COCO()
         coco.dataset = copy.deepcopy(gt)
         coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(detections)), "bbox")
+        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(detections)), iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -5,7 +5,6 @@ import torch
 
 from maskconv.config import load_config
 from maskconv.data.coco import load_coco
-from maskconv.pix2seq import task as task_module
 from maskconv.data.datasets import find_fashion_mnist
 from maskconv.pix2seq.task import (Pix2SeqOptions, evaluate_detection, load_pix2seq, run_pix2seq_eval,
                                    run_pix2seq_predict, run_pix2seq_train)

@@ -287,7 +287,9 @@ class DetectionTrainTransform:
         flip = self.hflip and float(torch.rand(())) < 0.5
         if flip:
             img, boxes = TF.horizontal_flip(img), TF.horizontal_flip(boxes)
-            pts = TF.horizontal_flip(pts) if pts is not None else None
+            if pts is not None:  # COCO coordinates are continuous (pixel j spans [j, j+1]): x -> width - x, as
+                pts = pts.as_subclass(torch.Tensor) * torch.tensor([-1.0, 1.0]) + torch.tensor([float(cw), 0.0])
+                # for boxes (torchvision flips key points to width - 1 - x, the pixel-index convention)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # official filter_invalid_objects
         extra = {"points": pts.as_subclass(torch.Tensor), "keep": keep} if pts is not None else {}
         return _pad(img, self.size, self.pad_value), {**target, "boxes": boxes.as_subclass(torch.Tensor)[keep],

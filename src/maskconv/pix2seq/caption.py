@@ -74,7 +74,7 @@ class CaptionTokenizer:
     words. Defaults as the official captioning config: end weight 0.1, input drop rate 0.5."""
     vocab: Vocab
     words: WordVocab
-    max_len: int = 32  # response tokens, end included (official max_seq_len 128 for SentencePiece pieces)
+    max_len: int = 64  # response tokens, end included (official max_seq_len 128 for SentencePiece pieces)
     eos_token_weight: float = 0.1
     input_drop: float = 0.5
     task: str = "captioning"

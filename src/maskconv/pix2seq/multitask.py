@@ -112,8 +112,9 @@ def _yxyx(boxes_xyxy: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _swap_left_right(text: str) -> str:
-    swap = {"left": "right", "right": "left"}
-    return " ".join(swap.get(w, w) for w in text.split(" "))
+    import re
+
+    return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", text)
 
 
 class MultiTaskTrainTransform:

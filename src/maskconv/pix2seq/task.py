@@ -66,7 +66,7 @@ class Pix2SeqOptions:
     kpt_eos_weight: float = 0.0
     kpt_top_p: float = 0.1
     kpt_sigmas: str = ""
-    cap_max_len: int = 32
+    cap_max_len: int = 64
     cap_eos_weight: float = 0.1
     cap_input_drop: float = 0.5
     cap_top_p: float = 1.0

@@ -1,0 +1,195 @@
+"""Pix2Seq v2 end to end: oracles through the task tokenizers, multi-task training, eval of every task, predict."""
+import json
+
+import pytest
+import torch
+
+from maskconv.config import load_config
+from maskconv.data.coco import load_coco
+from maskconv.data.datasets import find_fashion_mnist
+from maskconv.pix2seq.caption import WordVocab
+from maskconv.pix2seq.multitask import (MultiTaskTrainTransform, build_taskset, evaluate_captions,
+                                        evaluate_instance_task, multitask_losses)
+from maskconv.pix2seq.task import (Pix2SeqOptions, build_pix2seq, load_pix2seq, run_pix2seq_eval,
+                                   run_pix2seq_predict, run_pix2seq_train)
+from maskconv.pix2seq.vocab import INVISIBLE_TOKEN, TASK_TOKENS
+
+needs_fmnist = pytest.mark.skipif(find_fashion_mnist() is None, reason="dataset-fashion-mnist not installed")
+ALL = "det,seg,kpt,cap"
+
+
+@pytest.fixture(scope="module")
+def val_scenes(tmp_path_factory):
+    if find_fashion_mnist() is None:
+        pytest.skip("dataset-fashion-mnist not installed")
+    from maskconv.data.scenes import make_scenes
+
+    return load_coco(make_scenes(tmp_path_factory.mktemp("v2val") / "val", "val", 30, 0))
+
+
+def _taskset(data, **kw):
+    o = Pix2SeqOptions(tasks=ALL, seg_max_points=32, seg_max_instances=6, **kw)
+    words = WordVocab.build(c for cs in data.captions.values() for c in cs).words
+    return o, build_taskset(o, 128, words, data.keypoint_names)
+
+
+def test_oracle_segm_and_keypoint_ap_on_scenes(val_scenes):
+    o, ts = _taskset(val_scenes)
+    seg, dets = evaluate_instance_task("seg", None, ts, val_scenes, o, 128, oracle=True)
+    kpt, _ = evaluate_instance_task("kpt", None, ts, val_scenes, o, 128, oracle=True)
+    assert seg["AP50"] >= 0.95 and kpt["AP"] >= 0.95, (seg, kpt)
+    assert seg["detections"] == len(val_scenes.gt["annotations"]) and "counts" in dets[0]["segmentation"]
+    o16, ts16 = _taskset(val_scenes, bins=16)  # the checks see quantization
+    assert evaluate_instance_task("seg", None, ts16, val_scenes, o16, 128, oracle=True)[0]["AP"] < seg["AP"] - 0.3
+    assert evaluate_instance_task("kpt", None, ts16, val_scenes, o16, 128, oracle=True)[0]["AP"] < 0.5
+
+
+def test_oracle_captions_score_bleu_one(val_scenes):
+    o, ts = _taskset(val_scenes)
+    r, rows = evaluate_captions(None, ts, val_scenes, o, 128, oracle=True)
+    assert r["BLEU4"] == pytest.approx(1.0) and r["CIDEr"] > 3.0 and r["images"] == 30
+    assert rows[0]["caption"] == val_scenes.captions[1][0]
+
+
+def test_train_transform_packs_every_task(val_scenes):
+    from maskconv.data.coco import CocoDetection
+    from maskconv.pix2seq.multitask import _swap_left_right
+
+    o, ts = _taskset(val_scenes, max_objects=8, kpt_max_instances=6)
+    img, target = CocoDetection(val_scenes, train=True)[0]
+    x, row = MultiTaskTrainTransform(128, ts, (1.0, 1.0), hflip=False)(img, target)
+    assert x.shape[-2:] == (128, 128)
+    seqs = ts.unpack(row[None])
+    assert set(seqs) == {"det", "seg", "kpt", "cap"}
+    assert seqs["seg"][1].shape == (1, 6, ts.seg.seq_len) and seqs["kpt"][1].shape == (1, 6, ts.kpt.seq_len)
+    n = sum(1 for a in val_scenes.gt["annotations"] if a["image_id"] == 1)
+    for task, name in (("seg", "instance_segmentation"), ("kpt", "keypoints")):
+        inp = seqs[task][0][0]
+        assert (inp[:, 0] == TASK_TOKENS[name]).sum() == n and (inp[n:, 0] == 0).all()
+    assert ts.cap.decode(seqs["cap"][1])[0] == val_scenes.captions[1][0]  # no dropout on targets
+    assert _swap_left_right("a bag at the top left and a shoe at the right.") == \
+        "a bag at the top right and a shoe at the left."
+
+
+def test_keypoints_are_mirrored_and_swapped_on_flip():
+    from maskconv.pix2seq.instance import KeypointTokenizer
+    from maskconv.pix2seq.multitask import TaskSet
+    from maskconv.pix2seq.vocab import Vocab
+
+    v = Vocab(128)
+    ts = TaskSet(v, ("kpt",), kpt=KeypointTokenizer(v, 4, max_instances=1, corrupt=False),
+                 keypoint_names=("top", "left", "bottom", "right"))
+    img = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    img[..., :32] = 255  # bright left half: tells whether the draw flipped the image
+    target = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0]]), "labels": torch.tensor([2]), "image_id": 1,
+              "polygons": [[]], "keypoints": torch.tensor([[[20.0, 20.0, 2], [10.0, 30.0, 2], [20.0, 40.0, 1],
+                                                           [30.0, 30.0, 0]]])}
+    tf = MultiTaskTrainTransform(64, ts, (1.0, 1.0), hflip=True)
+    out = {}
+    for seed in range(40):
+        torch.manual_seed(seed)
+        x, row = tf(img, target)
+        out[bool(x[0, 0, 0] < x[0, 0, -1])] = ts.unpack(row[None])["kpt"][1][0, 0][5:].view(4, 2)
+    plain, flipped = out[False], out[True]
+    assert plain[3].eq(INVISIBLE_TOKEN).all() and flipped[1].eq(INVISIBLE_TOKEN).all()  # unlabelled, swapped
+    q = lambda t: (t - v.coord_shift).float() / 127 * 64  # noqa: E731  (token -> px)
+    assert torch.allclose(q(flipped[3]), torch.tensor([30.0, 64 - 10.0]), atol=0.3)  # old left, mirrored
+    assert torch.allclose(q(flipped[0]), torch.tensor([20.0, 64 - 20.0]), atol=0.3)
+
+
+def test_multitask_loss_is_the_weighted_sum_of_task_losses(val_scenes):
+    from maskconv.data.coco import CocoDetection
+
+    o, ts = _taskset(val_scenes, max_objects=8, dim=32, depth=1, heads=4)
+    model = build_pix2seq("test_convnextv2", o, 128, 3, ts)
+    assert model.decoder.max_len == max(40, ts.seg.seq_len, ts.kpt.seq_len, ts.cap.seq_len)
+    tf = MultiTaskTrainTransform(128, ts, (1.0, 1.0))
+    ds = CocoDetection(val_scenes, train=True)
+    xs, rows = zip(*(tf(*ds[i]) for i in range(2)))
+    x, rows = torch.stack(xs), torch.stack(rows)
+    model.eval()
+    losses = multitask_losses(model, ts, x, rows)
+    assert set(losses) == {"det", "seg", "kpt", "cap"} and all(torch.isfinite(v) for v in losses.values())
+    # the caption loss equals the single-task computation on its own
+    inp, tgt = ts.unpack(rows)["cap"]
+    logits = model(x, inp)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none")
+    w = ts.cap.weights(tgt).flatten()
+    assert torch.allclose(losses["cap"], (ce * w).sum() / (w.sum() + 1e-9), atol=1e-6)
+
+
+def test_task_options_fail_with_one_line():
+    with pytest.raises(ValueError, match="tasks 'det,foo'"):
+        Pix2SeqOptions(tasks="det,foo")
+    with pytest.raises(ValueError, match="task_weights '1,2'"):
+        Pix2SeqOptions(tasks=ALL, task_weights="1,2")
+
+
+def _cfg(data, out, **kw):
+    o = {"model.name": "test_convnextv2", "data.path": str(data), "data.img_size": 64, "data.batch_size": 2,
+         "data.num_workers": 0, "optim.epochs": 1, "optim.warmup_epochs": 0, "optim.lr": 1e-3, "run.out": str(out),
+         "run.device": "cpu", "run.progress": False, "run.log_every_steps": 1, "run.seed": 3}
+    o.update(kw)
+    return load_config(overrides=o)
+
+
+@needs_fmnist
+def test_multitask_train_eval_predict_every_task(tmp_path):
+    from maskconv.data.scenes import make_scenes
+
+    js = make_scenes(tmp_path / "s", "train", 4, 0, size=64, max_items=2)
+    o = Pix2SeqOptions(tasks=ALL, max_objects=3, dim=32, depth=1, heads=4, seg_max_points=12, seg_max_instances=2,
+                       kpt_max_instances=2, cap_max_len=24, seg_samples=2)
+    res = run_pix2seq_train(_cfg(js.parent, tmp_path / "r"), o)
+    assert res.out == tmp_path / "r"
+    meta = json.loads((tmp_path / "r/pix2seq.json").read_text())
+    assert meta["keypoint_names"] == ["top", "left", "bottom", "right"] and "bag" in meta["words"]
+    model, _, o2 = load_pix2seq(tmp_path / "r")
+    assert o2.tasks == ALL
+    r = run_pix2seq_eval(tmp_path / "r", js.parent, batch_size=2)
+    for k in ("AP", "segm_AP50", "segm_det_AP50", "kpt_AP", "kpt_det_AP", "BLEU4", "CIDEr"):
+        assert k in r and r[k] == r[k]  # reported and not NaN
+    for name in ("predictions.json", "predictions_seg_gt.json", "predictions_kpt_det.json", "predictions_cap.json"):
+        assert (tmp_path / "r/eval" / name).is_file()
+    img = js.parent / "images" / "train_000000.png"
+    for task in ("det", "seg", "kpt", "cap"):
+        rows = run_pix2seq_predict(tmp_path / "r", img, tmp_path / f"{task}.json", tmp_path / f"{task}.png",
+                                   threshold=0.0, task=task)
+        assert (tmp_path / f"{task}.png").is_file()
+        if task == "cap":
+            assert len(rows) == 1 and isinstance(rows[0]["caption"], str)
+        elif rows and task == "kpt":
+            assert len(rows[0]["keypoints"]) == 4
+        elif rows and task == "seg":
+            assert "counts" in rows[0]["segmentation"]
+
+
+@needs_fmnist
+def test_tasks_without_data_are_refused(tmp_path):
+    from tests.data.test_coco import write_coco
+
+    root = write_coco(tmp_path / "c")
+    with pytest.raises(ValueError, match="no captions"):
+        run_pix2seq_train(_cfg(root, tmp_path / "r"), Pix2SeqOptions(tasks="det,cap"))
+    with pytest.raises(ValueError, match="declares 'keypoints'"):
+        run_pix2seq_train(_cfg(root, tmp_path / "r"), Pix2SeqOptions(tasks="det,kpt"))
+    with pytest.raises(ValueError, match="polygon segmentation"):
+        run_pix2seq_train(_cfg(root, tmp_path / "r"), Pix2SeqOptions(tasks="det,seg"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_points_follow_the_boxes_through_jitter_crop_and_flip(seed):
+    from maskconv.data.coco import DetectionTrainTransform
+
+    torch.manual_seed(seed)
+    img = torch.zeros(3, 50, 70, dtype=torch.uint8)
+    boxes = torch.tensor([[5.0, 6.0, 30.0, 40.0], [40.0, 10.0, 66.0, 45.0]])
+    corners = boxes.view(-1, 2)  # (x0, y0), (x1, y1) of each box
+    _, t = DetectionTrainTransform(48, (0.5, 1.5))(img, {"boxes": boxes, "labels": torch.tensor([1, 2]),
+                                                          "points": corners})
+    b = t["boxes"]
+    p = t["points"].view(-1, 2, 2)[t["keep"]]  # per box: its two moved corners
+    xs, ys = p[..., 0].sort(-1).values, p[..., 1].sort(-1).values
+    cw, ch = t["unpadded_size"][1], t["unpadded_size"][0]
+    assert torch.allclose(xs.clamp(0, cw), b[:, [0, 2]], atol=1e-4)  # boxes are clipped to the crop, points not
+    assert torch.allclose(ys.clamp(0, ch), b[:, [1, 3]], atol=1e-4)

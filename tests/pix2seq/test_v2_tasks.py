@@ -193,3 +193,76 @@ def test_points_follow_the_boxes_through_jitter_crop_and_flip(seed):
     cw, ch = t["unpadded_size"][1], t["unpadded_size"][0]
     assert torch.allclose(xs.clamp(0, cw), b[:, [0, 2]], atol=1e-4)  # boxes are clipped to the crop, points not
     assert torch.allclose(ys.clamp(0, ch), b[:, [1, 3]], atol=1e-4)
+
+
+def well_formed(task: str, seq: list[int], ts) -> bool:
+    """Whether a generated response has the grammar of ``task`` (what its prompt asked for)."""
+    v = ts.vocab
+    coord = lambda t: v.coord_shift <= t < v.coord_shift + v.bins  # noqa: E731
+    if task == "det":  # [y0 x0 y1 x1 class] groups
+        return all(all(coord(t) for t in seq[i:i + 4]) and (100 <= seq[i + 4] < v.coord_shift or seq[i + 4] == 30)
+                   for i in range(0, len(seq) - len(seq) % 5, 5) if seq[i] != 0)
+    if task == "seg":  # coordinate pairs (separators between parts), then padding
+        body = seq[:seq.index(0)] if 0 in seq else seq
+        return len(body) >= 6 and len(body) % 2 == 0 and all(coord(t) or t == 40 for t in body)
+    if task == "kpt":  # one (y, x) pair per keypoint
+        return len(seq) == ts.kpt.response_len and all(coord(t) or t == 41 for t in seq)
+    body = seq[:seq.index(ts.cap.eos)] if ts.cap.eos in seq else None  # words, then the end token
+    return bool(body) and all(t >= v.text_shift for t in body)
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_multitask_model_overfits_scenes_on_every_task_and_prompts_select_the_task(tmp_path):
+    """4 scenes (1-2 items, 64 px), one model, 250 steps of all four tasks: each task learns its scenes, and the
+    same image answers each prompt with that task's output."""
+    from maskconv.data.scenes import make_scenes
+    from maskconv.pix2seq.instance import instance_prompt
+    from maskconv.pix2seq.task import evaluate_tasks, taskset_from_meta
+
+    js = make_scenes(tmp_path / "s", "train", 4, 0, size=64, max_items=2)
+    o = Pix2SeqOptions(tasks=ALL, max_objects=3, dim=64, depth=2, heads=4, drop=0.0, drop_path=0.0, jitter_min=1.0,
+                       jitter_max=1.0, hflip=False, seg_max_points=16, seg_max_instances=2, kpt_max_instances=2,
+                       cap_max_len=24)
+    cfg = _cfg(js.parent, tmp_path / "r", **{"model.stem_stride": 2, "data.batch_size": 4, "optim.epochs": 250,
+                                             "optim.warmup_epochs": 1, "optim.lr": 3e-3, "optim.weight_decay": 0.0,
+                                             "run.log_every_steps": 50, "run.save_every_epochs": 100000})
+    res = run_pix2seq_train(cfg, o)
+    ts = taskset_from_meta(json.loads((tmp_path / "r/pix2seq.json").read_text()), o)
+    data = load_coco(js)
+    r = evaluate_tasks(res.model, ts, data, o, 64, 3, 4)
+    assert r["AP50"] >= 0.9 and r["segm_AP50"] >= 0.9 and r["kpt_AP"] >= 0.8 and r["BLEU4"] >= 0.8, r
+    # prompts select the task: one image, four prompts, four grammars (greedy decoding)
+    from maskconv.pix2seq.task import eval_batches
+
+    model = res.model.eval()
+    images, targets = next(eval_batches(data, 64, 3, 1))
+    mem = model.encode(images)
+    box = targets[0]["boxes"][:1, [1, 0, 3, 2]] / 64
+    outs = {}
+    for task, name in (("det", "detection"), ("cap", "captioning")):
+        seq, _ = model.generate(None, torch.tensor([[TASK_TOKENS[name]]]), ts.tokenizer(task).seq_len, greedy=True,
+                                memory=mem)
+        outs[task] = seq[0].tolist()
+    for task, name in (("seg", "instance_segmentation"), ("kpt", "keypoints")):
+        prompt = instance_prompt(name, box, targets[0]["labels"][:1], ts.vocab)
+        seq, _ = model.generate(None, prompt, ts.tokenizer(task).response_len, greedy=True, memory=mem)
+        outs[task] = seq[0].tolist()
+    for task, seq in outs.items():
+        assert well_formed(task, seq, ts), (task, seq)
+        assert not any(well_formed(other, seq, ts) for other in outs if other not in (task, "kpt", "seg")), task
+    assert ts.cap.decode(torch.tensor([outs["cap"]]))[0] == data.captions[1][0]
+
+
+def test_grammar_check_tells_the_tasks_apart(val_scenes):
+    """The checker the prompt-selection test relies on accepts each task's ground truth and rejects the others'."""
+    from maskconv.data.coco import CocoDetection
+
+    o, ts = _taskset(val_scenes, max_objects=8)
+    img, target = CocoDetection(val_scenes, train=True)[0]
+    seqs = ts.unpack(MultiTaskTrainTransform(128, ts, (1.0, 1.0), hflip=False)(img, target)[1][None])
+    resp = {"det": seqs["det"][1][0].tolist(), "seg": seqs["seg"][1][0, 0, 5:].tolist(),
+            "kpt": seqs["kpt"][1][0, 0, 5:].tolist(), "cap": seqs["cap"][1][0].tolist()}
+    for task, seq in resp.items():
+        assert well_formed(task, seq, ts)
+        assert [t for t in resp if well_formed(t, seq, ts)] in ([task], [task, "kpt"], ["seg", task]), task

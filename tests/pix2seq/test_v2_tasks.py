@@ -266,3 +266,21 @@ def test_grammar_check_tells_the_tasks_apart(val_scenes):
     for task, seq in resp.items():
         assert well_formed(task, seq, ts)
         assert [t for t in resp if well_formed(t, seq, ts)] in ([task], [task, "kpt"], ["seg", task]), task
+
+
+LABELME = "/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/annotations.json"
+
+
+@pytest.mark.skipif(not __import__("os").path.isfile(LABELME), reason="Debian package labelme-examples not installed")
+def test_oracle_segm_ap_one_on_real_photos_with_multipart_polygons():
+    """labelme's COCO file: real photos, multi-part polygons (2 and 4 parts), a category id 0 and ids from 0."""
+    data = load_coco(LABELME)
+    o = Pix2SeqOptions(tasks="seg", bins=1000)
+    ts = build_taskset(o, 512)
+    res, _ = evaluate_instance_task("seg", None, ts, data, o, 512, oracle=True)
+    assert res["AP"] == pytest.approx(1.0) and res["detections"] == 12
+    multi = [a for a in data.gt["annotations"] if len(a["segmentation"]) == 4][0]
+    _, tgt = ts.seg.encode(torch.zeros(1, 4), torch.ones(1, dtype=torch.long),
+                           [[torch.tensor(p).view(-1, 2)[:, [1, 0]].numpy() / 512 for p in multi["segmentation"]]],
+                           train=False)
+    assert tgt[0].tolist().count(40) == 2 * 3  # 4 parts: 3 separator pairs

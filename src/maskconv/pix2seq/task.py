@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..commands import Command, add_config_flags, config_from_args
 from ..data.coco import CocoData, CocoDetection, DetectionEvalTransform, coco_evaluate, load_coco
 from .model import Pix2Seq
 from .tokenizer import DetectionTokenizer
@@ -504,3 +505,49 @@ def _draw(items: list, names: list[str], path: Path, skeleton: list | None = Non
         sheet.paste(im, ((i % cols) * 260 + 2, (i // cols) * th + 2))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
+
+
+def _train_arguments(p) -> None:
+    add_config_flags(p, "pix2seq")
+    p.add_argument("--backbone", dest="model.name", default=None, help="= model.name (any maskconv backbone)")
+    p.add_argument("--val", default=None, help="COCO data scored (AP) after each evaluated epoch")
+    for f in fields(Pix2SeqOptions):
+        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes")}.get(f.type, None) or \
+            {"int": int, "float": float}.get(f.type, str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"p2s_{f.name}", type=kind, default=None,
+                       metavar="V", help=f"pix2seq, default {f.default!r}")
+
+
+def _arguments(px) -> None:
+    psub = px.add_subparsers(dest="what", required=True)
+    _train_arguments(psub.add_parser("train", help="train on a COCO folder / JSON (--data), any --backbone"))
+    pe = psub.add_parser("eval", help="score every task the run was trained on (AP; segm/keypoint AP; BLEU-4, "
+                                      "CIDEr-D), predictions in COCO results format")
+    pe.add_argument("--checkpoint", required=True, help="a pix2seq run folder")
+    pe.add_argument("--data", required=True, help="COCO folder (annotations.json + images) or JSON file")
+    pe.add_argument("--out", default=None)
+    pe.add_argument("--batch-size", type=int, default=16)
+    pp = psub.add_parser("predict", help="run one task on images (boxes, masks, keypoints or a caption); JSON and "
+                                         "an optional picture")
+    pp.add_argument("--checkpoint", required=True, help="a pix2seq run folder")
+    pp.add_argument("--images", required=True, help="an image file or a folder")
+    pp.add_argument("--out", required=True, help="JSON to write")
+    pp.add_argument("--draw", default=None, help="PNG of the images with what the task wrote")
+    pp.add_argument("--threshold", type=float, default=0.3, help="lowest detection score kept")
+    pp.add_argument("--task", choices=PREDICT_TASKS, default="det",
+                    help="det: boxes; seg: a mask per detected object; kpt: keypoints per detected object; cap: a "
+                         "caption (the run must have been trained on it)")
+
+
+def _cli(args) -> None:
+    if args.what == "train":
+        opts = Pix2SeqOptions(**{k[4:]: v for k, v in vars(args).items() if k.startswith("p2s_") and v is not None})
+        run_pix2seq_train(config_from_args(args), opts, args.val)
+    elif args.what == "eval":
+        run_pix2seq_eval(args.checkpoint, args.data, args.out, args.batch_size)
+    else:
+        run_pix2seq_predict(args.checkpoint, args.images, args.out, args.draw, args.threshold, task=args.task)
+
+
+COMMAND = Command("Pix2Seq on any backbone (COCO-format data): detection, and v2's instance segmentation, "
+                  "keypoints and captioning from one model (--tasks)", _arguments, _cli)

@@ -391,9 +391,10 @@ def run_pix2seq_predict(checkpoint: str | Path, images: str | Path, out: str | P
     ts = taskset_from_meta(meta, o)
     if task not in PREDICT_TASKS:
         raise ValueError(f"--task {task!r}: use one of {', '.join(PREDICT_TASKS)}")
-    if task not in ts.tasks or (task in ("seg", "kpt") and "det" not in ts.tasks):
-        raise ValueError(f"{checkpoint} was trained on tasks {','.join(ts.tasks)}: it cannot answer --task {task}"
-                         + (" (boxes come from its detection task)" if task in ("seg", "kpt") else ""))
+    if task not in ts.tasks:
+        raise ValueError(f"{checkpoint} was trained on tasks {','.join(ts.tasks)}: it cannot answer --task {task}")
+    if task in ("seg", "kpt") and "det" not in ts.tasks:
+        raise ValueError(f"{checkpoint} has no detection task: --task {task} is prompted by the model's own boxes")
     src = Path(images)
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if src.is_dir() else [src]
     if not files or not files[0].is_file():

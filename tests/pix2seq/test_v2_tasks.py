@@ -199,9 +199,8 @@ def well_formed(task: str, seq: list[int], ts) -> bool:
     """Whether a generated response has the grammar of ``task`` (what its prompt asked for)."""
     v = ts.vocab
     coord = lambda t: v.coord_shift <= t < v.coord_shift + v.bins  # noqa: E731
-    if task == "det":  # [y0 x0 y1 x1 class] groups
-        return all(all(coord(t) for t in seq[i:i + 4]) and (100 <= seq[i + 4] < v.coord_shift or seq[i + 4] == 30)
-                   for i in range(0, len(seq) - len(seq) % 5, 5) if seq[i] != 0)
+    if task == "det":  # [y0 x0 y1 x1 class] first; later slots may be noise, whose coordinates have weight 0
+        return len(seq) % 5 == 0 and all(coord(t) for t in seq[:4]) and 100 <= seq[4] < v.coord_shift
     if task == "seg":  # coordinate pairs (separators between parts), then padding
         body = seq[:seq.index(0)] if 0 in seq else seq
         return len(body) >= 6 and len(body) % 2 == 0 and all(coord(t) or t == 40 for t in body)

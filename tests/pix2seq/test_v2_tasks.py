@@ -287,3 +287,20 @@ def test_oracle_segm_ap_one_on_real_photos_with_multipart_polygons():
                            [[torch.tensor(p).view(-1, 2)[:, [1, 0]].numpy() / 512 for p in multi["segmentation"]]],
                            train=False)
     assert tgt[0].tolist().count(40) == 2 * 3  # 4 parts: 3 separator pairs
+
+
+def test_detection_alone_trains_on_the_detection_loss(val_scenes):
+    """With tasks=det the packed row is (input, target) of detection and the loss is its weighted CE, as before."""
+    from maskconv.data.coco import CocoDetection
+
+    o = Pix2SeqOptions(max_objects=8, dim=32, depth=1, heads=4)
+    ts = build_taskset(o, 128)
+    model = build_pix2seq("test_convnextv2", o, 128, 3, ts).eval()
+    assert model.decoder.max_len == 40 and model.decoder.vocab_size == ts.det.vocab.size
+    tf = MultiTaskTrainTransform(128, ts, (1.0, 1.0))
+    xs, rows = zip(*(tf(*CocoDetection(val_scenes, train=True)[i]) for i in range(2)))
+    x, y = torch.stack(xs), torch.stack(rows)
+    inp, tgt = y.chunk(2, 1)
+    ce = torch.nn.functional.cross_entropy(model(x, inp).flatten(0, 1), tgt.flatten(), reduction="none")
+    w = ts.det.weights(tgt).flatten()
+    assert torch.allclose(multitask_losses(model, ts, x, y)["det"], (ce * w).sum() / (w.sum() + 1e-9), atol=1e-6)

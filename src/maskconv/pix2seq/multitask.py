@@ -323,7 +323,7 @@ def evaluate_captions(model, ts: TaskSet, data, o, size: int, in_chans: int = 3,
     rows = []
     for images, targets in eval_batches(data, size, in_chans, batch_size, max_images):
         if oracle:
-            texts = [data.captions[t["image_id"]][0] for t in targets]
+            texts = [(data.captions[t["image_id"]] or [""])[0] for t in targets]
             texts = ts.cap.decode(torch.stack([ts.cap.response(x) for x in texts]))
         else:
             prompt = torch.full((len(images), 1), TASK_TOKENS["captioning"], device=device)
@@ -333,9 +333,12 @@ def evaluate_captions(model, ts: TaskSet, data, o, size: int, in_chans: int = 3,
         rows += [{"image_id": t["image_id"], "caption": x} for t, x in zip(targets, texts)]
     if model is not None and was:
         model.train()
-    cands = [caption_words(r["caption"]) for r in rows]
-    refs = [[caption_words(c) for c in data.captions[r["image_id"]]] for r in rows]
-    return {"BLEU4": bleu4(cands, refs), "CIDEr": cider_d(cands, refs), "images": len(rows)}, rows
+    scored = [r for r in rows if data.captions[r["image_id"]]]  # images without a caption are not scored
+    if not scored:
+        raise ValueError(f"{data.path}: none of the scored images has a caption")
+    cands = [caption_words(r["caption"]) for r in scored]
+    refs = [[caption_words(c) for c in data.captions[r["image_id"]]] for r in scored]
+    return {"BLEU4": bleu4(cands, refs), "CIDEr": cider_d(cands, refs), "images": len(scored)}, rows
 
 
 def build_taskset(o, img_size: int, words: list[str] | None = None, keypoint_names=None) -> TaskSet:

@@ -49,6 +49,7 @@ class RunDir:
     ENCODER = "encoder.safetensors"  # a pretraining run's encoder, strict-loads into create_model / timm
     OBJECTIVE = "objective.safetensors"  # a pretraining run's whole objective (encoder + decoder + config)
     PIX2SEQ = "pix2seq.json"  # Pix2Seq options and classes
+    DENSE = "dense.json"  # detect / segment options, classes and backbone (heads/task.py)
     EVAL = "eval"  # eval/<split>: results of maskconv eval
 
     def __init__(self, path: str | Path):

@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..data.coco import IGNORE_INDEX, CocoData, CocoDetection, DetectionTrainTransform, coco_evaluate, load_coco
+from ..engine.rundir import RunDir
 
 __all__ = ["DenseOptions", "run_detect_train", "run_detect_eval", "run_detect_predict", "run_segment_train",
            "run_segment_eval", "run_segment_predict", "evaluate_instances", "evaluate_segmentation",
            "instances_to_coco", "load_dense", "SemanticMaps", "load_segmentation_data"]
 
-META_FILE = "dense.json"
+META_FILE = RunDir.DENSE
 
 
 @dataclass
@@ -198,7 +199,7 @@ def _finish(res, info, task: str, backbone: str):
     from ..models import save_weights
 
     if info.is_main:
-        save_weights(res.state_dict if res.state_dict is not None else res.model, res.out / "model.safetensors",
+        save_weights(res.state_dict if res.state_dict is not None else res.model, res.out / RunDir.MODEL,
                      metadata={"architecture": f"{task}:{backbone}"})
     res.run.release()
     return res
@@ -207,7 +208,7 @@ def _finish(res, info, task: str, backbone: str):
 def load_dense(run: str | Path, task: str | None = None):
     """A trained detector / segmenter from its run folder: (model in eval mode, meta, options); ``task``
     ('detect' / 'segment'): the run must be of that task."""
-    from ..engine.checkpoint import LAST, load_training_checkpoint
+    from ..engine.checkpoint import load_training_checkpoint
 
     run = Path(run)
     if run.is_file():
@@ -219,14 +220,14 @@ def load_dense(run: str | Path, task: str | None = None):
         raise ValueError(f"{run} is a {meta['task']} run, not a {task} run")
     o = DenseOptions(**{f.name: meta["options"][f.name] for f in fields(DenseOptions) if f.name in meta["options"]})
     model = _build(meta, o)
-    if (run / "model.safetensors").is_file():
+    if (run / RunDir.MODEL).is_file():
         from safetensors.torch import load_file
 
-        sd = load_file(run / "model.safetensors")
-    elif (run / LAST).is_file():  # an unfinished run: its last checkpoint
-        sd = load_training_checkpoint(run / LAST)["model"]
+        sd = load_file(run / RunDir.MODEL)
+    elif (run / RunDir.LAST).is_file():  # an unfinished run: its last checkpoint
+        sd = load_training_checkpoint(run / RunDir.LAST)["model"]
     else:
-        raise FileNotFoundError(f"{run} holds neither model.safetensors nor {LAST}")
+        raise FileNotFoundError(f"{run} holds neither {RunDir.MODEL} nor {RunDir.LAST}")
     model.load_state_dict(sd)
     return model.eval(), meta, o
 

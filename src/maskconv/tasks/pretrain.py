@@ -10,7 +10,7 @@ from ..engine import dist as D
 from ..engine.loop import FitResult, fit
 from ..engine.rundir import RunDir
 from ..inputs import check_inputs
-from ..models import load_checkpoint, save_weights
+from ..models import BackboneOnlyCheckpointError, load_checkpoint, save_weights
 from ..rebuild import model_kwargs
 
 
@@ -31,10 +31,10 @@ def run_pretrain(cfg: Config) -> FitResult:
     if cfg.model.init:  # continue pretraining: a whole objective, or encoder weights in any layout
         try:
             load_checkpoint(obj, cfg.model.init)
-        except ValueError as whole_err:
-            try:
+        except BackboneOnlyCheckpointError as whole_err:  # only then is the encoder the right target: a whole
+            try:  # objective that fails for its own reason (a shape, NaN) is that error, never read encoder-only
                 load_checkpoint(obj.encoder, cfg.model.init)
-            except ValueError as enc_err:  # say both: a whole-objective file may fail for its own reason
+            except ValueError as enc_err:  # say both
                 raise ValueError(f"{cfg.model.init} loads neither as a whole {ob.name} objective ({whole_err}) nor as "
                                  f"encoder weights ({enc_err})") from enc_err
     ds = inputs.train

@@ -10,7 +10,9 @@ without blocking, masks drawn on the device from the samples' indices (``indexed
 autocast, backward, gradient clipping, AdamW, the loss recorded in a device-side ``LossWatch``. Then:
 
 1. **sync-free**: three steps under ``torch.cuda.set_sync_debug_mode("error")``: any device->host sync in the step
-   (an ``.item()``, a ``nonzero``, a blocking copy) raises and is reported with its message (CUDA only);
+   (an ``.item()``, a ``nonzero``, a blocking copy) raises and is reported with its message (CUDA only). Expected:
+   ``ok`` for every compiled step; in eager the masked objectives validate a given mask's values (equal visible
+   counts: one read of the mask per micro-batch, ``masking.check_mask``), which this reports as a sync;
 2. **images/s** eager and ``torch.compile(fullgraph=True)`` (compile time apart), peak memory per step;
 3. ratios: compiled over eager, gather over dense (both forms).
 

@@ -6,7 +6,8 @@ step's peak. Static memory is 16 bytes per trainable parameter (fp32 weight, gra
 Not counted: the transient buffers of a single op or of the backward (workspace, the gradient of the
 activation being processed), the allocator's rounding and the CUDA context: expect the measured peak
 (``bench/gpu_smoke.py`` prints it) some 10-30% above. ``bf16`` uses PyTorch's CPU autocast rules (convs and
-matmuls in bf16, norms and the loss in fp32), the same op lists as CUDA's for these models.
+matmuls in bf16, norms and the loss in fp32), the same op lists as CUDA's for these models. The same fake
+forward counts the matmul / conv FLOPs (``FlopCounterMode``); a training step is taken as 3x the forward.
 
     python bench/step_memory.py [--batch 256 --size 224] [--cases fcmae:convnextv2_atto:gather,...]
 """
@@ -25,8 +26,8 @@ DEFAULT = ",".join(f"fcmae:convnextv2_{m}:{p}" for m in ("atto", "tiny", "base")
     ",mae:vit_base_patch16_224,convmae:convmae_base:gather,convmae:convmae_base:dense"
 
 
-def saved_bytes(obj, batch: int, size: int, bf16: bool) -> int:
-    """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
+def saved_bytes(obj, batch: int, size: int, bf16: bool) -> tuple[int, int]:
+    """Bytes of the distinct storages autograd saves in one forward (parameters excluded), and its FLOPs."""
     own = {t.untyped_storage()._cdata for t in [*obj.parameters(), *obj.buffers()]}
     seen: dict[int, int] = {}
 
@@ -37,6 +38,7 @@ def saved_bytes(obj, batch: int, size: int, bf16: bool) -> int:
         return t
 
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
 
     # the objectives' value checks (equal visible counts) read the mask, which a fake tensor does not have: take
     # the path torch.compile takes (shape checks only), as the engine's masks always pass the value checks
@@ -45,9 +47,10 @@ def saved_bytes(obj, batch: int, size: int, bf16: bool) -> int:
         h, w = obj.grid(x)
         mask = indexed_masks(torch.arange(batch), 0, 0, h, w, obj.mask_ratio)
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        flops = FlopCounterMode(display=False)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp, flops:
             obj(x, mask=mask).loss
-    return sum(seen.values())
+    return sum(seen.values()), flops.get_total_flops()
 
 
 def main() -> None:
@@ -58,8 +61,9 @@ def main() -> None:
     a = ap.parse_args()
     gib = 2**30
     print(f"batch {a.batch}, {a.size} px, official mask ratios and decoders; GiB")
-    print("| objective | model | path | params (M) | static (16 B/param) | saved fp32 | saved bf16 | total bf16 |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| objective | model | path | params (M) | static (16 B/param) | saved fp32 | saved bf16 | total bf16 | "
+          "step TFLOP (3x fwd) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for case in a.cases.split(","):
         ob, model, *rest = case.split(":")
         kw = {"sparse": rest[0]} if rest else {}
@@ -67,9 +71,10 @@ def main() -> None:
         obj = create_objective(ob, model=model, **kw).train()
         n = sum(p.numel() for p in obj.parameters() if p.requires_grad)
         static = 16 * n
-        fp32, bf16 = saved_bytes(obj, a.batch, a.size, False), saved_bytes(obj, a.batch, a.size, True)
+        (fp32, flops), (bf16, _) = saved_bytes(obj, a.batch, a.size, False), saved_bytes(obj, a.batch, a.size, True)
         print(f"| {ob} | {model} | {rest[0] if rest else '-'} | {n / 1e6:.1f} | {static / gib:.2f} | "
-              f"{fp32 / gib:.1f} | {bf16 / gib:.1f} | {(static + bf16) / gib:.1f} |", flush=True)
+              f"{fp32 / gib:.1f} | {bf16 / gib:.1f} | {(static + bf16) / gib:.1f} | {3 * flops / 1e12:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -131,3 +131,31 @@ def test_loss_watch_names_the_first_non_finite_micro_batch():
     s = w.take_sum()
     assert s != s  # the sum holds the NaN: a non-finite epoch mean is never reported as a number
     assert w.take_sum() == 0.0
+
+
+def test_compile_options_are_checked():
+    from maskconv.config import ConfigError, load_config
+
+    cfg = load_config(overrides=["run.compile=true", "run.compile_mode=max-autotune", "run.compile_dynamic=false"])
+    assert (cfg.run.compile, cfg.run.compile_mode, cfg.run.compile_dynamic) == (True, "max-autotune", False)
+    with pytest.raises(ConfigError, match="run.compile_mode"):
+        load_config(overrides=["run.compile_mode=fast"])
+
+
+@pytest.mark.slow  # two inductor compiles (train and eval-mode forward): minutes on CPU
+def test_run_compile_logs_the_eager_losses(tmp_path):
+    """``run.compile=true`` through the engine: the same logged losses as the eager run, to float tolerance."""
+    import json
+
+    from maskconv.cli import main
+
+    args = ["pretrain", "--model", "test_convnextv2", "--data", "synthetic", "data.img_size=64", "data.batch_size=8",
+            "data.num_workers=0", "run.progress=false", "objective.decoder_dim=32", "optim.epochs=1", "optim.lr=1e-3",
+            "run.max_steps=3", "run.log_every_steps=1"]
+    losses = {}
+    for c in ("false", "true"):
+        assert main([*args, "--out", str(tmp_path / c), f"run.compile={c}"]) == 0
+        rows = [json.loads(x) for x in (tmp_path / c / "metrics.jsonl").read_text().splitlines()]
+        losses[c] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses["false"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import Config, ConfigError
-from .data.build import NAMED, build_dataset
+from .data.build import NAMED, build_dataset, has_splits
 from .data.datasets import SeededDataset, Unreadable, describe_unreadable, image_folder_of
 
 
@@ -55,7 +55,7 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
             names = ", ".join(p.name for p in folder.loose[:5]) + (", ..." if len(folder.loose) > 5 else "")
             inputs.notes.append(f"{len(folder.loose)} image file(s) directly in {where} belong to no class and are "
                                 f"not used ({names})")
-        split_dirs = (Path(d.path) / "train").is_dir() and (Path(d.path) / "val").is_dir()
+        split_dirs = d.path not in NAMED and has_splits(d.path)
         if d.path in NAMED or split_dirs or d.val_fraction > 0:
             inputs.val = build_dataset(d, cfg.model.in_chans, "val", labeled=True, classes=inputs.classes)
             if not split_dirs and d.path not in NAMED:

@@ -8,6 +8,7 @@ from torch.utils.data import Dataset, Subset
 
 from .datasets import FashionMNIST, ImageFolderDataset, SyntheticImages, decode_min_side
 from .photos import bundled_photos, default_norm
+from .shards import is_shards
 
 NAMED = ("synthetic", "fashion-mnist", "photos")
 
@@ -67,7 +68,8 @@ def _parse_randaug(spec: str) -> tuple[int, int]:
 
 def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True, seed: int = 0,
                   classes: list[str] | None = None) -> Dataset:
-    """``cfg.path``: a named dataset (synthetic | fashion-mnist | photos) or a folder. A folder with ``train/``
+    """``cfg.path``: a named dataset (synthetic | fashion-mnist | photos), a folder, or WebDataset shards
+    (``shards:<folder>`` / ``shards:/p/shard-{000000..000009}.tar``, ``data/shards.py``). A folder with ``train/``
     and ``val/`` sub-folders is split by them; otherwise the folder itself is the training set (and holds class
     sub-folders when ``labeled``), less the ``cfg.val_fraction`` of each class held out as ``val``. ``classes``
     fixes the class numbering (validation / eval of a trained model)."""
@@ -84,23 +86,39 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
             raise ValueError("data.path=photos has no labels: use it for pretraining only")
         ds = _Photos(in_chans)
     else:
-        root = Path(name)
-        if not root.exists():
-            raise FileNotFoundError(f"data.path {name!r} is neither a folder nor one of {', '.join(NAMED)}")
-        split_dirs = (root / "train").is_dir() and (root / "val").is_dir()
+        decode = dict(max_pixels=cfg.max_pixels, min_side=decode_min_side(cfg.img_size, cfg.crop_scale_min),
+                      keep_16bit=in_chans == 1)  # a 16-bit grayscale file reaches a 1-channel model losslessly
+        split_dirs = has_splits(name)
         holdout = labeled and cfg.val_fraction > 0 and not split_dirs
-        if split_dirs:
-            root = root / split
-        elif split != "train" and not holdout:
-            raise FileNotFoundError(f"{root} has no {split}/ folder (expected {root}/train and {root}/val, or set "
+        if split != "train" and not split_dirs and not holdout:
+            raise FileNotFoundError(f"{name} has no {split}/ folder (expected {name}/train and {name}/val, or set "
                                     "data.val_fraction to hold out part of each class)")
-        ds = ImageFolderDataset(root, in_chans, labeled=labeled, classes=classes if labeled else None,
-                                max_pixels=cfg.max_pixels, min_side=decode_min_side(cfg.img_size, cfg.crop_scale_min))
+        if is_shards(name):
+            from .shards import ShardDataset, shard_splits
+
+            ds = ShardDataset(shard_splits(name)[split if split_dirs else None], in_chans, labeled=labeled,
+                              classes=classes if labeled else None, **decode)
+        else:
+            ds = ImageFolderDataset(Path(name) / split if split_dirs else Path(name), in_chans, labeled=labeled,
+                                    classes=classes if labeled else None, **decode)
         if holdout:
             ds = holdout_split(ds, cfg.val_fraction)[1 if split == "val" else 0]
     if split == "train" and labeled and cfg.labels_per_class > 0:
         ds = labels_subset(ds, cfg.labels_per_class, seed)
     return ds
+
+
+def has_splits(path: str) -> bool:
+    """Whether a folder (or ``shards:`` folder) holds ``train/`` and ``val/``; a missing folder is an error."""
+    if is_shards(path):
+        from .shards import shard_splits
+
+        return None not in shard_splits(path)
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data.path {path!r} is neither a folder nor one of {', '.join(NAMED)} (nor "
+                                "shards:<folder or pattern>)")
+    return (root / "train").is_dir() and (root / "val").is_dir()
 
 
 def holdout_split(ds: Dataset, fraction: float) -> tuple[Subset, Subset]:

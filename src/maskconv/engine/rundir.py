@@ -141,6 +141,8 @@ def data_fingerprint(dataset) -> str:
     base = dataset
     while hasattr(base, "dataset") and not hasattr(base, "samples"):  # torch Subset (labels_per_class)
         base = base.dataset
+    if hasattr(base, "fingerprint"):  # e.g. ShardDataset: (shard, member, size) of every sample
+        return base.fingerprint()
     samples = getattr(base, "samples", None)
     if samples and isinstance(samples[0], (tuple, list)) and isinstance(samples[0][0], (str, os.PathLike)):
         paths = [Path(s[0]) for s in samples]

@@ -14,7 +14,7 @@ from maskconv.data.build import build_dataset, build_transform
 from maskconv.data.datasets import ResumableSampler, SeededDataset, Unreadable, collate_skip
 
 pytest.importorskip("webdataset")
-from maskconv.data.shards import ShardDataset, shard_splits, write_shards  # noqa: E402
+from maskconv.data.shards import ShardDataset, _scan_tar, shard_splits, tar_index, write_shards  # noqa: E402
 
 
 def _image(rng, path, mode):
@@ -63,8 +63,7 @@ def test_shards_give_the_folders_images_in_the_folders_order(labeled_folder, tmp
     out = tmp_path / "shards"
     manifest = write_shards(labeled_folder, out, shard_size=4)
     assert manifest["samples"] == 11 and [s["samples"] for s in manifest["shards"]] == [4, 4, 3]
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar",
-                                                     "shards.json"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     folder = build_dataset(_cfg(labeled_folder), 3, labeled=labeled)
     shards = build_dataset(_cfg(f"shards:{out}"), 3, labeled=labeled)
     assert isinstance(shards, ShardDataset) and len(shards) == len(folder) == 11
@@ -91,6 +90,11 @@ def test_dataloader_workers_and_other_shard_specs_read_the_same(labeled_folder, 
     ref = ShardDataset(sorted(out.glob("*.tar")), 3, labeled=True)
     for spec in (f"shards:{out}/shard-{{000000..000002}}.tar", f"shards:{out}"):
         assert build_dataset(_cfg(spec), 3, labeled=True).fingerprint() == ref.fingerprint()
+    for idx in out.glob("*.idx.json"):  # the index beside each tar is what a scan of the tar finds
+        shard = out / idx.name[:-len(".idx.json")]
+        assert [tuple(tuple(x) if isinstance(x, list) else x for x in r) for r in tar_index(shard)] == _scan_tar(shard)
+        idx.write_text('{"bytes": 1, "samples": []}')  # stale (not the tar's size): ignored, the tar is scanned
+    assert ShardDataset(sorted(out.glob("*.tar")), 3, labeled=True).fingerprint() == ref.fingerprint()
     one = ShardDataset(shard_splits(f"shards:{out}/shard-000001.tar")[None], 3, labeled=True)
     assert len(one) == 4 and one.labels == [1, 1, 1, 2]  # samples 4..7: the 3 of a-b, then b/broken.png
     tf = build_transform(_cfg("x"), 3, train=True)

@@ -36,7 +36,7 @@ def build_transform(cfg, in_chans: int, train: bool, pretrain: bool = False):
     from torchvision.transforms import v2
 
     size = cfg.img_size
-    mean, std = default_norm(in_chans)
+    mean, std = normalization(cfg, in_chans)
     if train:
         t = [v2.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0),
                                   interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
@@ -55,6 +55,20 @@ def build_transform(cfg, in_chans: int, train: bool, pretrain: bool = False):
     else:
         resize = [v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
     return v2.Compose(resize + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def normalization(cfg, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel: ``data.mean`` / ``data.std`` when set (``maskconv data stats`` computes them),
+    else ImageNet's for RGB and 0.5 otherwise (``default_norm``)."""
+    mean, std = default_norm(in_chans)
+    given = {k: getattr(cfg, k, None) for k in ("mean", "std")}
+    for k, v in given.items():
+        if v is not None and len(v) != in_chans:
+            raise ValueError(f"data.{k} has {len(v)} values; the model takes {in_chans} channel(s)")
+    if given["std"] is not None and min(given["std"]) <= 0:
+        raise ValueError(f"data.std={tuple(given['std'])}: every value must be > 0")
+    return (tuple(given["mean"]) if given["mean"] is not None else mean,
+            tuple(given["std"]) if given["std"] is not None else std)
 
 
 def _parse_randaug(spec: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from torch.utils.data import Dataset, Subset
 
 from .datasets import FashionMNIST, ImageFolderDataset, SyntheticImages, decode_min_side
 from .photos import bundled_photos, default_norm
+from .hf import is_hf
 from .shards import is_shards
 
 NAMED = ("synthetic", "fashion-mnist", "photos")
@@ -83,7 +84,8 @@ def _parse_randaug(spec: str) -> tuple[int, int]:
 def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True, seed: int = 0,
                   classes: list[str] | None = None) -> Dataset:
     """``cfg.path``: a named dataset (synthetic | fashion-mnist | photos), a folder, or WebDataset shards
-    (``shards:<folder>`` / ``shards:/p/shard-{000000..000009}.tar``, ``data/shards.py``). A folder with ``train/``
+    (``shards:<folder>`` / ``shards:/p/shard-{000000..000009}.tar``, ``data/shards.py``), or a Hugging Face
+    ``save_to_disk`` folder (``hf:<folder>``, ``data/hf.py``). A folder with ``train/``
     and ``val/`` sub-folders is split by them; otherwise the folder itself is the training set (and holds class
     sub-folders when ``labeled``), less the ``cfg.val_fraction`` of each class held out as ``val``. ``classes``
     fixes the class numbering (validation / eval of a trained model)."""
@@ -112,6 +114,11 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
 
             ds = ShardDataset(shard_splits(name)[split if split_dirs else None], in_chans, labeled=labeled,
                               classes=classes if labeled else None, **decode)
+        elif is_hf(name):
+            from .hf import HFImageDataset, hf_splits
+
+            ds = HFImageDataset(hf_splits(name)[split if split_dirs else None], in_chans, labeled=labeled,
+                                classes=classes if labeled else None, **decode)
         else:
             ds = ImageFolderDataset(Path(name) / split if split_dirs else Path(name), in_chans, labeled=labeled,
                                     classes=classes if labeled else None, **decode)
@@ -128,10 +135,14 @@ def has_splits(path: str) -> bool:
         from .shards import shard_splits
 
         return None not in shard_splits(path)
+    if is_hf(path):
+        from .hf import hf_splits
+
+        return None not in hf_splits(path)
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data.path {path!r} is neither a folder nor one of {', '.join(NAMED)} (nor "
-                                "shards:<folder or pattern>)")
+                                "shards:<folder or pattern>, hf:<save_to_disk folder>)")
     return (root / "train").is_dir() and (root / "val").is_dir()
 
 

@@ -95,6 +95,10 @@ def test_dataloader_workers_and_other_shard_specs_read_the_same(labeled_folder, 
         assert [tuple(tuple(x) if isinstance(x, list) else x for x in r) for r in tar_index(shard)] == _scan_tar(shard)
         idx.write_text('{"bytes": 1, "samples": []}')  # stale (not the tar's size): ignored, the tar is scanned
     assert ShardDataset(sorted(out.glob("*.tar")), 3, labeled=True).fingerprint() == ref.fingerprint()
+    capped = ShardDataset(sorted(out.glob("*.tar")), 3, labeled=True)
+    capped.MAX_OPEN = 2  # 3 shards, 2 descriptors: the least recently used shard is closed and reopened
+    for i in (0, 5, 9, 0, 9, 5):
+        assert torch.equal(capped[i][0], ref[i][0]) and len(capped._fds) <= 2
     one = ShardDataset(shard_splits(f"shards:{out}/shard-000001.tar")[None], 3, labeled=True)
     assert len(one) == 4 and one.labels == [1, 1, 1, 2]  # samples 4..7: the 3 of a-b, then b/broken.png
     tf = build_transform(_cfg("x"), 3, train=True)

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tarfile
+from collections import OrderedDict
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -152,13 +153,15 @@ class ShardDataset(Dataset):
 
     ``labeled``: only samples with a ``.cls`` member, numbered by ``classes`` (the training run's names) when
     given, else by the manifest's ``classes`` (or ``'0'..'K-1'`` for shards without one). ``max_pixels`` /
-    ``min_side`` / ``keep_16bit``: see ``decode_image``."""
+    ``min_side`` / ``keep_16bit``: see ``decode_image``. At most ``MAX_OPEN`` shard files are open per process."""
+
+    MAX_OPEN = 64
 
     def __init__(self, shards: list[Path], in_chans: int = 3, labeled: bool = False, classes: list[str] | None = None,
                  max_pixels: int = 0, min_side: int = 0, keep_16bit: bool = False):
         self.shards = [Path(s) for s in shards]
         self.in_chans, self.max_pixels, self.min_side, self.keep_16bit = in_chans, max_pixels, min_side, keep_16bit
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()  # shard index -> descriptor, least recently used first
         manifest = read_manifest(self.shards[0].parent)
         # members: (shard index, image member name, data offset, size, its .path member or None) per sample;
         # labels: class index or -1
@@ -191,11 +194,15 @@ class ShardDataset(Dataset):
     def _read(self, si: int, offset: int, size: int) -> bytes:
         fd = self._fds.get(si)
         if fd is None:  # opened lazily, per process (pread needs no shared file position: safe after fork)
+            if len(self._fds) >= self.MAX_OPEN:  # 1.28M images in 1281 shards would pass the usual 1024-fd limit
+                os.close(self._fds.popitem(last=False)[1])
             fd = self._fds[si] = os.open(self.shards[si], os.O_RDONLY)
+        else:
+            self._fds.move_to_end(si)
         return os.pread(fd, size, offset)
 
     def __getstate__(self):  # DataLoader workers under spawn: file descriptors do not travel
-        return {**self.__dict__, "_fds": {}}
+        return {**self.__dict__, "_fds": OrderedDict()}
 
     def __del__(self):
         for fd in getattr(self, "_fds", {}).values():

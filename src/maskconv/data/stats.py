@@ -41,3 +41,16 @@ def channel_stats(ds: Dataset, limit: int = 0, num_workers: int = 0) -> dict:
     var = (s2 / pixels - mean * mean).clamp_min(0)
     return {"mean": [round(float(m), 6) for m in mean], "std": [round(math.sqrt(float(v)), 6) for v in var],
             "images": images, "pixels": pixels, "unreadable": len(bad)}
+
+
+def data_stats(path: str, in_chans: int = 3, limit: int = 0, num_workers: int = 0) -> dict:
+    """``channel_stats`` of the training images of any source ``data.path`` names (folder, ``shards:``, ``hf:``,
+    a named set), unlabeled (every image file; a ``val_fraction`` hold-out is not applied), plus the
+    ``data.mean=... data.std=...`` overrides that use them."""
+    from .build import build_dataset
+    from ..config import DataCfg
+
+    st = channel_stats(build_dataset(DataCfg(path=path), in_chans, "train", labeled=False), limit, num_workers)
+    st["overrides"] = (f"data.mean={','.join(f'{m:.4f}' for m in st['mean'])} "
+                       f"data.std={','.join(f'{s:.4f}' for s in st['std'])}")
+    return st

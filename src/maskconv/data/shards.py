@@ -312,3 +312,21 @@ def _write_split(src: Path, out: Path, shard_size: int, classes: list[str] | Non
                 "skipped": [list(u) for u in skipped]}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def _arguments(p) -> None:
+    p.add_argument("--data", required=True, help="image folder (class sub-folders keep their label; train/ + val/ "
+                                                 "become out/train and out/val)")
+    p.add_argument("--out", required=True, help="new folder for the shards (shard-000000.tar ... + shards.json)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+
+
+def _cli(args) -> None:
+    m = write_shards(args.data, args.out, args.shard_size)
+    parts = m["splits"].items() if "splits" in m else [(None, m)]
+    for split, s in parts:
+        where = Path(args.out) / split if split else Path(args.out)
+        skipped = f"; {len(s['skipped'])} non-regular file(s) skipped" if s["skipped"] else ""
+        print(f"wrote {s['samples']} images in {len(s['shards'])} shard(s) to {where} "
+              f"({len(s['classes'])} classes){skipped}")
+    print(f"train on them with data.path=shards:{args.out}")

@@ -54,3 +54,25 @@ def data_stats(path: str, in_chans: int = 3, limit: int = 0, num_workers: int = 
     st["overrides"] = (f"data.mean={','.join(f'{m:.4f}' for m in st['mean'])} "
                        f"data.std={','.join(f'{s:.4f}' for s in st['std'])}")
     return st
+
+
+def _arguments(p) -> None:
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("stats", help="per-channel mean / std of a data set's pixels (for data.mean / data.std)")
+    s.add_argument("--data", required=True, help="image folder, shards:<folder>, hf:<folder>, or a named data set")
+    s.add_argument("--in-chans", type=int, default=3, help="channels the model takes (1: 16-bit gray kept)")
+    s.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    s.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _cli(args) -> None:
+    import json
+
+    st = data_stats(args.data, args.in_chans, args.limit, args.num_workers)
+    if args.json:
+        print(json.dumps(st))
+        return
+    bad = f" ({st['unreadable']} unreadable file(s) left out)" if st["unreadable"] else ""
+    print(f"{st['images']} images, {st['pixels']} pixels{bad}\nmean {st['mean']}\nstd  {st['std']}\n"
+          f"use: {st['overrides']}")

@@ -225,3 +225,61 @@ def test_resume_on_shards_is_exact_and_equals_the_folder(labeled_folder, tmp_pat
     assert seen == ref_seen == folder_seen and len(seen) == 10  # every batch once, none repeated or lost
     for k in ref:
         assert torch.equal(ref[k], resumed[k]) and torch.equal(ref[k], on_folder[k]), k
+
+
+def _pngs(root, n=16, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size + i % 5, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    return root
+
+
+PRE = ["pretrain", "--model", "test_convnextv2", "data.img_size=64", "data.batch_size=4", "run.progress=false",
+       "objective.decoder_dim=16", "optim.epochs=1", "optim.lr=1e-3", "optim.warmup_epochs=0", "run.log_every_steps=1"]
+
+
+def test_pretraining_on_shards_trains_what_the_folder_trains(tmp_path, capsys):
+    """The CLI end to end: FCMAE's masks are keyed by global index, so the same weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from maskconv.cli import main
+
+    folder = _pngs(tmp_path / "imgs")
+    write_shards(folder, tmp_path / "shards", shard_size=5)
+    for name, data in (("f", str(folder)), ("s", f"shards:{tmp_path / 'shards'}")):
+        assert main([*PRE, "--data", data, "data.num_workers=0", "--out", str(tmp_path / name)]) == 0
+    a, b = load_file(tmp_path / "f" / "objective.safetensors"), load_file(tmp_path / "s" / "objective.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fp = json.loads((tmp_path / "s" / "config.json").read_text())["resolved"]["data_fingerprint"]
+    assert fp.startswith("16 shard samples, sha256 ")
+
+
+@pytest.mark.slow
+def test_two_processes_with_workers_on_shards_equal_one_process_on_the_folder(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    folder = _pngs(tmp_path / "imgs")
+    write_shards(folder, tmp_path / "shards", shard_size=5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "maskconv", *PRE, "--data", str(folder), "data.num_workers=0",
+                          "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "-m", "maskconv", *PRE, "--data", f"shards:{tmp_path / 'shards'}", "data.batch_size=2",
+                          "data.num_workers=1", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-4000:]
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in x]
+
+    assert len(losses("one")) == 4
+    torch.testing.assert_close(torch.tensor(losses("two")), torch.tensor(losses("one")), rtol=1e-4, atol=1e-5)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from maskconv import create_model, load_checkpoint
-from maskconv.api import sample_images
+from maskconv.tasks.visualize import sample_images
 from maskconv.viz.erf import erf_map, high_contribution_area, plot_erf
 
 PANELS = (  # (label, model, build kwargs)

@@ -6,7 +6,7 @@ pixels; not a quality benchmark.
 """
 import argparse
 
-from maskconv.api import run_pretrain_demo
+from maskconv.tasks.demo import run_pretrain_demo
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

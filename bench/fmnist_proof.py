@@ -14,7 +14,9 @@ import json
 import statistics
 from pathlib import Path
 
-from maskconv.api import run_finetune, run_linprobe, run_pretrain, run_visualize_collapse
+from maskconv.tasks.classify import run_finetune, run_linprobe
+from maskconv.tasks.pretrain import run_pretrain
+from maskconv.tasks.visualize import run_visualize_collapse
 from maskconv.config import load_config
 
 MODELS = {"v2": "convnextv2_atto", "v1": "convnext_atto"}

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from maskconv.api import evaluate_classifier, run_finetune
+from maskconv.tasks.classify import evaluate_classifier, run_finetune
 from maskconv.config import DataCfg, load_config
 from maskconv.data.build import build_transform
 from maskconv.data.datasets import FashionMNIST, SeededDataset, collate_skip

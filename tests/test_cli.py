@@ -1,4 +1,4 @@
-"""The CLI end to end (it only parses and calls maskconv.api)."""
+"""The CLI end to end (it only parses and runs the commands of cli.COMMANDS)."""
 import subprocess
 import sys
 

@@ -2,7 +2,7 @@
 
 Sections are dataclasses; a key is ``section.field`` (``optim.blr=1e-4``). Unknown keys and values of the
 wrong type are errors before any work starts. ``resolve()`` derives what depends on the machine and the data
-(world size, effective batch, ``lr = blr * batch / 256``, steps) once.
+(world size, effective batch, ``lr = blr * batch / 256``, steps) once, when the run starts.
 """
 from __future__ import annotations
 
@@ -320,6 +320,39 @@ def validate(cfg: Config) -> Config:
         if not ok(obj):
             raise ConfigError(f"{key}={obj!r}: must be {need}")
     return cfg
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run's config means on this machine and data (``resolve``); recorded in config.json and every
+    checkpoint as ``resolved`` (with the images, device and data fingerprint the engine adds)."""
+    world_size: int
+    effective_batch: int  # data.batch_size x processes x optim.accum_steps
+    lr: float
+    lr_rule: str  # how lr came about, e.g. 'lr 9.4e-06 = blr 0.00015 x batch 16 / 256'
+    steps_per_epoch: int  # optimizer steps (whole accumulation cycles only)
+    total_steps: int  # the lr schedule's length: epochs x steps_per_epoch, or run.max_steps when shorter
+    warmup_steps: float
+
+
+def resolve(cfg: Config, world: int, batches_per_epoch: int) -> Resolved:
+    """Derive the run's numbers from ``cfg``, the number of processes and the full batches one process sees per
+    epoch. Raises ValueError when an epoch holds fewer batches than one accumulation cycle."""
+    o = cfg.optim
+    accum = max(1, o.accum_steps)
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{batches_per_epoch} batches per epoch is fewer than optim.accum_steps={accum}")
+    total_steps = o.epochs * steps_per_epoch
+    if cfg.run.max_steps:  # a shortened run still gets the whole warmup + cosine schedule
+        total_steps = min(total_steps, cfg.run.max_steps)
+    eff_batch = cfg.data.batch_size * world * accum
+    if o.lr is not None:
+        lr, rule = o.lr, f"lr {o.lr:.3g} (optim.lr)"
+    else:
+        lr = o.blr * eff_batch / 256
+        rule = f"lr {lr:.3g} = blr {o.blr:g} x batch {eff_batch} / 256"
+    return Resolved(world, eff_batch, lr, rule, steps_per_epoch, total_steps, o.warmup_epochs * steps_per_epoch)
 
 
 def split_override(item: str) -> tuple[str, str]:

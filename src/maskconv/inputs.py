@@ -26,6 +26,12 @@ class Inputs:
     classes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def print_notes(self, is_main: bool = True) -> None:
+        """Print the notes (on the main process only: one copy per run, not per process)."""
+        if is_main:
+            for note in self.notes:
+                print(f"note: {note}", flush=True)
+
 
 def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
     """Raise a one-line error (ConfigError / ValueError / FileNotFoundError) for input the run cannot use, else
@@ -98,7 +104,7 @@ def _check_size(cfg: Config, task: str) -> None:
     """``data.img_size`` must suit the model: pretraining needs a multiple of the objective's patch (the encoder's
     total stride); a classifier says itself what it refuses (a forward on the meta device)."""
     from .models import create_model
-    from .train import model_kwargs
+    from .rebuild import model_kwargs
 
     s, c = cfg.data.img_size, cfg.model.in_chans
     with warnings.catch_warnings(), torch.device("meta"):

@@ -16,8 +16,34 @@ import torch.nn as nn
 
 from .config import Config, flatten, load_config
 
-# The final weights each task writes into its run folder (see train.py), in order of preference.
+# The final weights each task writes into its run folder (see tasks/pretrain.py, tasks/classify.py), in order of
+# preference.
 RUN_WEIGHTS = {"raw": ("model.safetensors", "encoder.safetensors"), "ema": ("model_ema.safetensors",)}
+
+
+def model_kwargs(cfg: Config, classifier: bool = False) -> dict:
+    """``create_model`` keyword arguments of ``cfg.model`` (the stem stride under the family's own name)."""
+    from .models import stem_stride_kwarg
+
+    m = cfg.model
+    kw = dict(in_chans=m.in_chans, drop_path_rate=m.drop_path_rate)
+    if m.stem_stride is not None:
+        kw[stem_stride_kwarg(m.name)] = m.stem_stride
+    if classifier:  # pooling belongs to the classifier; a pretraining encoder keeps its own
+        kw["global_pool"] = m.global_pool
+    return {k: v for k, v in kw.items() if v is not None}  # None: the model's own default
+
+
+def probe_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the classifier of ``model`` by the MAE linear-probe head: BatchNorm without affine, then Linear
+    (std 0.01 init). Returns the head."""
+    probe = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
+                          nn.Linear(model.num_features, num_classes))
+    nn.init.trunc_normal_(probe[1].weight, std=0.01)
+    nn.init.zeros_(probe[1].bias)
+    parent, _, attr = getattr(model, "classifier", "head.fc").rpartition(".")  # 'head.fc' (ConvNeXt), 'head' (ViT)
+    setattr(model.get_submodule(parent) if parent else model, attr, probe)
+    return probe
 
 
 @dataclass
@@ -66,15 +92,14 @@ def run_weights(run: Path, which: str = "raw") -> Path:
 
 
 def load_trained(source: str | Path | None, model: str | None = None, num_classes: int | None = None,
-                 weights: str = "raw", encoder: bool = False, **model_kwargs) -> Trained:
+                 weights: str = "raw", encoder: bool = False, **kwargs) -> Trained:
     """Rebuild and load the model of a run folder or weights file (``source``; None = random init of ``model``).
 
     ``model`` names the architecture when the file has no run config and no ``architecture`` metadata;
-    ``encoder=True`` drops the classifier (``num_classes=0``); ``model_kwargs`` override the run's own
-    (``in_chans``, ``stem_stride`` ...). The class count comes from the weights' classifier rows.
+    ``encoder=True`` drops the classifier (``num_classes=0``); ``kwargs`` (``create_model`` arguments) override
+    the run's own (``in_chans``, ``stem_stride`` ...). The class count comes from the weights' classifier rows.
     """
     from .models import checkpoint_num_classes, create_model, load_checkpoint, read_state_dict
-    from .train import model_kwargs as run_model_kwargs, probe_head
 
     cfg = task = path = None
     if source is not None:
@@ -92,7 +117,7 @@ def load_trained(source: str | Path | None, model: str | None = None, num_classe
         if model is not None and model != cfg.model.name:
             raise ValueError(f"--model {model} differs from the run's model {cfg.model.name} ({source})")
         model = cfg.model.name
-        model_kwargs = {**run_model_kwargs(cfg, classifier=not encoder), **model_kwargs}
+        kwargs = {**model_kwargs(cfg, classifier=not encoder), **kwargs}
     elif path is not None:
         model = model or weights_metadata(path).get("architecture")
     if model is None:
@@ -103,10 +128,10 @@ def load_trained(source: str | Path | None, model: str | None = None, num_classe
         num_classes = 0
         if sd is not None and not encoder:
             with torch.device("meta"):
-                num_classes = checkpoint_num_classes(sd, create_model(model, **model_kwargs))
+                num_classes = checkpoint_num_classes(sd, create_model(model, **kwargs))
         elif sd is None:
             num_classes = 1000 if not encoder else 0
-    net = create_model(model, num_classes=num_classes, **model_kwargs)
+    net = create_model(model, num_classes=num_classes, **kwargs)
     if linprobe and num_classes:
         probe_head(net, num_classes)
     if sd is not None:

@@ -206,7 +206,7 @@ def test_resume_with_other_decoder_or_unknown_state_field_is_one_line(tmp_path, 
 
 def test_time_based_checkpoint_protects_a_long_epoch(tmp_path, monkeypatch):
     # Neither the step nor the epoch cadence reaches step 3 of an 8-step epoch; run.save_every_minutes does.
-    import maskconv.train as T
+    import maskconv.tasks.pretrain as T
     from maskconv.config import load_config
 
     real_fit = T.fit

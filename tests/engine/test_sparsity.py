@@ -327,13 +327,13 @@ def test_bad_sparse_config_is_a_clear_error():
         load_config(overrides=["sparse.prune_rate=0.1", "sparse.min_prune_rate=0.2"])
     cfg = load_config(overrides=["sparse.sparsity=0.5", "sparse.init=uniform"])
     with pytest.raises(ValueError, match="linprobe"):
-        build_sparsity(cfg, _net(), 10, task="linprobe", fsdp=False, world=1, fresh=True)
+        build_sparsity(cfg.sparse, _net(), 10, seed=0, task="linprobe", fsdp=False, world=1, fresh=True)
     with pytest.raises(ValueError, match="run.fsdp"):
-        build_sparsity(cfg, _net(), 10, task="finetune", fsdp=True, world=2, fresh=True)
+        build_sparsity(cfg.sparse, _net(), 10, seed=0, task="finetune", fsdp=True, world=2, fresh=True)
     cfg.sparse.include = "LoRA"
     with pytest.raises(ValueError, match=r"matches no trainable conv/linear weight \(candidates: 0.weight"):
-        build_sparsity(cfg, _net(), 10, task="finetune", fsdp=False, world=1, fresh=True)
-    assert build_sparsity(load_config(), _net(), 10, task="finetune", fsdp=False, world=1, fresh=True) is None
+        build_sparsity(cfg.sparse, _net(), 10, seed=0, task="finetune", fsdp=False, world=1, fresh=True)
+    assert build_sparsity(load_config().sparse, _net(), 10, seed=0, task="finetune", fsdp=False, world=1, fresh=True) is None
 
 
 # ---- DDP: every rank ends with rank 0's masks ---------------------------------------------------------------

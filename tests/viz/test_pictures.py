@@ -66,8 +66,10 @@ def test_recon_reads_16_bit_png_with_the_training_decoder_at_the_run_size(tmp_pa
     pix = (x * std + mean).clamp(0, 1)
     assert pix.max() < 0.6 and abs(pix[..., :, :20].mean().item() - 30000 / 65535) < 0.02  # not white
     seen = {}
-    real = api.sample_images
-    monkeypatch.setattr(api, "sample_images", lambda src, size, c, n: seen.setdefault("size", size) and real(
+    from maskconv.tasks import visualize
+
+    real = visualize.sample_images
+    monkeypatch.setattr(visualize, "sample_images", lambda src, size, c, n: seen.setdefault("size", size) and real(
         src, size, c, n))
     out = tmp_path / "recon.png"
     assert main(["visualize", "recon", "--checkpoint", str(run), "--images", str(png), "--out", str(out)]) == 0

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..commands import Command
+
 __all__ = ["make_scenes", "SCENE_KEYPOINTS"]
 
 SCENE_KEYPOINTS = ("top", "left", "bottom", "right")
@@ -183,3 +185,18 @@ def make_scenes(out: str | Path, split: str = "train", num: int = 1000, seed: in
     tmp.write_text(json.dumps(doc))
     tmp.replace(js)  # whole or absent: an interrupted run never leaves a half-written JSON to be "cached"
     return js
+
+
+def _arguments(s) -> None:
+    s.add_argument("--out", required=True, help="folder for annotations.json + images/ (reused when it exists)")
+    s.add_argument("--split", choices=("train", "val"), default="train", help="train or t10k Fashion-MNIST items")
+    s.add_argument("--num", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=128, help="canvas side in px")
+
+
+def _cli(args) -> None:
+    print(f"scenes: {make_scenes(args.out, args.split, args.num, args.seed, args.size)}")
+
+
+COMMAND = Command("write the offline detection benchmark: Fashion-MNIST scenes as COCO JSON", _arguments, _cli)

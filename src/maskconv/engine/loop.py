@@ -29,6 +29,7 @@ from .rundir import RunDir, RunFolderBusy, check_resume, data_fingerprint, forma
 from .optim import build_optimizer
 from .schedule import lr_at, set_lr
 from .sparsity import build_sparsity, first_batch
+from ..config import Resolved, resolve
 
 
 @dataclass
@@ -214,15 +215,6 @@ def _finite(model: nn.Module, info: D.DistInfo) -> bool:
     return D.all_true(ok, info)
 
 
-def _resolve_lr(cfg, eff_batch: int) -> tuple[float, str]:
-    """The lr and the rule that produced it, e.g. ``lr 9.4e-06 = blr 0.00015 x batch 16 / 256``."""
-    o = cfg.optim
-    if o.lr is not None:
-        return o.lr, f"lr {o.lr:.3g} (optim.lr)"
-    lr = o.blr * eff_batch / 256
-    return lr, f"lr {lr:.3g} = blr {o.blr:g} x batch {eff_batch} / 256"
-
-
 def _open_run(cfg, run: RunDir, info: D.DistInfo, task: str, record: dict, files: dict | None):
     """Lock the run folder, read its checkpoint and refuse a resume with other training settings, all before
     writing anything; then write the start record (a fresh run only) and ``files``. Returns (checkpoint or
@@ -308,210 +300,159 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     runs on the main process after every epoch. ``train_mode(model)`` replaces ``model.train()`` at the start of
     each epoch (a linear probe keeps its frozen backbone's BatchNorm statistics in eval mode). ``files``
     (name -> text) are written into the run folder once it is locked and checked. The returned ``run`` is still
-    locked: release it after writing the final files."""
+    locked: release it after writing the final files.
+
+    As MAE's ``main_pretrain`` / ``engine_pretrain``: resolve and open the run folder (here), set up the model,
+    optimizer, AMP, sparsity and EMA (``_setup``), restore a checkpoint (``_resume``), then ``train_one_epoch``
+    per epoch with the epoch's summary, evaluation and checkpoint in ``_train``."""
     info = info or D.setup(cfg.run.device, cfg.run.dist_timeout_minutes)
     run = RunDir(cfg.run.out)
-    o, r = cfg.optim, cfg.run
-    accum = max(1, o.accum_steps)
-    full_batches = ResumableSampler(len(dataset), cfg.data.batch_size, world=info.world).num_batches
-    steps_per_epoch = full_batches // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{full_batches} batches per epoch is fewer than optim.accum_steps={accum}")
-    total_steps = o.epochs * steps_per_epoch
-    if r.max_steps:  # a shortened run still gets the whole warmup + cosine schedule
-        total_steps = min(total_steps, r.max_steps)
-    eff_batch = cfg.data.batch_size * info.world * accum
-    lr, lr_rule = _resolve_lr(cfg, eff_batch)
-    warmup = o.warmup_epochs * steps_per_epoch
-    resolved = dict(world_size=info.world, effective_batch=eff_batch, lr=lr, steps_per_epoch=steps_per_epoch,
-                    total_steps=total_steps, warmup_steps=warmup, images=len(dataset), device=str(info.device),
-                    data_fingerprint=data_fingerprint(dataset))
+    plan = resolve(cfg, info.world, ResumableSampler(len(dataset), cfg.data.batch_size, world=info.world).num_batches)
+    resolved = dict(world_size=plan.world_size, effective_batch=plan.effective_batch, lr=plan.lr,
+                    steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
+                    images=len(dataset), device=str(info.device), data_fingerprint=data_fingerprint(dataset))
     try:
         ck, changes = _open_run(cfg, run, info, task, {**cfg.to_dict(), "resolved": resolved}, files)
         return _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evaluate, backbone, info,
-                      train_mode, keyed_loss, run, ck, changes, resolved, lr, lr_rule)
+                      train_mode, keyed_loss, run, ck, changes, resolved, plan)
     except BaseException:  # refused, failed or interrupted: the folder is free again
         run.release()
         raise
 
 
-def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evaluate, backbone, info, train_mode,
-           keyed_loss, run: RunDir, ck, changes, resolved, lr, lr_rule) -> FitResult:
-    out, o, r = run.path, cfg.optim, cfg.run
-    accum = max(1, o.accum_steps)
-    steps_per_epoch, total_steps, warmup = resolved["steps_per_epoch"], resolved["total_steps"], resolved["warmup_steps"]
-    per_epoch_batches = steps_per_epoch * accum  # whole accumulation cycles only: no gradient spills over
-    if info.is_main:
-        print(lr_rule + "; resolved: " + ", ".join(f"{k}={v}" for k, v in resolved.items()), flush=True)
-        if lr < LOW_LR.get(task, 0):
-            print(f"warning: {lr_rule} is implausibly small for {task} (below {LOW_LR[task]:g}): the run will "
-                  "barely learn; at a small batch set optim.lr directly (e.g. optim.lr=1e-3)", flush=True)
+@dataclass
+class Training:
+    """What ``_setup`` builds for a run and every epoch uses."""
+    model: nn.Module  # unwrapped (FSDP: sharded in place)
+    ddp: nn.Module  # what the loss is computed through: DDP-wrapped under torchrun, else ``model``
+    optimizer: torch.optim.Optimizer
+    amp_ctx: object  # autocast context (or nullcontext)
+    scaler: object  # GradScaler for fp16, else None
+    sparse: object  # DynamicSparsity or None
+    ema: nn.Module | None  # AveragedModel or None
+    fsdp: bool
+
+
+def _setup(model: nn.Module, o, r, sparse_cfg, plan: Resolved, info: D.DistInfo, *, task: str, backbone, fresh: bool,
+           loss_fn: Callable, batch: Callable) -> Training:
+    """Move (and under FSDP shard) the model, build the optimizer, AMP, dynamic sparsity and EMA."""
     model.to(info.device)
     fsdp = r.fsdp and info.world > 1
     if fsdp:
         if o.ema_decay > 0:
             raise ValueError("optim.ema_decay is not supported with run.fsdp (the EMA copy would not be sharded)")
         _shard(model)
-    optimizer = build_optimizer(model, lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme, backbone)
+    optimizer = build_optimizer(model, plan.lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme,
+                                backbone)
     amp_ctx, scaler = autocast_ctx(r.amp, info.device)
-    # sparse.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them below)
-    sparse = build_sparsity(cfg, model, total_steps, task=task, fsdp=fsdp, world=info.world, fresh=ck is None,
-                            loss_fn=loss_fn, batch=lambda: first_batch(cfg, dataset, transform, batch_transform, info))
+    # sparse.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them in _resume)
+    sparse = build_sparsity(sparse_cfg, model, plan.total_steps, seed=r.seed, task=task, fsdp=fsdp, world=info.world,
+                            fresh=fresh, loss_fn=loss_fn, batch=batch)
     ema = None
     if o.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel
 
         ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(o.ema_decay, o.ema_warmup), use_buffers=True)
+    return Training(model, model, optimizer, amp_ctx, scaler, sparse, ema, fsdp)
 
-    state = TrainState()
-    torch.manual_seed(r.seed * 1000 + info.rank)  # drop path differs between processes
-    last = run.file(LAST)
-    config_history: list[dict] = []  # accepted config changes (also in every checkpoint)
-    if ck is not None:
-        state = _restore(ck, last, model, optimizer, scaler, ema, sparse, fsdp, info)
-        config_history = list(ck.get("config_history", []))
-        del ck
-        if info.is_main:
-            print(f"resumed from {last}: epoch {state.epoch}, step {state.step}", flush=True)
-            if changes:  # recorded only now that the checkpoint has loaded into the changed run
-                config_history.append(run.append_history(state.step, changes))
-                print(f"config change recorded at step {state.step} ({run.file(run.HISTORY)}): "
-                      f"{format_changes(changes)}", flush=True)
-    saved_step = state.step if last.exists() else None  # the step last.pt holds
 
-    ddp = model
-    if info.world > 1 and not fsdp:
+def _wrap_ddp(t: Training, info: D.DistInfo) -> None:
+    """DDP under torchrun (not FSDP): ``t.ddp`` computes the loss and syncs gradients."""
+    if info.world > 1 and not t.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    log = MetricsLog(out, info.is_main, r.tensorboard)
-    log.truncate_after(state.step)
-    history: list[dict] = []
-    eval_group = D.long_wait_group(info) if evaluate is not None else None
-    last_save = time.monotonic()
+        t.ddp = DistributedDataParallel(t.model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
-    def checkpoint(local_rng: dict | None = None) -> bool:
+
+def _resume(t: Training, ck: dict, last: Path, run: RunDir, changes: list, info: D.DistInfo
+            ) -> tuple[TrainState, list[dict]]:
+    """Load ``ck`` into the run's objects and record accepted config changes. Returns (state, config history)."""
+    state = _restore(ck, last, t.model, t.optimizer, t.scaler, t.ema, t.sparse, t.fsdp, info)
+    config_history = list(ck.get("config_history", []))
+    if info.is_main:
+        print(f"resumed from {last}: epoch {state.epoch}, step {state.step}", flush=True)
+        if changes:  # recorded only now that the checkpoint has loaded into the changed run
+            config_history.append(run.append_history(state.step, changes))
+            print(f"config change recorded at step {state.step} ({run.file(run.HISTORY)}): "
+                  f"{format_changes(changes)}", flush=True)
+    return state, config_history
+
+
+class _Checkpointer:
+    """Writes ``last.pt`` (``__call__``) and remembers the step it holds and when it was written."""
+
+    def __init__(self, t: Training, state: TrainState, last: Path, info: D.DistInfo, meta: dict,
+                 config_history: list[dict]):
+        self.t, self.state, self.last, self.info, self.meta = t, state, last, info, meta
+        self.config_history = config_history  # accepted config changes (also in every checkpoint)
+        self.saved_step = state.step if last.exists() else None  # the step last.pt holds
+        self.last_save = time.monotonic()
+
+    def __call__(self, local_rng: dict | None = None) -> bool:
         """Write last.pt unless a weight is non-finite (then the older checkpoint stays); True if written."""
-        nonlocal saved_step, last_save
-        if not _finite(model, info):
+        t, state, info, last = self.t, self.state, self.info, self.last
+        if not _finite(t.model, info):
             if info.is_main:
                 print(f"warning: non-finite weights at step {state.step}: {last} not overwritten", flush=True)
             return False
         rng = D.all_gather_object(local_rng or {"torch": torch.get_rng_state(),
                                                 "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
                                   info)
-        model_sd, optim_sd = _full_state(model, optimizer, fsdp)
+        model_sd, optim_sd = _full_state(t.model, t.optimizer, t.fsdp)
         if info.is_main:
             save_training_checkpoint(last, {
                 "model": model_sd, "optimizer": optim_sd,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None, "state": asdict(state), "rng": rng,
-                "sparse": sparse.state_dict() if sparse is not None else None,
-                "config": cfg.to_dict(), "resolved": resolved, "config_history": config_history, "task": task,
-                "model_name": cfg.model.name, "maskconv_version": __version__})
+                "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+                "ema": t.ema.state_dict() if t.ema is not None else None, "state": asdict(state), "rng": rng,
+                "sparse": t.sparse.state_dict() if t.sparse is not None else None,
+                "config": self.meta["config"], "resolved": self.meta["resolved"],
+                "config_history": self.config_history, "task": self.meta["task"],
+                "model_name": self.meta["model_name"], "maskconv_version": __version__})
         D.barrier(info)
-        saved_step, last_save = state.step, time.monotonic()
+        self.saved_step, self.last_save = state.step, time.monotonic()
         return True
 
-    stop = False
-    cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
+
+def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evaluate, backbone, info, train_mode,
+           keyed_loss, run: RunDir, ck, changes, resolved, plan: Resolved) -> FitResult:
+    out, o, r = run.path, cfg.optim, cfg.run
+    lr, lr_rule = plan.lr, plan.lr_rule
+    if info.is_main:
+        print(lr_rule + "; resolved: " + ", ".join(f"{k}={v}" for k, v in resolved.items()), flush=True)
+        if lr < LOW_LR.get(task, 0):
+            print(f"warning: {lr_rule} is implausibly small for {task} (below {LOW_LR[task]:g}): the run will "
+                  "barely learn; at a small batch set optim.lr directly (e.g. optim.lr=1e-3)", flush=True)
+    t = _setup(model, o, r, cfg.sparse, plan, info, task=task, backbone=backbone, fresh=ck is None, loss_fn=loss_fn,
+               batch=lambda: first_batch(cfg.data.batch_size, r.seed, dataset, transform, batch_transform, info))
+    state = TrainState()
+    torch.manual_seed(r.seed * 1000 + info.rank)  # drop path differs between processes
+    last = run.file(LAST)
+    config_history: list[dict] = []
+    if ck is not None:
+        state, config_history = _resume(t, ck, last, run, changes, info)
+        del ck
+    checkpoint = _Checkpointer(t, state, last, info, dict(config=cfg.to_dict(), resolved=resolved, task=task,
+                                                          model_name=cfg.model.name), config_history)
+    _wrap_ddp(t, info)
+    log = MetricsLog(out, info.is_main, r.tensorboard)
+    log.truncate_after(state.step)
+    history: list[dict] = []
+    eval_group = D.long_wait_group(info) if evaluate is not None else None
+    per_epoch_batches = plan.steps_per_epoch * max(1, o.accum_steps)
+
+    cur_lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, lr, o.min_lr)
     t_start = time.perf_counter()
-    finished = state.step >= total_steps  # e.g. a run.max_steps run re-run with the same --out: nothing to add
+    finished = state.step >= plan.total_steps  # e.g. a run.max_steps run re-run with the same --out: nothing to add
     if finished and info.is_main:
-        print(f"{out} is already at step {state.step} of {total_steps}: nothing to train", flush=True)
+        print(f"{out} is already at step {state.step} of {plan.total_steps}: nothing to train", flush=True)
     signals = _StopSignals()
     with signals:
         for epoch in range(state.epoch, state.epoch if finished else o.epochs):
-            sampler = ResumableSampler(len(dataset), cfg.data.batch_size, r.seed, epoch, info.rank, info.world,
-                                       start_batch=state.batch_in_epoch, max_batches=per_epoch_batches)
-            loader = DataLoader(_Keyed(SeededDataset(dataset, transform, r.seed)), batch_size=cfg.data.batch_size,
-                                sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=_collate_keyed,
-                                generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
-                                worker_init_fn=_ignore_sigint, pin_memory=info.device.type == "cuda")
-            (train_mode or nn.Module.train)(model)
-            bar = None
-            if info.is_main and r.progress:
-                from tqdm import tqdm
-
-                # the batches this epoch will run: run.max_steps may end it early
-                epoch_total = per_epoch_batches
-                if r.max_steps:
-                    epoch_total = max(0, min(per_epoch_batches, r.max_steps * accum - epoch * per_epoch_batches))
-                bar = tqdm(total=epoch_total, initial=state.batch_in_epoch, desc=f"{task} epoch {epoch + 1}/"
-                           f"{o.epochs}", unit="batch", dynamic_ncols=True)
-            losses = []
-            step_rng = None
-            for images, labels, skipped, indices in loader:
-                state.unreadable.update(skipped)  # replaced by SeededDataset (batches stay full); counted once per file
-                state.skipped_files = len(state.unreadable)
-                micro = state.batch_in_epoch % accum
-                if micro == 0:  # the RNG state a checkpoint of the previous step would hold (NaN stop)
-                    step_rng = {"torch": torch.get_rng_state(),
-                                "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None}
-                images = images.to(info.device, non_blocking=True)
-                labels = labels.to(info.device, non_blocking=True)
-                if batch_transform is not None:
-                    images, labels = batch_transform(images, labels)
-                sync = micro == accum - 1
-                if fsdp:
-                    model.set_requires_gradient_sync(sync)
-                with (ddp.no_sync() if info.world > 1 and not fsdp and not sync else nullcontext()):
-                    with amp_ctx:
-                        loss = (loss_fn(ddp, images, labels, keys=(indices, epoch)) if keyed_loss
-                                else loss_fn(ddp, images, labels))
-                    if not D.all_true(bool(torch.isfinite(loss)), info):  # every rank stops together
-                        _nan_stop(loss, state, epoch, micro, last, saved_step, checkpoint, step_rng, o)
-                    (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-                losses.append(loss.item())
-                state.loss_sum += losses[-1]
-                state.loss_count += 1
-                state.batch_in_epoch += 1
-                if bar is not None:
-                    bar.update(1)
-                if not sync:
-                    continue
-                cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
-                set_lr(optimizer, cur_lr)
-                if o.clip_grad:
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if sparse is not None:  # after every step, AMP or not: mask weights + momenta; prune/regrow when due
-                    sparse.step(optimizer, state.step + 1)
-                if ema is not None:
-                    ema.update_parameters(model)
-                    if sparse is not None:
-                        sparse.mask_ema(ema.module)
-                state.step += 1
-                step_loss = sum(losses[-accum:]) / accum
-                if bar is not None:
-                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
-                if state.step % r.log_every_steps == 0:  # same condition on every rank: the all-reduce is safe
-                    log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
-                                   loss=D.mean_across(step_loss, info), lr=cur_lr, time=time.perf_counter() - t_start,
-                                   **({"sparsity": sparse.global_sparsity} if sparse is not None else {})))
-                # one collective for both: a signal on any rank stops all; a time-based save is taken together
-                asked, due = D.any_true([signals.signum is not None,
-                                         bool(r.save_every_minutes) and time.monotonic() - last_save
-                                         >= r.save_every_minutes * 60], info)
-                if asked:
-                    if bar is not None:
-                        bar.close()
-                    checkpoint()
-                    raise Interrupted(state.step, signals.signum or signal.SIGTERM)
-                if due or (r.save_every_steps and state.step % r.save_every_steps == 0):
-                    checkpoint()
-                if r.max_steps and state.step >= r.max_steps:
-                    stop = True
-                    break
-            if bar is not None:
-                bar.close()
+            stop, cur_lr = train_one_epoch(
+                t, state, epoch, dataset, transform, loss_fn, o, r, info, plan, batch_size=cfg.data.batch_size,
+                num_workers=cfg.data.num_workers, task=task, batch_transform=batch_transform, train_mode=train_mode,
+                keyed_loss=keyed_loss, log=log, checkpoint=checkpoint, signals=signals, t_start=t_start,
+                cur_lr=cur_lr)
             epoch_loss = D.mean_across(state.loss_sum / max(1, state.loss_count), info)
             if stop:  # run.max_steps: summarise the partial epoch, keep a resumable checkpoint
                 log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
@@ -520,12 +461,12 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                 break
             state.epoch, state.batch_in_epoch, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
             row = dict(step=state.step, epoch=epoch + 1, train_loss=epoch_loss, lr=cur_lr)
-            if evaluate is not None and not fsdp and ((epoch + 1) % max(1, r.eval_every_epochs) == 0
-                                                      or epoch + 1 == o.epochs):
+            if evaluate is not None and not t.fsdp and ((epoch + 1) % max(1, r.eval_every_epochs) == 0
+                                                        or epoch + 1 == o.epochs):
                 if info.is_main:
                     row.update(evaluate(model))  # the trained weights (model.safetensors)
-                    if ema is not None:  # and their EMA (model_ema.safetensors), named apart
-                        row.update({f"ema_{k}": v for k, v in evaluate(ema.module).items()})
+                    if t.ema is not None:  # and their EMA (model_ema.safetensors), named apart
+                        row.update({f"ema_{k}": v for k, v in evaluate(t.ema.module).items()})
                 D.wait_for_main(info, eval_group)
             log.write(row)
             history.append(row)
@@ -537,9 +478,116 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
     unreadable = {k: v for part in D.all_gather_object(state.unreadable, info) for k, v in part.items()}
     if info.is_main and unreadable:
         print(f"{describe_unreadable(unreadable)}; each was replaced by the next readable image", flush=True)
-    full = _full_state(model, optimizer, fsdp)[0] if fsdp else None
-    return FitResult(out, state, history, model, ema.module if ema is not None else None,
+    full = _full_state(model, t.optimizer, t.fsdp)[0] if t.fsdp else None
+    return FitResult(out, state, history, model, t.ema.module if t.ema is not None else None,
                      full if info.is_main else None, run)
+
+
+def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset, transform, loss_fn: Callable, o, r,
+                    info: D.DistInfo, plan: Resolved, *, batch_size: int, num_workers: int, task: str,
+                    batch_transform: Callable | None, train_mode: Callable | None, keyed_loss: bool,
+                    log: MetricsLog, checkpoint: _Checkpointer, signals: _StopSignals, t_start: float,
+                    cur_lr: float) -> tuple[bool, float]:
+    """The optimizer steps of one epoch (from ``state.batch_in_epoch`` on a resumed one), logging every
+    ``r.log_every_steps``, checkpointing when due; raises ``Interrupted`` on a stop signal, FloatingPointError on
+    a non-finite loss. Returns (``run.max_steps`` reached, the last lr)."""
+    model, ddp, optimizer, scaler, amp_ctx, sparse, ema, fsdp = (t.model, t.ddp, t.optimizer, t.scaler, t.amp_ctx,
+                                                                 t.sparse, t.ema, t.fsdp)
+    accum = max(1, o.accum_steps)
+    total_steps, warmup, lr, last = plan.total_steps, plan.warmup_steps, plan.lr, checkpoint.last
+    per_epoch_batches = plan.steps_per_epoch * accum  # whole accumulation cycles only: no gradient spills over
+    stop = False
+    sampler = ResumableSampler(len(dataset), batch_size, r.seed, epoch, info.rank, info.world,
+                               start_batch=state.batch_in_epoch, max_batches=per_epoch_batches)
+    loader = DataLoader(_Keyed(SeededDataset(dataset, transform, r.seed)), batch_size=batch_size,
+                        sampler=sampler, num_workers=num_workers, collate_fn=_collate_keyed,
+                        generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
+                        worker_init_fn=_ignore_sigint, pin_memory=info.device.type == "cuda")
+    (train_mode or nn.Module.train)(model)
+    bar = None
+    if info.is_main and r.progress:
+        from tqdm import tqdm
+
+        # the batches this epoch will run: run.max_steps may end it early
+        epoch_total = per_epoch_batches
+        if r.max_steps:
+            epoch_total = max(0, min(per_epoch_batches, r.max_steps * accum - epoch * per_epoch_batches))
+        bar = tqdm(total=epoch_total, initial=state.batch_in_epoch, desc=f"{task} epoch {epoch + 1}/"
+                   f"{o.epochs}", unit="batch", dynamic_ncols=True)
+    losses = []
+    step_rng = None
+    for images, labels, skipped, indices in loader:
+        state.unreadable.update(skipped)  # replaced by SeededDataset (batches stay full); counted once per file
+        state.skipped_files = len(state.unreadable)
+        micro = state.batch_in_epoch % accum
+        if micro == 0:  # the RNG state a checkpoint of the previous step would hold (NaN stop)
+            step_rng = {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None}
+        images = images.to(info.device, non_blocking=True)
+        labels = labels.to(info.device, non_blocking=True)
+        if batch_transform is not None:
+            images, labels = batch_transform(images, labels)
+        sync = micro == accum - 1
+        if fsdp:
+            model.set_requires_gradient_sync(sync)
+        with (ddp.no_sync() if info.world > 1 and not fsdp and not sync else nullcontext()):
+            with amp_ctx:
+                loss = (loss_fn(ddp, images, labels, keys=(indices, epoch)) if keyed_loss
+                        else loss_fn(ddp, images, labels))
+            if not D.all_true(bool(torch.isfinite(loss)), info):  # every rank stops together
+                _nan_stop(loss, state, epoch, micro, last, checkpoint.saved_step, checkpoint, step_rng, o)
+            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+        losses.append(loss.item())
+        state.loss_sum += losses[-1]
+        state.loss_count += 1
+        state.batch_in_epoch += 1
+        if bar is not None:
+            bar.update(1)
+        if not sync:
+            continue
+        cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
+        set_lr(optimizer, cur_lr)
+        if o.clip_grad:
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if sparse is not None:  # after every step, AMP or not: mask weights + momenta; prune/regrow when due
+            sparse.step(optimizer, state.step + 1)
+        if ema is not None:
+            ema.update_parameters(model)
+            if sparse is not None:
+                sparse.mask_ema(ema.module)
+        state.step += 1
+        step_loss = sum(losses[-accum:]) / accum
+        if bar is not None:
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
+        if state.step % r.log_every_steps == 0:  # same condition on every rank: the all-reduce is safe
+            log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
+                           loss=D.mean_across(step_loss, info), lr=cur_lr, time=time.perf_counter() - t_start,
+                           **({"sparsity": sparse.global_sparsity} if sparse is not None else {})))
+        # one collective for both: a signal on any rank stops all; a time-based save is taken together
+        asked, due = D.any_true([signals.signum is not None,
+                                 bool(r.save_every_minutes) and time.monotonic() - checkpoint.last_save
+                                 >= r.save_every_minutes * 60], info)
+        if asked:
+            if bar is not None:
+                bar.close()
+            checkpoint()
+            raise Interrupted(state.step, signals.signum or signal.SIGTERM)
+        if due or (r.save_every_steps and state.step % r.save_every_steps == 0):
+            checkpoint()
+        if r.max_steps and state.step >= r.max_steps:
+            stop = True
+            break
+    if bar is not None:
+        bar.close()
+    return stop, cur_lr
 
 
 def _nan_stop(loss, state: TrainState, epoch: int, micro: int, last: Path, saved_step, checkpoint, step_rng, o):

@@ -325,11 +325,10 @@ class DynamicSparsity:
         self.apply()
 
 
-def build_sparsity(cfg, model: nn.Module, total_steps: int, *, task: str, fsdp: bool, world: int,
+def build_sparsity(s, model: nn.Module, total_steps: int, *, seed: int, task: str, fsdp: bool, world: int,
                    fresh: bool, loss_fn: Callable | None = None, batch: Callable | None = None):
-    """The run's ``DynamicSparsity`` from ``cfg.sparse`` (None when ``sparse.sparsity`` is 0). ``fresh``: draw the
-    masks now (a resumed run loads them from its checkpoint instead)."""
-    s = cfg.sparse
+    """The run's ``DynamicSparsity`` from its ``sparse`` config section ``s`` (None when ``s.sparsity`` is 0).
+    ``fresh``: draw the masks now (a resumed run loads them from its checkpoint instead)."""
     if s.sparsity == 0:
         return None
     if task == "linprobe":
@@ -339,22 +338,22 @@ def build_sparsity(cfg, model: nn.Module, total_steps: int, *, task: str, fsdp: 
         raise ValueError("sparse.sparsity > 0 is not supported with run.fsdp (masks of sharded weights); "
                          "use DDP (run.fsdp=false)")
     sp = DynamicSparsity(model, s.sparsity, init=s.init, prune_rate=s.prune_rate, min_prune_rate=s.min_prune_rate,
-                         update_every=s.update_every, total_steps=total_steps, include=s.include, seed=cfg.run.seed,
+                         update_every=s.update_every, total_steps=total_steps, include=s.include, seed=seed,
                          distributed=world > 1)
     if fresh:
         sp.init_masks(loss_fn, batch)
     return sp
 
 
-def first_batch(cfg, dataset, transform, batch_transform, info) -> tuple[torch.Tensor, torch.Tensor]:
+def first_batch(batch_size: int, seed: int, dataset, transform, batch_transform, info
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's first training batch of epoch 0 (what SNIP scores), on the run's device."""
     from torch.utils.data import DataLoader
 
     from ..data.datasets import ResumableSampler, SeededDataset, collate_skip
 
-    sampler = ResumableSampler(len(dataset), cfg.data.batch_size, cfg.run.seed, 0, info.rank, info.world,
-                               max_batches=1)
-    loader = DataLoader(SeededDataset(dataset, transform, cfg.run.seed), batch_size=cfg.data.batch_size,
+    sampler = ResumableSampler(len(dataset), batch_size, seed, 0, info.rank, info.world, max_batches=1)
+    loader = DataLoader(SeededDataset(dataset, transform, seed), batch_size=batch_size,
                         sampler=sampler, num_workers=0, collate_fn=collate_skip)
     with torch.random.fork_rng(devices=[]):  # augmentation reseeds the global RNG: keep the run's own
         images, labels, _ = next(iter(loader))

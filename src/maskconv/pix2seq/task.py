@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..commands import Command, add_config_flags, config_from_args
 from ..data.coco import CocoData, CocoDetection, DetectionEvalTransform, DetectionTrainTransform, coco_evaluate, load_coco
 from .model import Pix2Seq
 from .tokenizer import DetectionTokenizer
@@ -329,3 +330,43 @@ def _draw(items: list, names: list[str], path: Path, max_images: int = 16) -> No
         sheet.paste(im, ((i % cols) * 260 + 2, (i // cols) * 260 + 2))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
+
+
+def _train_arguments(p) -> None:
+    add_config_flags(p, "pix2seq")
+    p.add_argument("--backbone", dest="model.name", default=None, help="= model.name (any maskconv backbone)")
+    p.add_argument("--val", default=None, help="COCO data scored (AP) after each evaluated epoch")
+    for f in fields(Pix2SeqOptions):
+        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes")}.get(f.type, None) or \
+            {"int": int, "float": float}.get(f.type, str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"p2s_{f.name}", type=kind, default=None,
+                       metavar="V", help=f"pix2seq, default {f.default!r}")
+
+
+def _arguments(px) -> None:
+    psub = px.add_subparsers(dest="what", required=True)
+    _train_arguments(psub.add_parser("train", help="train on a COCO folder / JSON (--data), any --backbone"))
+    pe = psub.add_parser("eval", help="COCO AP / AP50 / AP75 of a run, predictions in COCO results format")
+    pe.add_argument("--checkpoint", required=True, help="a pix2seq run folder")
+    pe.add_argument("--data", required=True, help="COCO folder (annotations.json + images) or JSON file")
+    pe.add_argument("--out", default=None)
+    pe.add_argument("--batch-size", type=int, default=16)
+    pp = psub.add_parser("predict", help="detect objects in images; JSON and an optional picture")
+    pp.add_argument("--checkpoint", required=True, help="a pix2seq run folder")
+    pp.add_argument("--images", required=True, help="an image file or a folder")
+    pp.add_argument("--out", required=True, help="JSON to write")
+    pp.add_argument("--draw", default=None, help="PNG of the images with boxes, classes and scores")
+    pp.add_argument("--threshold", type=float, default=0.3, help="lowest score kept")
+
+
+def _cli(args) -> None:
+    if args.what == "train":
+        opts = Pix2SeqOptions(**{k[4:]: v for k, v in vars(args).items() if k.startswith("p2s_") and v is not None})
+        run_pix2seq_train(config_from_args(args), opts, args.val)
+    elif args.what == "eval":
+        run_pix2seq_eval(args.checkpoint, args.data, args.out, args.batch_size)
+    else:
+        run_pix2seq_predict(args.checkpoint, args.images, args.out, args.draw, args.threshold)
+
+
+COMMAND = Command("Pix2Seq object detection on any backbone (COCO-format data)", _arguments, _cli)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..commands import Command
 from ..models.roadmap import ROADMAP, SWIN_T, step_model_name
 from ._plot import pyplot, save
 
@@ -34,7 +35,7 @@ class RoadmapRow:
 
 def roadmap_table(img_size: int = 224) -> list[RoadmapRow]:
     """One row per roadmap step; params and GMACs measured on a meta-device model (no memory, no time)."""
-    from ..api import count_macs
+    from ..models.measure import count_macs
     from ..models import create_model
 
     rows = []
@@ -119,3 +120,15 @@ def write_roadmap(out: str | Path | None = "roadmap.png", img_size: int = 224) -
     if out is not None:
         text += f"\nwrote {plot_roadmap(rows, out)}"
     return text
+
+
+def _arguments(p) -> None:
+    p.add_argument("--out", default="roadmap.png", help="PNG of the paper's Figure-2 chart to write")
+    p.add_argument("--img-size", type=int, default=224)
+
+
+def _cli(args) -> None:
+    print(write_roadmap(args.out, args.img_size))
+
+
+COMMAND = Command("ConvNeXt paper's ResNet-50 -> ConvNeXt-T steps: params, GMACs, paper figures", _arguments, _cli)

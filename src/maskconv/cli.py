@@ -12,7 +12,7 @@ import sys
 
 from .commands import (ALIASES, UNUSED, Command, add_config_flags, config_from_args, field_docs,  # noqa: F401
                        recipe_names, task_keys)
-from .data import scenes
+from .data import scenes, shards, stats
 from .pix2seq import task as pix2seq
 from .tasks import classify, demo, export, pretrain, visualize, zoo
 from .viz import roadmap
@@ -28,6 +28,8 @@ COMMANDS: dict[str, Command] = {
     "export": export.COMMAND,
     "roadmap": roadmap.COMMAND,
     "scenes": scenes.COMMAND,
+    "shards": shards.COMMAND,
+    "data": stats.COMMAND,
     "pix2seq": pix2seq.COMMAND,
     "demo": demo.COMMAND,
 }

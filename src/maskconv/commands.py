@@ -36,7 +36,8 @@ UNUSED = {
                  "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "optim.layer_decay",
                  "optim.layer_decay_scheme"),
     "pix2seq": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
-                "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing"),
+                "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing", "data.mean",
+                "data.std"),
 }
 
 
@@ -118,9 +119,9 @@ def add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
         desc = docs.get(key)
         groups[section].add_argument(f"--{key}", dest=key, default=None, metavar="V",
                                      help=f"{desc + '. ' if desc else ''}{kind}, default {default!r}")
-    from .config import RENAMED
+    from .config import RENAMED, REPLACED
 
-    for old in RENAMED:  # still accepted (set_key says it is renamed), not shown
+    for old in (*RENAMED, *REPLACED):  # still accepted (set_key says it is renamed / replaced), not shown
         p.add_argument(f"--{old}", dest=old, default=None, help=argparse.SUPPRESS)
     p.add_argument("--allow-config-change", action="store_true", default=None, dest="run.allow_config_change",
                    help="resume a run with other training settings, recording the change and its step")

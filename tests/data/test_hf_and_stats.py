@@ -82,3 +82,44 @@ def test_channel_stats_equal_numpy_over_every_pixel(tmp_path):
         Image.fromarray(np.full((4, 4), v, np.uint16)).save(g / f"{k}.png")
     st16 = channel_stats(ImageFolderDataset(g, in_chans=1, keep_16bit=True))
     assert st16["mean"] == [0.5] and st16["std"] == [0.5]
+
+
+def test_shards_and_data_stats_commands(tmp_path, capsys):
+    import json
+
+    pytest.importorskip("webdataset")
+    from maskconv.cli import main
+
+    src = _folder(tmp_path / "src")
+    assert main(["shards", "--data", str(src), "--out", str(tmp_path / "sh"), "--shard-size", "4"]) == 0
+    assert "wrote 6 images in 2 shard(s)" in capsys.readouterr().out
+    assert main(["data", "stats", "--data", f"shards:{tmp_path / 'sh'}", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mean"] == channel_stats(ImageFolderDataset(src))["mean"] and printed["images"] == 6
+    assert main(["shards", "--data", str(src), "--out", str(tmp_path / "sh")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_data_mean_std_set_the_normalisation_and_the_export_spec():
+    from torchvision.transforms import v2
+
+    from maskconv.config import ConfigError, load_config, validate
+    from maskconv.data.build import build_transform
+    from maskconv.export.preprocess import preprocessing_spec
+
+    cfg = load_config(None, ["data.mean=0.1,0.2,0.3", "data.std=0.5,0.5,0.25", "data.img_size=32"])
+    assert cfg.data.mean == (0.1, 0.2, 0.3) and cfg.data.std == (0.5, 0.5, 0.25)
+    for train in (True, False):
+        norm = next(t for t in build_transform(cfg.data, 3, train=train).transforms if isinstance(t, v2.Normalize))
+        assert list(norm.mean) == [0.1, 0.2, 0.3] and list(norm.std) == [0.5, 0.5, 0.25]
+    spec = preprocessing_spec(cfg.data, 3)
+    assert spec["mean"] == [0.1, 0.2, 0.3] and spec["std"] == [0.5, 0.5, 0.25]
+    default = next(t for t in build_transform(load_config().data, 1, train=False).transforms
+                   if isinstance(t, v2.Normalize))
+    assert list(default.mean) == [0.5] and list(default.std) == [0.5]
+    with pytest.raises(ValueError, match="data.mean has 3 values; the model takes 1 channel"):
+        build_transform(cfg.data, 1, train=False)
+    with pytest.raises(ConfigError, match="data.std=.*> 0 for every channel"):
+        validate(load_config(None, ["data.std=0.5,0,0.5"]))
+    with pytest.raises(ConfigError, match="data.mean: expected a number"):
+        load_config(None, ["data.mean=0.1,x"])

@@ -143,7 +143,7 @@ def test_bad_shard_sources_are_one_line_errors(labeled_folder, tmp_path):
         build_dataset(_cfg(f"shards:{tmp_path / 'empty'}"), 3)
     out = tmp_path / "shards"
     write_shards(labeled_folder, out)
-    with pytest.raises(FileExistsError, match="not an empty folder"):
+    with pytest.raises(ValueError, match="not an empty folder"):
         write_shards(labeled_folder, out)
     with pytest.raises(FileNotFoundError, match="has no val/ folder"):
         build_dataset(_cfg(f"shards:{out}"), 3, "val")

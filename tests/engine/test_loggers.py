@@ -80,3 +80,36 @@ def test_mlflow_file_store_logs_and_resumes_the_same_run(tmp_path, monkeypatch):
     run = client.get_run(log.run_id)
     assert run.data.params["optim.lr"] == "0.001" and run.data.params["model.name"] == "test_convnextv2"
     assert "val_per_class" not in run.data.metrics and run.info.status == "FINISHED"
+
+
+def test_old_tensorboard_key_reads_as_run_logger():
+    from maskconv.config import ConfigError, load_config, validate
+
+    with pytest.warns(FutureWarning, match="run.tensorboard is replaced by run.logger"):
+        assert load_config(None, ["run.tensorboard=true"]).run.logger == "tensorboard"
+    with pytest.warns(FutureWarning, match="nothing to set"):
+        assert load_config(None, ["run.logger=wandb", "run.tensorboard=false"]).run.logger == "wandb"
+    with pytest.raises(ConfigError, match="run.logger='neptune': must be none, tensorboard, wandb or mlflow"):
+        validate(load_config(None, ["run.logger=neptune"]))
+
+
+def test_a_training_run_logs_its_rows_to_mlflow(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from maskconv.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", "test_convnextv2", "--data", "synthetic", "--out", str(out), "data.img_size=64",
+                 "data.batch_size=16", "data.num_workers=0", "run.progress=false", "optim.epochs=1", "optim.lr=1e-3",
+                 "run.log_every_steps=1", "run.logger=mlflow"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    run_id = json.loads((out / TRACKER_IDS).read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    logged = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"])) for r in rows if "loss" in r] and len(logged) == 4
+    top1 = client.get_metric_history(run_id, "val_top1")
+    assert [(m.step, m.value) for m in top1] == [(4, pytest.approx(rows[-1]["val_top1"]))]
+    assert client.get_run(run_id).data.params["run.logger"] == "mlflow"

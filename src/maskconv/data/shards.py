@@ -30,6 +30,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..commands import Command
 from .datasets import Unreadable, class_folders, decode_stream, list_image_files, unreadable_reason
 from .photos import IMAGE_SUFFIXES
 
@@ -255,7 +256,7 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000) -> di
     if shard_size < 1:
         raise ValueError(f"--shard-size {shard_size}: must be >= 1")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists and is not an empty folder: choose a new one")
+        raise ValueError(f"--out {out} exists and is not an empty folder: choose a new one")
     _need_webdataset()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -330,3 +331,7 @@ def _cli(args) -> None:
         print(f"wrote {s['samples']} images in {len(s['shards'])} shard(s) to {where} "
               f"({len(s['classes'])} classes){skipped}")
     print(f"train on them with data.path=shards:{args.out}")
+
+
+COMMAND = Command("write an image folder as WebDataset tar shards (train on them with data.path=shards:DIR)",
+                  _arguments, _cli)

@@ -11,6 +11,7 @@ import math
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..commands import Command
 from .datasets import Unreadable
 
 
@@ -76,3 +77,7 @@ def _cli(args) -> None:
     bad = f" ({st['unreadable']} unreadable file(s) left out)" if st["unreadable"] else ""
     print(f"{st['images']} images, {st['pixels']} pixels{bad}\nmean {st['mean']}\nstd  {st['std']}\n"
           f"use: {st['overrides']}")
+
+
+COMMAND = Command("data set tools: `data stats` prints the per-channel mean / std for data.mean / data.std",
+                  _arguments, _cli)

@@ -61,6 +61,7 @@ class TensorBoardLogger(Logger):
     def log(self, row: dict) -> None:
         for k, v in scalars(row).items():
             self.writer.add_scalar(k, v, row.get("step", 0))
+        self.writer.flush()  # an interrupted run keeps what it logged
 
     def close(self) -> None:
         self.writer.close()

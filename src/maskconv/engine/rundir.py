@@ -20,7 +20,7 @@ from . import checkpoint
 
 # Config keys that do not change what is trained: they may differ on resume without being recorded.
 NOT_TRAINING_RELEVANT = frozenset({
-    "run.out", "run.device", "run.progress", "run.tensorboard", "run.log_every_steps", "run.save_every_epochs",
+    "run.out", "run.device", "run.progress", "run.tensorboard", "run.logger", "run.log_every_steps", "run.save_every_epochs",
     "run.save_every_steps", "run.save_every_minutes", "run.eval_every_epochs", "run.allow_config_change",
     "run.dist_timeout_minutes", "data.num_workers", "resolved.world_size", "resolved.device"})
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import Config, ConfigError
-from .data.build import NAMED, build_dataset, has_splits
+from .data.build import NAMED, build_dataset, has_splits, normalization
 from .data.datasets import SeededDataset, Unreadable, describe_unreadable, image_folder_of
 
 
@@ -38,7 +38,8 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
     return its data sets. ``task``: pretrain | finetune | linprobe (default ``cfg.task``).
 
     Checks: the data is named (no silent synthetic default); ``run.out`` holds no run of another task or model;
-    the image size suits the model (its stride, via a forward on the meta device: no memory, no time); a labeled
+    the image size suits the model (its stride, via a forward on the meta device: no memory, no time);
+    ``data.mean`` / ``data.std`` have one value per input channel; a labeled
     task has >= 2 classes; the first files of every split can be read. Notes: the validation split (held out, or
     none), loose files beside class folders, skipped non-regular files."""
     d, task = cfg.data, task or cfg.task
@@ -47,6 +48,7 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
         raise ConfigError(f"{task} needs data: pass --data <image folder> or a named dataset ({', '.join(NAMED)})")
     _check_out(cfg, task)
     _check_size(cfg, task)
+    normalization(d, cfg.model.in_chans)  # data.mean / data.std: one value per channel the model takes
     labeled = task != "pretrain"
     train = build_dataset(d, cfg.model.in_chans, "train", labeled=labeled, seed=cfg.run.seed)
     inputs = Inputs(train)

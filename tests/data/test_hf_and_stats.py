@@ -123,3 +123,12 @@ def test_data_mean_std_set_the_normalisation_and_the_export_spec():
         validate(load_config(None, ["data.std=0.5,0,0.5"]))
     with pytest.raises(ConfigError, match="data.mean: expected a number"):
         load_config(None, ["data.mean=0.1,x"])
+
+
+def test_mean_std_of_the_wrong_length_is_refused_before_any_file(tmp_path, capsys):
+    from maskconv.cli import main
+
+    out = tmp_path / "r"
+    assert main(["pretrain", "--model", "test_convnextv2", "--data", "synthetic", "--out", str(out), "model.in_chans=1",
+                 "data.img_size=64", "data.mean=0.5,0.5,0.5", "data.std=0.2,0.2,0.2"]) == 2
+    assert "data.mean has 3 values; the model takes 1 channel(s)" in capsys.readouterr().err and not out.exists()

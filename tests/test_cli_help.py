@@ -22,7 +22,7 @@ def test_task_help_pages_differ_describe_options_and_list_only_what_the_task_rea
     assert "--objective.mask_ratio" in pre and "fraction of patches masked" in pre
     # only what the task reads
     assert "--data.mixup" in ft and "--data.mixup" not in pre and "--data.mixup" not in lp
-    assert "--sparse.sparsity" in pre and "--sparse.sparsity" in ft and "--sparse." not in lp
+    assert "--dynamic_sparsity.sparsity" in pre and "--dynamic_sparsity.sparsity" in ft and "--dynamic_sparsity." not in lp
     assert "--objective" not in ft and "--objective" not in lp
     # --recipe names the packaged recipes of that task, not a source path
     assert "fcmae_pretrain_official" in pre and "convnextv2_atto_finetune" not in pre

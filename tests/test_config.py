@@ -89,3 +89,60 @@ def test_a_key_given_as_flag_and_as_key_value_is_an_error(tmp_path, capsys):
 def test_empty_run_out_is_an_error():
     with pytest.raises(ConfigError, match="run.out"):
         load_config(None, ["run.out="])
+
+
+def test_old_sparse_section_is_read_as_dynamic_sparsity_with_a_warning(tmp_path):
+    import json
+
+    import yaml
+
+    from maskconv.cli import _build_parser, config_from_args
+    from maskconv.engine.rundir import config_changes
+    from maskconv.rebuild import read_run_config
+
+    with pytest.warns(FutureWarning, match="sparse.sparsity is renamed dynamic_sparsity.sparsity"):
+        cfg = load_config(overrides=["sparse.sparsity=0.4", "sparse.init=erk"])
+    assert (cfg.dynamic_sparsity.sparsity, cfg.dynamic_sparsity.init) == (0.4, "erk")
+    recipe = tmp_path / "old.yaml"  # a nested section in an old recipe
+    recipe.write_text(yaml.safe_dump({"sparse": {"sparsity": 0.3, "update_every": 7}}))
+    with pytest.warns(FutureWarning, match="renamed dynamic_sparsity"):
+        cfg = load_config(recipe)
+    assert (cfg.dynamic_sparsity.sparsity, cfg.dynamic_sparsity.update_every) == (0.3, 7)
+    with pytest.warns(FutureWarning):  # the old flag too, hidden from --help
+        args = _build_parser().parse_args(["finetune", "--sparse.sparsity", "0.2", "--data", "synthetic"])
+        assert config_from_args(args).dynamic_sparsity.sparsity == 0.2
+    with pytest.raises(ConfigError, match="dynamic_sparsity.init='random': must be snip, erk or uniform"):
+        with pytest.warns(FutureWarning):
+            load_config(overrides=["sparse.init=random"])
+    assert load_config(overrides=["objective.sparse=dense"]).objective.sparse == "dense"  # not renamed
+    # a run folder written before the rename reads back, and compares equal with its resume's record
+    new = load_config(overrides=["dynamic_sparsity.sparsity=0.4"]).to_dict()
+    old = json.loads(json.dumps(new))
+    old["sparse"] = old.pop("dynamic_sparsity")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**old, "task": "finetune", "resolved": {}}))
+    with pytest.warns(FutureWarning):
+        assert read_run_config(run)[0].dynamic_sparsity.sparsity == 0.4
+    assert config_changes(old, new) == []
+    changed = json.loads(json.dumps(new))
+    changed["dynamic_sparsity"]["sparsity"] = 0.5
+    assert config_changes(old, changed) == [("dynamic_sparsity.sparsity", 0.4, 0.5)]
+
+
+@pytest.mark.parametrize("key, word, words", [("run.device", "gpu", "auto, cpu or cuda"),
+                                              ("run.amp", "fp8", "auto, off, bf16 or fp16"),
+                                              ("objective.sparse", "sparse", "gather or dense"),
+                                              ("optim.layer_decay_scheme", "stage", "single or group")])
+def test_each_vocabulary_is_checked_by_the_config_with_its_words(key, word, words):
+    from maskconv.commands import add_config_flags
+
+    with pytest.raises(ConfigError, match=f"{key}='{word}': must be {words}"):
+        load_config(overrides=[f"{key}={word}"])
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_config_flags(p, "pretrain" if key.startswith("objective") else "finetune")
+    import re
+
+    assert words.replace(", ", " | ").replace(" or ", " | ") in re.sub(r"\s+", " ", p.format_help())

@@ -84,18 +84,30 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
-    # The message names the step the checkpoint holds, and that checkpoint's weights are finite (a checkpoint of
-    # exploded weights is never written). save_every_steps=0: the NaN stop itself saves the last finite step.
-    for every in ("1", "0"):
+    # The message names the step whose loss went non-finite and the step the checkpoint holds, and that
+    # checkpoint's weights are finite (a checkpoint of exploded weights is never written). The loss is read at
+    # log / checkpoint steps only (no host sync per micro-batch): save_every_steps=1 reads it every step;
+    # save_every_steps=0 + log_every_steps=1 too, and then the NaN stop itself saves the last finite step.
+    named = set()
+    for every, log in (("1", "10"), ("0", "1")):
         out = tmp_path / f"r{every}"
         res = _cli("pretrain", *TINY, "--out", str(out), "optim.epochs=1", "optim.lr=1e30", "optim.warmup_epochs=0",
-                   f"run.save_every_steps={every}")
+                   f"run.save_every_steps={every}", f"run.log_every_steps={log}")
         assert res.returncode == 2
-        assert "non-finite loss" in res.stderr and "at step" in res.stderr
+        assert "non-finite loss" in res.stderr and "noticed" not in res.stderr
+        step = int(re.search(r"at step (\d+)", res.stderr).group(1))
         stated = int(re.search(r"holds step (\d+)", res.stderr).group(1))
         ck = torch.load(out / "last.pt", weights_only=True)  # intact and readable
-        assert ck["state"]["step"] == stated >= 1
+        assert ck["state"]["step"] == stated == step - 1 >= 1
         assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+        named.add(step)
+    # read only at the epoch's end (step 8): the same step is named, and no checkpoint of later weights is written
+    out = tmp_path / "late"
+    res = _cli("pretrain", *TINY, "--out", str(out), "optim.epochs=1", "optim.lr=1e30", "optim.warmup_epochs=0",
+               "run.save_every_steps=0", "run.log_every_steps=10")
+    assert res.returncode == 2 and "noticed at step 8" in res.stderr
+    assert {int(re.search(r"at step (\d+)", res.stderr).group(1))} == named
+    assert "no checkpoint was written" in res.stderr and not (out / "last.pt").exists()
 
 
 def test_pickled_training_checkpoint_is_refused(tmp_path):

@@ -32,12 +32,19 @@ UNUSED = {
                  "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing", "optim.layer_decay",
                  "optim.layer_decay_scheme"),
     "finetune": ("objective",),
-    "linprobe": ("objective", "sparse", "model.drop_path_rate", "model.head_init_scale", "data.crop_scale_min",
+    "linprobe": ("objective", "dynamic_sparsity", "model.drop_path_rate", "model.head_init_scale", "data.crop_scale_min",
                  "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "optim.layer_decay",
                  "optim.layer_decay_scheme"),
     "pix2seq": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
                 "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing", "data.mean",
                 "data.std"),
+    # detect / segment: their own box- and mask-aware transform (heads/task.py), no classifier, no masking
+    "detect": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
+               "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing",
+               "data.crop_scale_min", "data.hflip", "data.mean", "data.std"),
+    "segment": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class",
+                "data.val_fraction", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix",
+                "data.label_smoothing", "data.crop_scale_min", "data.hflip", "data.mean", "data.std"),
 }
 
 
@@ -99,7 +106,7 @@ def recipe_names(task: str | None = None) -> list[str]:
 
 
 def add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
-    from .config import flat_keys
+    from .config import REPLACED, flat_keys, literal_words, old_keys
 
     docs, types = field_docs(), flat_keys()
     names = ", ".join(recipe_names(task)) or "none packaged yet"
@@ -115,13 +122,11 @@ def add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
         if section not in groups:
             groups[section] = p.add_argument_group(f"{section}.* options")
         tp, default = types[key]
-        kind = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        kind = " | ".join(literal_words(tp)) or getattr(tp, "__name__", str(tp)).replace("typing.", "")
         desc = docs.get(key)
         groups[section].add_argument(f"--{key}", dest=key, default=None, metavar="V",
                                      help=f"{desc + '. ' if desc else ''}{kind}, default {default!r}")
-    from .config import RENAMED, REPLACED
-
-    for old in (*RENAMED, *REPLACED):  # still accepted (set_key says it is renamed / replaced), not shown
+    for old in (*old_keys(), *REPLACED):  # still accepted (set_key says it is renamed / replaced), not shown
         p.add_argument(f"--{old}", dest=old, default=None, help=argparse.SUPPRESS)
     p.add_argument("--allow-config-change", action="store_true", default=None, dest="run.allow_config_change",
                    help="resume a run with other training settings, recording the change and its step")

@@ -16,6 +16,37 @@ from pathlib import Path
 
 import yaml
 
+# Option vocabularies, each defined once: the config's field types (``validate`` refuses any other word) and the
+# code that branches on them reads the words from here (``literal_words``).
+Device = typing.Literal["auto", "cpu", "cuda"]
+Amp = typing.Literal["auto", "off", "bf16", "fp16"]  # auto: bf16 on GPU, off on CPU
+SparsePath = typing.Literal["gather", "dense"]  # FCMAE / ConvMAE compute paths of the same masked semantics
+SparsityInit = typing.Literal["snip", "erk", "uniform"]  # SLaK's layer-wise density at init
+LayerDecayScheme = typing.Literal["single", "group"]  # layer ids: one per block, or the official ConvNeXt V2 groups
+Logger = typing.Literal["none", "tensorboard", "wandb", "mlflow"]  # run.logger: the tracker beside metrics.jsonl
+CompileMode = typing.Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile
+MASK_RATIO_RANGE = "in (0, 1)"
+
+
+def mask_ratio_ok(ratio: float) -> bool:
+    """The one range of a mask ratio (config, objectives, masks): at least one patch masked and one visible."""
+    return 0.0 < ratio < 1.0
+
+
+def literal_words(tp) -> tuple[str, ...]:
+    """The words of a vocabulary type (``Literal[...]``, also inside ``X | None``); () for any other type."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((w for w in map(literal_words, typing.get_args(tp)) if w), ())
+    return ()
+
+
+def one_of(words) -> str:
+    """'a, b or c' (a vocabulary type or its words)."""
+    words = literal_words(words) or tuple(words)
+    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong (the message names it)."""
@@ -62,7 +93,7 @@ class OptimCfg:
     weight_decay: float = 0.05  # AdamW weight decay (never on biases, norms, GRN, tokens)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     layer_decay: float = 1.0  # layer-wise lr decay factor (1.0 = off)
-    layer_decay_scheme: str = "single"  # single | group (official ConvNeXt V2)
+    layer_decay_scheme: LayerDecayScheme = "single"  # single | group (official ConvNeXt V2)
     clip_grad: float | None = None  # clip the gradient norm to this (none = off)
     accum_steps: int = 1  # micro-batches accumulated per optimizer step
     ema_decay: float = 0.0  # EMA of the weights, decay per step (0 = off)
@@ -77,33 +108,36 @@ class ObjectiveCfg:
     decoder_dim: int = 512  # decoder width
     decoder_depth: int | None = None  # decoder blocks; none = the objective's own (FCMAE 1, MAE 8)
     norm_pix_loss: bool = True  # predict per-patch normalised pixels (MAE/FCMAE default)
-    sparse: str | None = None  # FCMAE / ConvMAE only: gather (default) | dense
+    sparse: SparsePath | None = None  # FCMAE / ConvMAE only: gather (default) | dense
 
 
 @dataclass
 class RunCfg:
     out: str = "runs/default"  # run folder: config, metrics, checkpoints, weights (re-run to resume)
     seed: int = 0  # random seed (data order, masks, init)
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
+    device: Device = "auto"  # auto | cpu | cuda
+    amp: Amp = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
     save_every_epochs: int = 1  # checkpoint every N epochs
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
     save_every_minutes: float = 10.0  # also checkpoint when this much time passed since the last one (0 = off)
     eval_every_epochs: int = 1  # validation cadence (the last epoch is always evaluated)
-    log_every_steps: int = 10  # metrics.jsonl / console cadence in optimizer steps
-    logger: str = "none"  # experiment tracker beside metrics.jsonl: none | tensorboard | wandb | mlflow
+    log_every_steps: int = 10  # metrics.jsonl / console cadence in optimizer steps (the loss is read and checked then)
+    logger: Logger = "none"  # experiment tracker beside metrics.jsonl (engine/loggers.py)
     progress: bool = True  # tqdm progress bar with ETA
     max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); the lr schedule spans them
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun: shards params, grads, optimizer state
     allow_config_change: bool = False  # resume with other training settings, recording the change and its step
     dist_timeout_minutes: float = 5.0  # a collective waits this long for a stopped / hung process, then the job ends
+    compile: bool = False  # torch.compile the model's forward as one graph (fullgraph); the first steps pay the compile
+    compile_mode: CompileMode = "default"  # torch.compile mode (reduce-overhead: CUDA graphs)
+    compile_dynamic: bool | None = None  # dynamic shapes; none = torch's default (recompile once when a shape changes)
 
 
 @dataclass
-class SparseCfg:
-    """Dynamic sparse training (SLaK); ``engine/sparsity.py``."""
+class DynamicSparsityCfg:
+    """Dynamic sparse training (SLaK); ``engine/sparsity.py``. Not ``objective.sparse`` (FCMAE's compute path)."""
     sparsity: float = 0.0  # fraction of the chosen weights held at zero (0 = dense training; SLaK uses 0.4)
-    init: str = "snip"  # layer-wise density at init: snip | erk | uniform
+    init: SparsityInit = "snip"  # layer-wise density at init: snip | erk | uniform
     prune_rate: float = 0.3  # fraction of each layer's active weights pruned and regrown per update (cosine-decayed)
     min_prune_rate: float = 0.005  # floor of the cosine decay (official eta_min)
     update_every: int = 100  # optimizer steps between prune/regrow updates (0 = a fixed mask)
@@ -118,7 +152,7 @@ class Config:
     optim: OptimCfg = field(default_factory=OptimCfg)
     objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
     run: RunCfg = field(default_factory=RunCfg)
-    sparse: SparseCfg = field(default_factory=SparseCfg)
+    dynamic_sparsity: DynamicSparsityCfg = field(default_factory=DynamicSparsityCfg)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,6 +216,8 @@ def _coerce(value, tp, key: str):
         if not math.isfinite(f):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return f
+    if typing.get_origin(tp) is typing.Literal:  # a word of a vocabulary: checked by validate, with the others
+        return _coerce(value, str, key)
     if tp is str:  # taken verbatim: paths may hold '#', ':' or look like numbers
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -206,15 +242,35 @@ RENAMED = {"model.patch_size": "model.stem_stride"}
 # Keys replaced by a key with other values: old key -> (new key, old value -> new value, or None: nothing to set).
 # run.tensorboard=true became run.logger=tensorboard when W&B and MLflow joined (engine/loggers.py).
 REPLACED = {"run.tensorboard": ("run.logger", lambda on: "tensorboard" if _coerce(on, bool, "run.tensorboard") else None)}
+# Renamed sections (every key under them). sparse.* (SLaK dynamic sparse training) read like objective.sparse
+# (FCMAE's gather/dense compute path), an unrelated thing.
+RENAMED_SECTIONS = {"sparse": "dynamic_sparsity"}
+
+
+def renamed_key(key: str) -> str | None:
+    """The current name of a renamed key (``sparse.init`` -> ``dynamic_sparsity.init``), else None."""
+    if key in RENAMED:
+        return RENAMED[key]
+    head, dot, rest = key.partition(".")
+    return RENAMED_SECTIONS[head] + dot + rest if head in RENAMED_SECTIONS else None
+
+
+def old_keys() -> list[str]:
+    """Every former key name still read (for hidden CLI flags)."""
+    out = list(RENAMED)
+    for old, new in RENAMED_SECTIONS.items():
+        out += [old + k[len(new):] for k in flat_keys() if k.startswith(new + ".")]
+    return out
 
 
 def set_key(cfg: Config, key: str, value) -> None:
     """Set ``section.field`` (or a top-level field) from a YAML/CLI value, type-checked."""
-    if key in RENAMED:
+    new = renamed_key(key)
+    if new is not None:
         import warnings
 
-        warnings.warn(f"config key {key} is renamed {RENAMED[key]}; reading it as that", FutureWarning, stacklevel=2)
-        key = RENAMED[key]
+        warnings.warn(f"config key {key} is renamed {new}; reading it as that", FutureWarning, stacklevel=2)
+        key = new
     if key in REPLACED:
         import warnings
 
@@ -292,7 +348,6 @@ _RANGES = [
     ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("data.max_pixels", lambda v: v >= 0, ">= 0"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data.std", lambda v: v is None or min(v) > 0, "> 0 for every channel (or none)"),
-    ("run.logger", lambda v: v in ("none", "tensorboard", "wandb", "mlflow"), "none, tensorboard, wandb or mlflow"),
     ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.stem_stride", lambda v: v is None or v >= 1, ">= 1"),
     ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"), ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
@@ -301,25 +356,22 @@ _RANGES = [
     ("optim.layer_decay", lambda v: 0 < v <= 1, "in (0, 1]"), ("optim.accum_steps", lambda v: v >= 1, ">= 1"),
     ("optim.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.clip_grad", lambda v: v is None or v > 0, "> 0 (or none)"),
-    ("optim.layer_decay_scheme", lambda v: v in ("single", "group"), "single or group"),
-    ("objective.mask_ratio", lambda v: v is None or 0 < v < 1, "in (0, 1)"), ("objective.decoder_dim", lambda v: v >= 1, ">= 1"),
+    ("objective.mask_ratio", lambda v: v is None or mask_ratio_ok(v), MASK_RATIO_RANGE),
+    ("objective.decoder_dim", lambda v: v >= 1, ">= 1"),
     ("objective.decoder_depth", lambda v: v is None or v >= 0, ">= 0"),
-    ("objective.sparse", lambda v: v in (None, "gather", "dense"), "gather or dense"),
-    ("run.device", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-    ("run.amp", lambda v: v in ("auto", "off", "bf16", "fp16"), "auto, off, bf16 or fp16"),
     ("run.save_every_epochs", lambda v: v >= 1, ">= 1"), ("run.save_every_steps", lambda v: v >= 0, ">= 0"),
     ("run.eval_every_epochs", lambda v: v >= 1, ">= 1"), ("run.log_every_steps", lambda v: v >= 1, ">= 1"),
     ("run.max_steps", lambda v: v >= 0, ">= 0"), ("run.out", lambda v: v.strip() != "", "a folder (not empty)"),
     ("run.save_every_minutes", lambda v: v >= 0, ">= 0"), ("run.dist_timeout_minutes", lambda v: v > 0, "> 0"),
     ("run.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
     ("task", lambda v: v in ("pretrain", "finetune", "linprobe"), "pretrain, finetune or linprobe"),
-    ("sparse.sparsity", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("sparse.init", lambda v: v in ("snip", "erk", "uniform"), "snip, erk or uniform"),
-    ("sparse.prune_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("sparse.min_prune_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("sparse", lambda v: v.min_prune_rate <= v.prune_rate, "sparse.min_prune_rate <= sparse.prune_rate"),
-    ("sparse.update_every", lambda v: v >= 0, ">= 0"),
-    ("sparse.include", lambda v: _is_regex(v), "a valid regular expression"),
+    ("dynamic_sparsity.sparsity", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("dynamic_sparsity.prune_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("dynamic_sparsity.min_prune_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("dynamic_sparsity", lambda v: v.min_prune_rate <= v.prune_rate,
+     "dynamic_sparsity.min_prune_rate <= dynamic_sparsity.prune_rate"),
+    ("dynamic_sparsity.update_every", lambda v: v >= 0, ">= 0"),
+    ("dynamic_sparsity.include", lambda v: _is_regex(v), "a valid regular expression"),
 ]
 
 
@@ -334,7 +386,12 @@ def _is_regex(text: str) -> bool:
 
 
 def validate(cfg: Config) -> Config:
-    """Raise ConfigError for a value out of its range (checked before any work starts)."""
+    """Raise ConfigError for a word outside its vocabulary or a value out of its range (checked before any work
+    starts)."""
+    for key, (tp, value) in flat_keys(cfg).items():
+        words = literal_words(tp)
+        if words and value is not None and value not in words:
+            raise ConfigError(f"{key}={value!r}: must be {one_of(words)}")
     for key, ok, need in _RANGES:
         obj = cfg
         for part in key.split("."):

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import Config, ConfigError
+from .engine.rundir import RunDir
 from .data.build import NAMED, build_dataset, has_splits, normalization
 from .data.datasets import SeededDataset, Unreadable, describe_unreadable, image_folder_of
 
@@ -91,7 +92,7 @@ def _check_out(cfg: Config, task: str) -> None:
     new run (config.json, classes.json) lands in it."""
     import json
 
-    prev = Path(cfg.run.out) / "config.json"
+    prev = Path(cfg.run.out) / RunDir.CONFIG
     try:
         saved = json.loads(prev.read_text()) if prev.is_file() else {}
     except ValueError:  # unreadable: resume reports it

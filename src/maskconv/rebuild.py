@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 
 from .config import Config, flatten, load_config
+from .engine.rundir import RunDir
 
 # The final weights each task writes into its run folder (see tasks/pretrain.py, tasks/classify.py), in order of
 # preference.
-RUN_WEIGHTS = {"raw": ("model.safetensors", "encoder.safetensors"), "ema": ("model_ema.safetensors",)}
+RUN_WEIGHTS = {"raw": (RunDir.MODEL, RunDir.ENCODER), "ema": (RunDir.MODEL_EMA,)}
 
 
 def model_kwargs(cfg: Config, classifier: bool = False) -> dict:
@@ -59,9 +60,9 @@ class Trained:
 
 def read_run_config(run: str | Path) -> tuple[Config, str]:
     """The ``Config`` and task saved in a run folder's ``config.json``."""
-    path = Path(run) / "config.json"
+    path = Path(run) / RunDir.CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{run} is not a maskconv run folder (no config.json)")
+        raise FileNotFoundError(f"{run} is not a maskconv run folder (no {RunDir.CONFIG})")
     saved = json.loads(path.read_text())
     saved.pop("resolved", None)
     task = saved.pop("task", "pretrain")
@@ -111,7 +112,7 @@ def load_trained(source: str | Path | None, model: str | None = None, num_classe
             raise FileNotFoundError(f"checkpoint not found: {src}")
         else:
             path = src
-            if (src.parent / "config.json").is_file():  # a weights file inside its run folder
+            if (src.parent / RunDir.CONFIG).is_file():  # a weights file inside its run folder
                 cfg, task = read_run_config(src.parent)
     if cfg is not None:
         if model is not None and model != cfg.model.name:

@@ -225,7 +225,7 @@ def test_state_dict_round_trip_continues_identically():
     for (n, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), n
     wrong = DynamicSparsity(_net(), 0.6, init="erk")
-    with pytest.raises(ValueError, match="sparse.sparsity=0.5"):
+    with pytest.raises(ValueError, match="dynamic_sparsity.sparsity=0.5"):
         wrong.load_state_dict(sd)
 
 
@@ -260,7 +260,8 @@ def _fit(out, overrides, stop_at=None):
     return fit(cfg, model, ds, tf, loss_fn, task="finetune")
 
 
-SPARSE = ["sparse.sparsity=0.5", "sparse.update_every=3", "sparse.prune_rate=0.5", "optim.ema_decay=0.9"]
+SPARSE = ["dynamic_sparsity.sparsity=0.5", "dynamic_sparsity.update_every=3", "dynamic_sparsity.prune_rate=0.5",
+          "optim.ema_decay=0.9"]
 
 
 def test_engine_resume_gives_the_same_weights_and_masks(tmp_path):
@@ -285,7 +286,7 @@ def test_engine_resume_gives_the_same_weights_and_masks(tmp_path):
 def test_engine_refuses_to_switch_sparse_and_dense_on_resume(tmp_path):
     with pytest.raises(_Stop):
         _fit(tmp_path / "s", SPARSE, stop_at=8)
-    with pytest.raises(ValueError, match="sparse.sparsity 0.5 -> 0.0"):  # a config change: refused as any other
+    with pytest.raises(ValueError, match="dynamic_sparsity.sparsity 0.5 -> 0.0"):  # a config change: refused as any other
         _fit(tmp_path / "s", [])
     allow = ["run.allow_config_change=true"]  # and refused even when config changes are allowed:
     with pytest.raises(ValueError, match="sparse run"):  # dense resume would regrow the pruned weights
@@ -299,7 +300,7 @@ def test_engine_refuses_to_switch_sparse_and_dense_on_resume(tmp_path):
 def test_engine_amp_keeps_exact_sparsity_in_model_and_ema(tmp_path):
     import json
 
-    _fit(tmp_path / "r", [*SPARSE, "run.amp=bf16", "sparse.init=erk", "sparse.include=mlp"])
+    _fit(tmp_path / "r", [*SPARSE, "run.amp=bf16", "dynamic_sparsity.init=erk", "dynamic_sparsity.include=mlp"])
     ck = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     sd = ck["sparse"]
     masks, counts = sd["masks"], dict(zip(sd["names"], sd["counts"]))
@@ -315,25 +316,26 @@ def test_engine_amp_keeps_exact_sparsity_in_model_and_ema(tmp_path):
 
 
 def test_bad_sparse_config_is_a_clear_error():
-    for bad, msg in [("sparse.sparsity=1", "sparse.sparsity=1.0: must be in [0, 1)"),
-                     ("sparse.sparsity=-0.1", "sparse.sparsity=-0.1"),
-                     ("sparse.init=random", "sparse.init='random': must be snip, erk or uniform"),
-                     ("sparse.prune_rate=1.5", "sparse.prune_rate=1.5"),
-                     ("sparse.update_every=-1", "sparse.update_every=-1"),
-                     ("sparse.include=[", "a valid regular expression")]:
+    for bad, msg in [("dynamic_sparsity.sparsity=1", "dynamic_sparsity.sparsity=1.0: must be in [0, 1)"),
+                     ("dynamic_sparsity.sparsity=-0.1", "dynamic_sparsity.sparsity=-0.1"),
+                     ("dynamic_sparsity.init=random", "dynamic_sparsity.init='random': must be snip, erk or uniform"),
+                     ("dynamic_sparsity.prune_rate=1.5", "dynamic_sparsity.prune_rate=1.5"),
+                     ("dynamic_sparsity.update_every=-1", "dynamic_sparsity.update_every=-1"),
+                     ("dynamic_sparsity.include=[", "a valid regular expression")]:
         with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             load_config(overrides=[bad])
-    with pytest.raises(ConfigError, match="min_prune_rate <= sparse.prune_rate"):
-        load_config(overrides=["sparse.prune_rate=0.1", "sparse.min_prune_rate=0.2"])
-    cfg = load_config(overrides=["sparse.sparsity=0.5", "sparse.init=uniform"])
+    with pytest.raises(ConfigError, match="min_prune_rate <= dynamic_sparsity.prune_rate"):
+        load_config(overrides=["dynamic_sparsity.prune_rate=0.1", "dynamic_sparsity.min_prune_rate=0.2"])
+    cfg = load_config(overrides=["dynamic_sparsity.sparsity=0.5", "dynamic_sparsity.init=uniform"])
     with pytest.raises(ValueError, match="linprobe"):
-        build_sparsity(cfg.sparse, _net(), 10, seed=0, task="linprobe", fsdp=False, world=1, fresh=True)
+        build_sparsity(cfg.dynamic_sparsity, _net(), 10, seed=0, task="linprobe", fsdp=False, world=1, fresh=True)
     with pytest.raises(ValueError, match="run.fsdp"):
-        build_sparsity(cfg.sparse, _net(), 10, seed=0, task="finetune", fsdp=True, world=2, fresh=True)
-    cfg.sparse.include = "LoRA"
+        build_sparsity(cfg.dynamic_sparsity, _net(), 10, seed=0, task="finetune", fsdp=True, world=2, fresh=True)
+    cfg.dynamic_sparsity.include = "LoRA"
     with pytest.raises(ValueError, match=r"matches no trainable conv/linear weight \(candidates: 0.weight"):
-        build_sparsity(cfg.sparse, _net(), 10, seed=0, task="finetune", fsdp=False, world=1, fresh=True)
-    assert build_sparsity(load_config().sparse, _net(), 10, seed=0, task="finetune", fsdp=False, world=1, fresh=True) is None
+        build_sparsity(cfg.dynamic_sparsity, _net(), 10, seed=0, task="finetune", fsdp=False, world=1, fresh=True)
+    assert build_sparsity(load_config().dynamic_sparsity, _net(), 10, seed=0, task="finetune", fsdp=False, world=1,
+                          fresh=True) is None
 
 
 # ---- DDP: every rank ends with rank 0's masks ---------------------------------------------------------------

@@ -319,6 +319,23 @@ def test_cli_pretrain_continues_from_a_whole_official_fcmae_state(tmp_path):
         assert (got[name] - dec[k]).abs().max().item() <= 1e-6, k
 
 
+def test_cli_pretrain_init_never_falls_back_to_the_encoder_for_a_whole_state_that_does_not_fit(tmp_path, capsys):
+    # a whole official state whose decoder does not fit (width 32 vs 16) is that error, not "read the encoder only"
+    # (which would train on a fresh decoder and say nothing)
+    from maskconv.cli import main
+
+    sd, _, _, _ = _official_fcmae_state(True, decoder_dim=32)
+    init = tmp_path / "fcmae_official.pt"
+    torch.save({"model": sd}, init)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--model", "test_convnextv2", "--data", "synthetic", "--out", str(out), "--init", str(init),
+                 "data.img_size=64", "data.batch_size=2", "data.num_workers=0", "run.progress=false", "run.max_steps=1",
+                 "objective.decoder_dim=16"]) == 2
+    err = capsys.readouterr().err
+    assert "shape mismatch for proj.weight" in err and "encoder weights" not in err
+    assert not (out / "last.pt").exists()
+
+
 @pytest.mark.parametrize("step", ["spatial", "channel", "residual"])
 def test_block_forward_and_both_masked_paths_are_one_code_path(monkeypatch, step):
     """The dense forward, FCMAE's dense-masked and its gathered path all run the block's named sub-steps: patch one

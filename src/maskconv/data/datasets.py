@@ -350,6 +350,8 @@ def collate_skip(batch):
     imgs = torch.stack([s[0] for s in good])
     if isinstance(good[0][1], torch.Tensor):  # e.g. Pix2Seq token sequences, one equal-length row per image
         labels = torch.stack([s[1] for s in good])
+    elif isinstance(good[0][1], dict):  # detection targets (boxes, masks: a different count per image): a list
+        labels = [s[1] for s in good]
     else:
         labels = torch.tensor([s[1] for s in good], dtype=torch.long)
     return imgs, labels, bad

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..commands import Command
+from ..fileio import atomic_write_text
 
 __all__ = ["make_scenes", "SCENE_KEYPOINTS"]
 
@@ -181,9 +182,7 @@ def make_scenes(out: str | Path, split: str = "train", num: int = 1000, seed: in
              "skeleton": []} for k, n in enumerate(names)]
     doc = {"info": {"description": "Fashion-MNIST scenes (maskconv)", "maskconv_scenes": params},
            "images": images, "annotations": anns, "categories": cats, "captions": captions}
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc))
-    tmp.replace(js)  # whole or absent: an interrupted run never leaves a half-written JSON to be "cached"
+    atomic_write_text(js, json.dumps(doc))  # whole or absent: an interrupted run never leaves a JSON to be "cached"
     return js
 
 

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import torch
 
-from ..models._helpers import CheckpointError, atomic_write
+from ..fileio import atomic_write
+from ..models import CheckpointError
 
-LAST = "last.pt"
+from .rundir import RunDir
+
+LAST = RunDir.LAST  # kept importable from here
 
 
 def save_training_checkpoint(path: str | Path, payload: dict) -> Path:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import Device, one_of
+
 
 @dataclass
 class DistInfo:
@@ -37,7 +39,7 @@ def setup(device: str = "auto", timeout_minutes: float = 5.0) -> DistInfo:
     elif device == "cpu":
         dev = torch.device("cpu")
     else:
-        raise ValueError(f"run.device={device!r}: use auto, cpu or cuda")
+        raise ValueError(f"run.device={device!r}: use {one_of(Device)}")
     if world > 1 and not dist.is_initialized():
         from datetime import timedelta
 

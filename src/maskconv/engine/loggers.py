@@ -14,8 +14,12 @@ import os
 import secrets
 from pathlib import Path
 
-LOGGERS = ("none", "tensorboard", "wandb", "mlflow")
-TRACKER_IDS = "tracker_ids.json"  # {"wandb": id, "mlflow": id} of this run folder, so a resume continues them
+from ..config import Logger, literal_words
+from .rundir import RunDir
+
+TRACKER_IDS = RunDir.TRACKER_IDS  # {"wandb": id, "mlflow": id} of this run folder, so a resume continues them
+
+LOGGERS = literal_words(Logger)  # none | tensorboard | wandb | mlflow
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -56,7 +60,7 @@ def _tracker_id(out: Path, kind: str, new) -> str:
 class TensorBoardLogger(Logger):
     def __init__(self, out: Path):
         tb = _need("torch.utils.tensorboard", "tensorboard", "tensorboard")
-        self.writer = tb.SummaryWriter(str(out / "tb"))
+        self.writer = tb.SummaryWriter(str(out / RunDir.TENSORBOARD))
 
     def log(self, row: dict) -> None:
         for k, v in scalars(row).items():

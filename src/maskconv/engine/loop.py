@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,14 +23,15 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__
 from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, describe_unreadable
 from . import dist as D
-from ..models._helpers import CheckpointError
+from ..models import CheckpointError
+from .checkpoint import load_training_checkpoint, save_training_checkpoint
 from .loggers import build_logger
-from .checkpoint import LAST, load_training_checkpoint, save_training_checkpoint
 from .rundir import RunDir, RunFolderBusy, check_resume, data_fingerprint, format_changes
 from .optim import build_optimizer
 from .schedule import lr_at, set_lr
 from .sparsity import build_sparsity, first_batch
-from ..config import Resolved, resolve
+from .step import LossWatch, NonFinite, compile_model
+from ..config import Amp, Resolved, one_of, resolve
 
 
 @dataclass
@@ -99,7 +100,7 @@ def autocast_ctx(amp: str, device: torch.device):
         if device.type != "cuda":
             raise ValueError("run.amp=fp16 needs a GPU; use bf16 on CPU")
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-    raise ValueError(f"run.amp={amp!r}: use auto, off, bf16 or fp16")
+    raise ValueError(f"run.amp={amp!r}: use {one_of(Amp)}")
 
 
 class MetricsLog:
@@ -223,7 +224,7 @@ def _open_run(cfg, run: RunDir, info: D.DistInfo, task: str, record: dict, files
             err = e
     if not D.all_true(err is None, info):
         raise err or RunFolderBusy(f"run folder {run.path} is in use (rank 0 could not lock it)")
-    last = run.file(LAST)
+    last = run.file(RunDir.LAST)
     ck = load_training_checkpoint(last) if last.exists() else None
     changes = []
     if ck is not None:
@@ -267,11 +268,11 @@ def _restore(ck: dict, last: Path, model, optimizer, scaler, ema, sparse, fsdp: 
                               "choose another run.out") from None
     if sparse is not None:
         if ck.get("sparse") is None:
-            raise ValueError(f"{last} was written by a dense run; sparse.sparsity>0 needs its own run.out")
+            raise ValueError(f"{last} was written by a dense run; dynamic_sparsity.sparsity>0 needs its own run.out")
         sparse.load_state_dict(ck["sparse"])
     elif ck.get("sparse") is not None:  # resuming dense would let the pruned weights grow back silently
-        raise ValueError(f"{last} was written by a sparse run (sparse.sparsity>0); resume it with the same sparse.* "
-                         "settings, or start a dense run in another run.out")
+        raise ValueError(f"{last} was written by a sparse run (dynamic_sparsity.sparsity>0); resume it with the same "
+                         "dynamic_sparsity.* settings, or start a dense run in another run.out")
     unknown = sorted(set(ck["state"]) - set(TrainState.__dataclass_fields__))
     if unknown:
         raise CheckpointError(f"{last} has training-state fields this version does not know: {', '.join(unknown)} "
@@ -341,7 +342,7 @@ def _setup(model: nn.Module, o, r, sparse_cfg, plan: Resolved, info: D.DistInfo,
     optimizer = build_optimizer(model, plan.lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme,
                                 backbone)
     amp_ctx, scaler = autocast_ctx(r.amp, info.device)
-    # sparse.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them in _resume)
+    # dynamic_sparsity.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them in _resume)
     sparse = build_sparsity(sparse_cfg, model, plan.total_steps, seed=r.seed, task=task, fsdp=fsdp, world=info.world,
                             fresh=fresh, loss_fn=loss_fn, batch=batch)
     ema = None
@@ -349,6 +350,8 @@ def _setup(model: nn.Module, o, r, sparse_cfg, plan: Resolved, info: D.DistInfo,
         from torch.optim.swa_utils import AveragedModel
 
         ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(o.ema_decay, o.ema_warmup), use_buffers=True)
+    if r.compile:  # after the EMA copy (a plain module) is taken; the state-dict keys do not change
+        compile_model(model, r.compile_mode, r.compile_dynamic)
     return Training(model, model, optimizer, amp_ctx, scaler, sparse, ema, fsdp)
 
 
@@ -375,18 +378,45 @@ def _resume(t: Training, ck: dict, last: Path, run: RunDir, changes: list, info:
 
 
 class _Checkpointer:
-    """Writes ``last.pt`` (``__call__``) and remembers the step it holds and when it was written."""
+    """Writes ``last.pt`` (``__call__``) and remembers the step it holds and when it was written; owns the
+    device-side loss watch (``engine.step.LossWatch``), read here and at log steps, never per micro-batch."""
 
     def __init__(self, t: Training, state: TrainState, last: Path, info: D.DistInfo, meta: dict,
-                 config_history: list[dict]):
+                 config_history: list[dict], accum: int, per_epoch_batches: int):
         self.t, self.state, self.last, self.info, self.meta = t, state, last, info, meta
         self.config_history = config_history  # accepted config changes (also in every checkpoint)
         self.saved_step = state.step if last.exists() else None  # the step last.pt holds
         self.last_save = time.monotonic()
+        self.accum, self.per_epoch_batches = accum, per_epoch_batches
+        self.watch = LossWatch(info.device)  # loss sums and the first non-finite loss
+        self.boundary = None  # (state, device loss sum, rng) at the start of the current optimizer step
 
-    def __call__(self, local_rng: dict | None = None) -> bool:
-        """Write last.pt unless a weight is non-finite (then the older checkpoint stays); True if written."""
-        t, state, info, last = self.t, self.state, self.info, self.last
+    def nan_stop(self, bad: NonFinite, before_update: bool) -> None:
+        """Stop at a non-finite loss, naming its step; when it is read at the step it happened in, before the
+        update, write the last finite step's checkpoint first (the state saved at that step's start)."""
+        state = self.state
+        step = bad.micro // self.accum + 1
+        if before_update and step == state.step + 1 and state.step > 0 and self.saved_step != state.step:
+            at, at_sum, rng = self.boundary
+            at.loss_sum += float(at_sum)
+            self(rng, at=at)
+        now = state.step + (1 if before_update else 0)
+        late = "" if step == now else \
+            f" (noticed at step {now}: the loss is read every run.log_every_steps steps and at checkpoints)"
+        _nan_stop(bad.value, step, bad.micro // self.per_epoch_batches, bad.micro % self.per_epoch_batches, late,
+                  self.last, self.saved_step)
+
+    def __call__(self, local_rng: dict | None = None, at: TrainState | None = None) -> bool:
+        """Write last.pt unless the loss went non-finite since the last read (then stop, naming its step) or a
+        weight is non-finite (then the older checkpoint stays); True if written. ``at``: the state to save (the
+        NaN stop's last finite step boundary) instead of the current one."""
+        t, info, last = self.t, self.info, self.last
+        if at is None:
+            bad = self.watch.first_non_finite(info)
+            if bad is not None:
+                self.nan_stop(bad, before_update=False)
+            self.state.loss_sum += self.watch.take_sum()
+        state = at or self.state
         if not _finite(t.model, info):
             if info.is_main:
                 print(f"warning: non-finite weights at step {state.step}: {last} not overwritten", flush=True)
@@ -418,23 +448,24 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
         if lr < LOW_LR.get(task, 0):
             print(f"warning: {lr_rule} is implausibly small for {task} (below {LOW_LR[task]:g}): the run will "
                   "barely learn; at a small batch set optim.lr directly (e.g. optim.lr=1e-3)", flush=True)
-    t = _setup(model, o, r, cfg.sparse, plan, info, task=task, backbone=backbone, fresh=ck is None, loss_fn=loss_fn,
+    t = _setup(model, o, r, cfg.dynamic_sparsity, plan, info, task=task, backbone=backbone, fresh=ck is None, loss_fn=loss_fn,
                batch=lambda: first_batch(cfg.data.batch_size, r.seed, dataset, transform, batch_transform, info))
     state = TrainState()
     torch.manual_seed(r.seed * 1000 + info.rank)  # drop path differs between processes
-    last = run.file(LAST)
+    last = run.file(RunDir.LAST)
     config_history: list[dict] = []
     if ck is not None:
         state, config_history = _resume(t, ck, last, run, changes, info)
         del ck
+    per_epoch_batches = plan.steps_per_epoch * max(1, o.accum_steps)
     checkpoint = _Checkpointer(t, state, last, info, dict(config=cfg.to_dict(), resolved=resolved, task=task,
-                                                          model_name=cfg.model.name), config_history)
+                                                          model_name=cfg.model.name), config_history,
+                               max(1, o.accum_steps), per_epoch_batches)
     _wrap_ddp(t, info)
     log = MetricsLog(out, info.is_main, r.logger, cfg.to_dict())
     log.truncate_after(state.step)
     history: list[dict] = []
     eval_group = D.long_wait_group(info) if evaluate is not None else None
-    per_epoch_batches = plan.steps_per_epoch * max(1, o.accum_steps)
 
     cur_lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, lr, o.min_lr)
     t_start = time.perf_counter()
@@ -449,6 +480,7 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                 num_workers=cfg.data.num_workers, task=task, batch_transform=batch_transform, train_mode=train_mode,
                 keyed_loss=keyed_loss, log=log, checkpoint=checkpoint, signals=signals, t_start=t_start,
                 cur_lr=cur_lr)
+            state.loss_sum += checkpoint.watch.take_sum()
             epoch_loss = D.mean_across(state.loss_sum / max(1, state.loss_count), info)
             if stop:  # run.max_steps: summarise the partial epoch, keep a resumable checkpoint
                 log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
@@ -491,7 +523,7 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
     model, ddp, optimizer, scaler, amp_ctx, sparse, ema, fsdp = (t.model, t.ddp, t.optimizer, t.scaler, t.amp_ctx,
                                                                  t.sparse, t.ema, t.fsdp)
     accum = max(1, o.accum_steps)
-    total_steps, warmup, lr, last = plan.total_steps, plan.warmup_steps, plan.lr, checkpoint.last
+    total_steps, warmup, lr = plan.total_steps, plan.warmup_steps, plan.lr
     per_epoch_batches = plan.steps_per_epoch * accum  # whole accumulation cycles only: no gradient spills over
     stop = False
     sampler = ResumableSampler(len(dataset), batch_size, r.seed, epoch, info.rank, info.world,
@@ -511,17 +543,18 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
             epoch_total = max(0, min(per_epoch_batches, r.max_steps * accum - epoch * per_epoch_batches))
         bar = tqdm(total=epoch_total, initial=state.batch_in_epoch, desc=f"{task} epoch {epoch + 1}/"
                    f"{o.epochs}", unit="batch", dynamic_ncols=True)
-    losses = []
-    step_rng = None
+    watch = checkpoint.watch
     for images, labels, skipped, indices in loader:
         state.unreadable.update(skipped)  # replaced by SeededDataset (batches stay full); counted once per file
         state.skipped_files = len(state.unreadable)
         micro = state.batch_in_epoch % accum
-        if micro == 0:  # the RNG state a checkpoint of the previous step would hold (NaN stop)
-            step_rng = {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None}
+        if micro == 0:  # the state a checkpoint of the previous step would hold (NaN stop)
+            checkpoint.boundary = (replace(state, unreadable=dict(state.unreadable)), watch.snapshot_sum(),
+                                   {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None})
+            watch.new_step()
         images = images.to(info.device, non_blocking=True)
-        labels = labels.to(info.device, non_blocking=True)
+        labels = to_device(labels, info.device)
         if batch_transform is not None:
             images, labels = batch_transform(images, labels)
         sync = micro == accum - 1
@@ -531,17 +564,21 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
             with amp_ctx:
                 loss = (loss_fn(ddp, images, labels, keys=(indices, epoch)) if keyed_loss
                         else loss_fn(ddp, images, labels))
-            if not D.all_true(bool(torch.isfinite(loss)), info):  # every rank stops together
-                _nan_stop(loss, state, epoch, micro, last, checkpoint.saved_step, checkpoint, step_rng, o)
+            watch.update(loss, epoch * per_epoch_batches + state.batch_in_epoch)  # no host sync
             (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-        losses.append(loss.item())
-        state.loss_sum += losses[-1]
         state.loss_count += 1
         state.batch_in_epoch += 1
         if bar is not None:
             bar.update(1)
         if not sync:
             continue
+        nxt = state.step + 1
+        log_now = nxt % r.log_every_steps == 0
+        if (log_now or (r.save_every_steps and nxt % r.save_every_steps == 0)
+                or state.batch_in_epoch == per_epoch_batches or (r.max_steps and nxt >= r.max_steps)):
+            bad = watch.first_non_finite(info)  # read before the update: a NaN here keeps the last step
+            if bad is not None:
+                checkpoint.nan_stop(bad, before_update=True)
         cur_lr = lr_at(state.step, total_steps, warmup, lr, o.min_lr)
         set_lr(optimizer, cur_lr)
         if o.clip_grad:
@@ -561,10 +598,10 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
             if sparse is not None:
                 sparse.mask_ema(ema.module)
         state.step += 1
-        step_loss = sum(losses[-accum:]) / accum
-        if bar is not None:
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
-        if state.step % r.log_every_steps == 0:  # same condition on every rank: the all-reduce is safe
+        if log_now:  # same condition on every rank: the all-reduce is safe
+            step_loss = watch.step_mean(accum)
+            if bar is not None:
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{cur_lr:.2e}")
             log.write(dict(step=state.step, epoch=epoch + state.batch_in_epoch / per_epoch_batches,
                            loss=D.mean_across(step_loss, info), lr=cur_lr, time=time.perf_counter() - t_start,
                            **({"sparsity": sparse.global_sparsity} if sparse is not None else {})))
@@ -587,13 +624,19 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
     return stop, cur_lr
 
 
-def _nan_stop(loss, state: TrainState, epoch: int, micro: int, last: Path, saved_step, checkpoint, step_rng, o):
-    """A non-finite loss: keep a checkpoint of the last finite step (written now when the weights are finite and
-    we stand at a step boundary), then stop with a message that says which step it holds."""
-    if micro == 0 and state.step > 0 and saved_step != state.step and checkpoint(step_rng):
-        saved_step = state.step
+def to_device(labels, device: torch.device):
+    """A batch's labels on ``device``: a tensor, or a list of per-image target dicts (detection; their tensors
+    move, other values stay)."""
+    if isinstance(labels, torch.Tensor):
+        return labels.to(device, non_blocking=True)
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for t in labels]
+
+
+def _nan_stop(value: float, step: int, epoch: int, batch: int, late: str, last: Path, saved_step) -> None:
+    """Stop with a message that names the step whose loss went non-finite and the step ``last`` holds."""
     where = (f"{last} holds step {saved_step}, the last checkpoint with finite weights" if saved_step is not None
              else "no checkpoint was written (no step ended with finite weights)")
     raise FloatingPointError(
-        f"non-finite loss ({loss.item()}) at step {state.step + 1} (epoch {epoch + 1}, batch {state.batch_in_epoch}); "
+        f"non-finite loss ({value}) at step {step} (epoch {epoch + 1}, batch {batch}){late}; "
         f"{where}. Lower optim.blr, set optim.clip_grad, or check the data.")

@@ -15,8 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..config import flatten as config_flatten
-from . import checkpoint
+from ..config import flatten as config_flatten, renamed_key
 
 # Config keys that do not change what is trained: they may differ on resume without being recorded.
 NOT_TRAINING_RELEVANT = frozenset({
@@ -37,11 +36,22 @@ class RunDir:
     """The files of one run folder. ``lock()`` before writing anything; ``release()`` when the run's last
     file is written (a crash releases it too: the kernel drops a dead process's ``flock``)."""
 
+    # Every file name of a run folder, named here only.
     LOCK = ".lock"
     CONFIG = "config.json"  # the config + resolved values the run started with; written once
     HISTORY = "config_history.jsonl"  # one row per accepted change: {"step", "changes", "time"}
     METRICS = "metrics.jsonl"
-    LAST = checkpoint.LAST  # the training checkpoint (engine/checkpoint.py)
+    TENSORBOARD = "tb"  # TensorBoard event files (run.logger=tensorboard)
+    TRACKER_IDS = "tracker_ids.json"  # W&B / MLflow run ids of this folder, so a resume continues them (run.logger)
+    LAST = "last.pt"  # the training checkpoint (engine/checkpoint.py)
+    CLASSES = "classes.json"  # a classifier's class names, in label order
+    MODEL = "model.safetensors"  # the trained weights (finetune, linprobe, pix2seq)
+    MODEL_EMA = "model_ema.safetensors"  # their EMA (optim.ema_decay > 0)
+    ENCODER = "encoder.safetensors"  # a pretraining run's encoder, strict-loads into create_model / timm
+    OBJECTIVE = "objective.safetensors"  # a pretraining run's whole objective (encoder + decoder + config)
+    PIX2SEQ = "pix2seq.json"  # Pix2Seq options and classes
+    DENSE = "dense.json"  # detect / segment options, classes and backbone (heads/task.py)
+    EVAL = "eval"  # eval/<split>: results of maskconv eval
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -109,8 +119,9 @@ class RunDir:
 
 
 def flatten(d: dict) -> dict:
-    """``config.flatten`` with JSON-normalised values (tuples become lists), as they read back from a file."""
-    return {k: json.loads(json.dumps(v)) for k, v in config_flatten(d).items()}
+    """``config.flatten`` with JSON-normalised values (tuples become lists), as they read back from a file, and
+    renamed keys under their current names (a run recorded before a rename compares with its resume)."""
+    return {renamed_key(k) or k: json.loads(json.dumps(v)) for k, v in config_flatten(d).items()}
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 
 
+def cosine(t: float, start: float, end: float) -> float:
+    """Half-cycle cosine from ``start`` (t = 0) to ``end`` (t = 1): the lr schedule and SLaK's prune-rate decay."""
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def lr_at(step: float, total_steps: int, warmup_steps: float, base_lr: float, min_lr: float = 0.0) -> float:
     """Learning rate at (possibly fractional) optimizer step ``step`` of ``total_steps``."""
     if step < warmup_steps:
@@ -12,7 +17,7 @@ def lr_at(step: float, total_steps: int, warmup_steps: float, base_lr: float, mi
     if total_steps <= warmup_steps:
         return base_lr
     t = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return cosine(t, base_lr, min_lr)
 
 
 def set_lr(optimizer, lr: float) -> None:

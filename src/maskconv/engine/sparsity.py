@@ -17,7 +17,7 @@ Differences from the official code, on purpose: exact counts instead of Bernoull
 growth regrows "about" as many as it pruned); regrowth never re-picks a weight pruned in the same update;
 ERK/SNIP layers that come out fully dense are simply left unmasked (the official drops density >= 0.99).
 
-In the engine: ``sparse.sparsity=0.4`` (config section ``sparse``). In your own loop::
+In the engine: ``dynamic_sparsity.sparsity=0.4`` (config section ``sparse``). In your own loop::
 
     sp = DynamicSparsity(model, 0.4, init="erk", update_every=100, total_steps=n_steps)
     sp.init_masks()                        # snip: sp.init_masks(loss_fn, (images, labels))
@@ -35,7 +35,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-INITS = ("snip", "erk", "uniform")
+from ..config import SparsityInit, literal_words
+from .schedule import cosine
+
+INITS = literal_words(SparsityInit)
 
 
 def sparse_weight_names(model: nn.Module, include: str = "") -> list[str]:
@@ -43,7 +46,7 @@ def sparse_weight_names(model: nn.Module, include: str = "") -> list[str]:
     try:
         pattern = re.compile(include) if include else None
     except re.error as e:
-        raise ValueError(f"sparse.include={include!r} is not a valid regular expression: {e}") from None
+        raise ValueError(f"dynamic_sparsity.include={include!r} is not a valid regular expression: {e}") from None
     names, candidates, seen = [], [], set()
     for mname, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or mod.weight is None:
@@ -57,7 +60,7 @@ def sparse_weight_names(model: nn.Module, include: str = "") -> list[str]:
             names.append(name)
     if not names:
         shown = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "")
-        raise ValueError(f"sparse.include={include!r} matches no trainable conv/linear weight "
+        raise ValueError(f"dynamic_sparsity.include={include!r} matches no trainable conv/linear weight "
                          f"(candidates: {shown or 'none'})")
     return names
 
@@ -124,14 +127,14 @@ class DynamicSparsity:
                  min_prune_rate: float = 0.005, update_every: int = 100, total_steps: int = 1, include: str = "",
                  seed: int = 0, distributed: bool = False):
         if not 0 < sparsity < 1:
-            raise ValueError(f"sparse.sparsity={sparsity}: must be in (0, 1) to train sparsely")
+            raise ValueError(f"dynamic_sparsity.sparsity={sparsity}: must be in (0, 1) to train sparsely")
         if init not in INITS:
-            raise ValueError(f"sparse.init={init!r}: use {', '.join(INITS)}")
+            raise ValueError(f"dynamic_sparsity.init={init!r}: use {', '.join(INITS)}")
         if not 0 <= min_prune_rate <= prune_rate <= 1:
-            raise ValueError(f"sparse.prune_rate={prune_rate}, sparse.min_prune_rate={min_prune_rate}: need "
+            raise ValueError(f"dynamic_sparsity.prune_rate={prune_rate}, dynamic_sparsity.min_prune_rate={min_prune_rate}: need "
                              "0 <= min_prune_rate <= prune_rate <= 1")
         if update_every < 0 or total_steps < 1:
-            raise ValueError(f"sparse.update_every={update_every} (>= 0) / total_steps={total_steps} (>= 1)")
+            raise ValueError(f"dynamic_sparsity.update_every={update_every} (>= 0) / total_steps={total_steps} (>= 1)")
         for p in model.parameters():
             if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
                 raise ValueError("sparse training does not support FSDP-sharded parameters (run.fsdp): "
@@ -163,7 +166,7 @@ class DynamicSparsity:
         k = self.target_active()
         if self.init == "snip":
             if loss_fn is None or batch is None:
-                raise ValueError("sparse.init=snip needs a loss function and one training batch")
+                raise ValueError("dynamic_sparsity.init=snip needs a loss function and one training batch")
             counts = self._snip_counts(loss_fn, batch() if callable(batch) else batch, k)
         else:
             dens = {n: 1 - self.sparsity for n in self.names} if self.init == "uniform" else \
@@ -218,7 +221,7 @@ class DynamicSparsity:
     def prune_rate_at(self, step: int) -> float:
         """Cosine decay from ``prune_rate`` to ``min_prune_rate`` over the run (official CosineAnnealingLR)."""
         t = min(max(step, 0), self.total_steps) / self.total_steps
-        return self.min_prune_rate + (self.prune_rate - self.min_prune_rate) * 0.5 * (1 + math.cos(math.pi * t))
+        return cosine(t, self.prune_rate, self.min_prune_rate)
 
     def step(self, optimizer: torch.optim.Optimizer | None, step: int) -> bool:
         """After an optimizer step (``step`` = optimizer steps taken): mask weights and optimizer state, and
@@ -310,9 +313,9 @@ class DynamicSparsity:
     def load_state_dict(self, sd: dict) -> None:
         if sd["names"] != self.names:
             raise ValueError(f"the checkpoint's sparse weights ({len(sd['names'])}) differ from this run's "
-                             f"({len(self.names)}): sparse.include or the model changed since it was written")
+                             f"({len(self.names)}): dynamic_sparsity.include or the model changed since it was written")
         if abs(sd["sparsity"] - self.sparsity) > 1e-12:
-            raise ValueError(f"the checkpoint was trained at sparse.sparsity={sd['sparsity']}, this run asks for "
+            raise ValueError(f"the checkpoint was trained at dynamic_sparsity.sparsity={sd['sparsity']}, this run asks for "
                              f"{self.sparsity}: choose another run.out")
         self.counts = dict(zip(self.names, (int(c) for c in sd["counts"])))
         self.masks = {}
@@ -332,10 +335,10 @@ def build_sparsity(s, model: nn.Module, total_steps: int, *, seed: int, task: st
     if s.sparsity == 0:
         return None
     if task == "linprobe":
-        raise ValueError("sparse.sparsity > 0 with linprobe: the probe trains only its head; sparse-train the "
+        raise ValueError("dynamic_sparsity.sparsity > 0 with linprobe: the probe trains only its head; sparse-train the "
                          "backbone in pretrain or finetune instead")
     if fsdp:
-        raise ValueError("sparse.sparsity > 0 is not supported with run.fsdp (masks of sharded weights); "
+        raise ValueError("dynamic_sparsity.sparsity > 0 is not supported with run.fsdp (masks of sharded weights); "
                          "use DDP (run.fsdp=false)")
     sp = DynamicSparsity(model, s.sparsity, init=s.init, prune_rate=s.prune_rate, min_prune_rate=s.min_prune_rate,
                          update_every=s.update_every, total_steps=total_steps, include=s.include, seed=seed,

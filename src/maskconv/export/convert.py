@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..fileio import replace_durably
 from .reparam import reparameterize_model
 
 FORMATS = ("onnx", "torch-export")
@@ -75,9 +76,7 @@ def _replace_from_dir(tmpdir: Path, path: Path) -> None:
     for f in sorted(tmpdir.iterdir()):
         if f.name != path.name:
             os.replace(f, path.parent / f.name)
-    with open(tmpdir / path.name, "rb+") as f:  # data on disk before the rename makes it visible
-        os.fsync(f.fileno())
-    os.replace(tmpdir / path.name, path)
+    replace_durably(tmpdir / path.name, path)
 
 
 def _atomic_export(path: Path, write_fn, check_fn=None):

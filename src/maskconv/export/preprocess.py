@@ -56,7 +56,7 @@ def preprocessing_spec(data_cfg, in_chans: int, size: tuple[int, int] | None = N
 
 def write_preprocessing(spec: dict, model_path: str | Path) -> Path:
     """Write ``spec`` atomically as ``<model stem>.preprocessing.json`` beside the model file."""
-    from ..models._helpers import atomic_write
+    from ..fileio import atomic_write
 
     path = preprocessing_path(model_path)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=1) + "\n"))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from ..fileio import atomic_write
 
 __all__ = ["BackboneOnlyCheckpointError", "CheckpointError", "LoadReport",
            "load_checkpoint", "read_state_dict", "save_weights", "atomic_write"]
@@ -238,33 +239,6 @@ def _check_values(sd: dict, target: dict, layout: str, allow_nonfinite: bool, al
         if bad:
             raise CheckpointError(f"checkpoint ({layout} layout) has NaN/Inf values in {len(bad)} tensor(s): "
                                   f"{_fmt(bad)} (pass allow_nonfinite=True to load them anyway)")
-
-
-def atomic_write(path: str | os.PathLike, write_fn) -> Path:
-    """Call ``write_fn(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the user's usual mode
-        os.replace(tmp, path)
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
-        except OSError:  # some filesystems cannot fsync a directory
-            pass
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def save_weights(model: nn.Module | dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:

@@ -73,6 +73,10 @@ def create_model(
     allow_nonfinite: bool = False,
     allow_non_float: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    features_only: bool = False,
+    out_indices=None,
+    out_norm: bool = False,
+    pyramid: bool | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a registered model; ``pretrained`` is a checkpoint path (any layout ``load_checkpoint`` reads) or a
@@ -85,7 +89,23 @@ def create_model(
     checkpoint's classifier has another class count it is dropped and the new head keeps its init.
     ``allow_nonfinite`` / ``allow_non_float``: ``load_checkpoint``'s opt-outs (NaN/Inf weights, integer or bool
     tensors into float parameters), for the rare checkpoint that needs them.
+
+    ``features_only=True`` (timm's convention) returns the dense face ``models.dense.FeatureNet``: a list of
+    per-stage maps with ``feature_info``; ``out_indices`` picks the stages, ``out_norm`` adds a LayerNorm per
+    output, ``pyramid`` (ViT) ViTDet's simple feature pyramid (default on for a ViT). ``pretrained`` loads
+    into the backbone before it is wrapped (strict, as for the classifier); it is built without a classifier
+    (``num_classes=0``) unless ``num_classes`` says otherwise.
     """
+    if features_only:
+        model = create_model(name, pretrained, num_classes=0 if num_classes is None else num_classes, in_chans=in_chans,
+                             drop_path_rate=drop_path_rate,
+                             allow_nonfinite=allow_nonfinite, allow_non_float=allow_non_float, cache_dir=cache_dir,
+                             **kwargs)
+        from .dense import FeatureNet
+
+        return FeatureNet(model, out_indices, out_norm=out_norm, pyramid=pyramid)
+    if out_indices is not None or out_norm or pyramid is not None:
+        raise ValueError("out_indices, out_norm and pyramid shape the dense face: pass features_only=True")
     from .hub import create_model_from_source, parse_source, resolve_folder, weights_file
 
     if parse_source(name)[0] is not None:

@@ -3,7 +3,7 @@
 ``register_with_timm()`` registers every maskconv model in timm's registry as ``maskconv_<name>`` (e.g.
 ``maskconv_slak_tiny``): timm has no ``maskconv_*`` names, so nothing of timm's is shadowed, whatever the timm
 version (docs/DECISIONS.md). The entrypoints build through timm's ``build_model_with_cfg``, so timm's
-``features_only`` (its ``FeatureGetterNet`` over our ``forward_intermediates`` / ``feature_info``), its
+``features_only`` (maskconv's ``FeatureNet``, models/dense.py, over our ``forward_intermediates``), its
 ``pretrained=True`` loading from ``local-dir:`` / ``hf-hub:`` folders or ``pretrained_cfg_overlay=dict(file=...)``
 (through the family's checkpoint filter, so official layouts read as in maskconv) all work. Registration is an
 explicit call, never a side effect of ``import maskconv``; it adds nothing but the entries in timm's registry
@@ -97,6 +97,7 @@ def _timm_filter(state_dict: dict, model: nn.Module) -> dict:
 def _build(name: str, tname: str, pretrained: bool, pretrained_cfg=None, **kwargs) -> nn.Module:
     from timm.models import build_model_with_cfg
 
+    from .dense import FeatureNet
     from .vit import VisionTransformer
 
     fn = model_entrypoint(name)
@@ -104,8 +105,10 @@ def _build(name: str, tname: str, pretrained: bool, pretrained_cfg=None, **kwarg
         shape = fn(**{k: v for k, v in kwargs.items() if k not in TIMM_BUILD_OPTIONS})
     if pretrained_cfg is None:  # a plain name: our defaults (a local-dir / hf-hub config brings its own)
         pretrained_cfg = default_pretrained_cfg(shape, tname)
-    # timm's defaults for features_only: the last 3 blocks of a ViT (as timm's ViT), every stage of the others
+    # timm's defaults for features_only: the last 3 blocks of a ViT (as timm's ViT), every stage of the others.
+    # The wrapper is maskconv's FeatureNet (models/dense.py), the one features_only implementation; block maps
+    # for a ViT, as timm's.
     levels = 3 if isinstance(shape, VisionTransformer) else tuple(range(len(shape.feature_info)))
     return build_model_with_cfg(lambda **kw: fn(**kw), tname, pretrained, pretrained_cfg=pretrained_cfg,
                                 pretrained_filter_fn=_timm_filter,
-                                feature_cfg=dict(feature_cls="getter", out_indices=levels), **kwargs)
+                                feature_cfg=dict(feature_cls=FeatureNet, out_indices=levels, pyramid=False), **kwargs)

@@ -2,7 +2,7 @@
 
 Paper: Gao et al., "ConvMAE: Masked Convolution Meets Masked Autoencoders" (NeurIPS 2022, arXiv:2205.03892).
 Origin: Alpha-VL/ConvMAE (MIT-licensed code; ``vision_transformer.py`` CBlock / PatchEmbed / ConvViT,
-``models_convvit.py`` fine-tuning model, ``util/lr_decay.py``). Facts: shared/reference/OFFICIAL.md §4.
+``models_convvit.py`` fine-tuning model, ``util/lr_decay.py``).
 
 Layout (total stride ``4 * patch_size`` = 16 by default):
 stage 1: ``patch_embed1`` (conv k=s=patch_size -> LN -> GELU) + ``blocks1`` (CBlocks, H/4)

@@ -341,7 +341,7 @@ class ConvNeXt(nn.Module):
         return 3 + block // 3 if stage == 2 else 12
 
 
-# ---- configs and registered variants (shapes from OFFICIAL.md §1.1, §2.1 and timm) --------------------------
+# ---- configs and registered variants (shapes from ConvNeXt models/convnext.py, V2 models/convnextv2.py, timm) ------
 _V1 = dict(ls_init_value=1e-6)
 _V2 = dict(use_grn=True, ls_init_value=None)
 _SIZES = {

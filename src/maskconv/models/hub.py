@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ._helpers import CheckpointError, atomic_write, save_weights
+from ..fileio import atomic_write
+from ._helpers import CheckpointError, save_weights
 from ._timm import TIMM_BUILD_OPTIONS, default_pretrained_cfg, maskconv_name, timm_name
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_pretrained", "parse_source", "resolve_folder", "save_pretrained",

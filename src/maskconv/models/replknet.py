@@ -4,9 +4,9 @@ Paper: "Scaling Up Your Kernels to 31x31: Revisiting Large Kernel Design in CNNs
 arXiv:2203.06717). Origin: DingXiaoH/RepLKNet-pytorch ``replknet.py`` (MIT-licensed code; check the licence of
 any weights you load).
 
-BatchNorm everywhere (OFFICIAL.md §5.3): stem conv3×3/2 → DW3×3 → 1×1 → DW3×3/2 (each conv-BN-ReLU); per stage,
-pairs of RepLKBlock (BN → 1×1 conv-BN-ReLU → DW M×M conv-BN + DW 5×5 conv-BN → ReLU → 1×1 conv-BN, residual)
-and ConvFFN (BN → 1×1 conv-BN to 4C → GELU → 1×1 conv-BN, residual); transitions 1×1 conv-BN-ReLU → DW3×3/2
+BatchNorm everywhere (DingXiaoH/RepLKNet-pytorch, replknet.py): stem conv3×3/2 → DW3×3 → 1×1 → DW3×3/2 (each
+conv-BN-ReLU); per stage, pairs of RepLKBlock (BN → 1×1 conv-BN-ReLU → DW M×M conv-BN + DW 5×5 conv-BN → ReLU →
+1×1 conv-BN, residual) and ConvFFN (BN → 1×1 conv-BN to 4C → GELU → 1×1 conv-BN, residual); transitions 1×1 conv-BN-ReLU → DW3×3/2
 conv-BN-ReLU; head BN → average pool → Linear. Keys are the official ones (``stem.i``, ``stages.i.blocks.k``
 with RepLK blocks at even k and ConvFFNs at odd k, ``transitions.i``) except the head, which takes timm's
 ``head.norm`` / ``head.fc`` names (the official ``norm`` / ``head``; ``checkpoint_filter_fn`` maps them).
@@ -312,7 +312,7 @@ def checkpoint_filter_fn(state_dict: dict, model: RepLKNet) -> tuple[dict, str]:
     return out, "replknet"
 
 
-# ---- configs and registered variants (OFFICIAL.md §5.3) ---------------------------------------------------
+# ---- configs and registered variants (RepLKNet-pytorch replknet.py) ------------------------------------------------
 @register_model
 def replknet_31b(**kw) -> RepLKNet:
     """RepLKNet-31B: kernels 31/29/27/13 + 5×5, depths [2, 2, 18, 2], dims [128, 256, 512, 1024] (79M params)."""

@@ -6,7 +6,7 @@ licence of any weights you load).
 
 A ConvNeXt V1 (LN stem / downsampling / blocks, layer scale 1e-6, GELU MLP) 1.3× wider, whose blocks' depthwise
 7×7 conv is SLaK's decomposed large kernel: M×N + N×M + N×N depthwise conv-BN branches (stage kernels M
-(51, 49, 47, 13), short edge N=5; OFFICIAL.md §5.1). It *is* our ``ConvNeXt`` with per-stage kernel sizes and a
+(51, 49, 47, 13), short edge N=5; VITA-Group/SLaK, models/SLaK.py). It *is* our ``ConvNeXt`` with per-stage kernel sizes and a
 ``conv_dw`` factory, so it shares the model contract (forward_intermediates, feature_info, layer ids for
 layer-wise lr decay, grad checkpointing) and timm's key layout: the official ``stages.i.j.large_kernel.LoRA1.*``
 is ours ``stages.i.blocks.j.conv_dw.LoRA1.*``. ``maskconv.export.reparameterize_model`` merges every large
@@ -78,7 +78,7 @@ def checkpoint_filter_fn(state_dict: dict, model: SLaK) -> tuple[dict, str]:
     return out, "slak" if layout == "fb" else layout
 
 
-# ---- configs and registered variants (OFFICIAL.md §5.1) ---------------------------------------------------
+# ---- configs and registered variants (VITA-Group/SLaK models/SLaK.py) ----------------------------------------------
 _SIZES = {
     "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
     "small": ((3, 3, 27, 3), (96, 192, 384, 768)),

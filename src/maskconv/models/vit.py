@@ -295,7 +295,7 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> tuple[di
     return sd, layout
 
 
-# ---- configs and registered variants (timm's names; shapes from timm / OFFICIAL.md §3) ----------------------
+# ---- configs and registered variants (timm's names; shapes from timm vision_transformer.py / mae models_vit.py) ----
 _SIZES = {  # patch, embed_dim, depth, heads
     "tiny": (16, 192, 12, 3),
     "small": (16, 384, 12, 6),

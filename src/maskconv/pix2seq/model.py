@@ -149,16 +149,27 @@ class Pix2Seq(nn.Module):
     def memory_kv(self, memory: torch.Tensor) -> list:
         return [layer.memory_kv(memory) for layer in self.decoder.layers]
 
-    def forward(self, images: torch.Tensor, input_seq: torch.Tensor) -> torch.Tensor:
-        return self.decoder(input_seq, self.memory_kv(self.encode(images)))
+    def forward(self, images: torch.Tensor, input_seq, tiles: list[int] | None = None):
+        """Teacher-forced logits (B, L, V) of ``input_seq`` (B, L). Several tasks at once (Pix2Seq v2): a list of
+        sequences, the i-th (B * tiles[i], L_i) - each image's encoding repeated ``tiles[i]`` times, once per
+        object of an instance task - gives a list of logits; the encoder runs once."""
+        mem_kv = self.memory_kv(self.encode(images))
+        if isinstance(input_seq, torch.Tensor):
+            return self.decoder(input_seq, mem_kv)
+        tiles = tiles or [1] * len(input_seq)
+        return [self.decoder(seq, mem_kv if n == 1 else [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0))
+                                                          for k, v in mem_kv]) for seq, n in zip(input_seq, tiles)]
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompt: torch.Tensor, max_len: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, greedy: bool = False, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None = None,
+                 memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``max_len`` tokens after ``prompt`` (B, P), batched; no early stop (as official).
+        ``memory`` (B, S, dim): an encoded batch to reuse (the official ``encoded=``; v2's instance tasks tile
+        one image's encoding over its objects and samples) - then ``images`` is not read.
         Returns (tokens (B, max_len), logits (B, max_len, V)) - the logits before temperature and filtering."""
-        mem_kv = self.memory_kv(self.encode(images))
+        mem_kv = self.memory_kv(self.encode(images) if memory is None else memory)
         seq = prompt
         caches = [{} for _ in self.decoder.layers] if use_cache else None
         out_tokens, out_logits = [], []

@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .masking import random_mask
+from ..config import SparsePath, literal_words, one_of
+from .masking import check_mask, check_mask_ratio, num_visible, random_mask
 from .targets import patch_stats, patchify
 
 
@@ -17,17 +18,16 @@ class EncoderTypeError(TypeError, ValueError):
     """The encoder is not of the family the objective needs (also a ValueError: the CLI reports it in one line)."""
 
 
-SPARSE_PATHS = ("gather", "dense")  # FCMAE / ConvMAE compute paths of the same masked semantics
+SPARSE_PATHS = literal_words(SparsePath)  # FCMAE / ConvMAE compute paths of the same masked semantics
 
 
 def check_objective_args(mask_ratio: float, decoder_dim: int, decoder_depth: int, decoder_heads: int | None = None,
                          sparse: str | None = None) -> None:
     """The objectives' shared argument checks, one ValueError naming the problem. ``decoder_heads``: a Transformer
     decoder with a 2-D sin-cos table (MAE, ConvMAE); ``sparse``: the compute path (FCMAE, ConvMAE)."""
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    check_mask_ratio(mask_ratio)
     if sparse is not None and sparse not in SPARSE_PATHS:
-        raise ValueError(f"sparse must be 'gather' or 'dense', got {sparse!r}")
+        raise ValueError(f"sparse must be {one_of(repr(w) for w in SPARSE_PATHS)}, got {sparse!r}")
     if decoder_depth < 0 or decoder_dim < 1:
         raise ValueError(f"decoder_depth ({decoder_depth}) must be >= 0 and decoder_dim ({decoder_dim}) >= 1")
     if decoder_heads is not None:
@@ -60,6 +60,13 @@ class MaskedImageObjective(nn.Module):
             raise ValueError(f"images must be (B, {self.in_chans}, H, W) with H and W multiples of the patch size "
                              f"{p} (the encoder's total stride); got {tuple(images.shape)}")
         return h // p, w // p
+
+    def visible_count(self, images: torch.Tensor, mask: torch.Tensor) -> int:
+        """Check ``mask`` against the patch grid of ``images``; the visible patches per sample. Eager: read from
+        the mask (validated); under ``torch.compile``: the objective's own count for ``mask_ratio`` (the count the
+        masks it and the engine draw always keep), so the traced step has static shapes and no host sync."""
+        h, w = self.grid(images)
+        return check_mask(mask, images.shape[0], h, w, keep=num_visible(h * w, self.mask_ratio))
 
     def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A random (B, h, w) bool mask, True = masked, the same number hidden in every sample."""

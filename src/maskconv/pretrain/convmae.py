@@ -38,7 +38,7 @@ from ..models import register_checkpoint_filter
 from ..models.convmae import CBlock, ConvViT, PatchEmbed
 from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, check_objective_args, split_official_state
 from ._tokens import gather_tokens, scatter_tokens
-from .masking import check_mask, upsample_mask, visible_index
+from .masking import upsample_mask, visible_index, visible_positions
 
 
 ConvMAEOutput = MaskedOutput  # loss, pred (B, L, p*p*C), mask (B, h, w) bool
@@ -114,7 +114,7 @@ class ConvMAE(MaskedImageObjective):
         nn.init.normal_(self.mask_token, std=0.02)
 
     # ---- encoder -------------------------------------------------------------------------------------------
-    def _stages12_dense(self, x: torch.Tensor, mask: torch.Tensor):
+    def _stages12_dense(self, x: torch.Tensor, mask: torch.Tensor, keep: int):
         """Official: every position computed, depthwise inputs masked. Returns the stage-2 map and the fusion
         maps (B, C3, h, w) of stages 1 and 2."""
         enc = self.encoder
@@ -123,12 +123,13 @@ class ConvMAE(MaskedImageObjective):
         x = enc.run_blocks(enc.patch_embed2(x), enc.blocks2, upsample_mask(mask, 2).unsqueeze(1))
         return x, s1, self.stage2_output_decode(x)
 
-    def _stages12_gather(self, x: torch.Tensor, mask: torch.Tensor):
+    def _stages12_gather(self, x: torch.Tensor, mask: torch.Tensor, keep: int):
         """Same visible values as ``_stages12_dense``; the stage-2 map is zero at masked positions."""
         enc, b = self.encoder, x.shape[0]
         out = []
         for i, (pe, blocks) in enumerate(((enc.patch_embed1, enc.blocks1), (enc.patch_embed2, enc.blocks2))):
-            idx = visible_index(upsample_mask(mask, 4 >> i))  # stage 1: 4x4 cells per token, stage 2: 2x2
+            s = 4 >> i  # stage 1: 4x4 cells per token, stage 2: 2x2
+            idx = visible_index(upsample_mask(mask, s), keep * s * s)
             h, w = mask.shape[1] * (4 >> i), mask.shape[2] * (4 >> i)
             t = _embed_gather(pe, x, idx)
             t = enc.run_blocks(t, blocks, idx, b, h, w, step=cblock_gather)
@@ -140,21 +141,21 @@ class ConvMAE(MaskedImageObjective):
         """(B, C_in, H, W), mask (B, h, w) -> normed visible stage-3 tokens (B, L_vis, C3), in position order."""
         enc = self.encoder
         enc.check_input(images)
+        keep = self.visible_count(images, mask)
         h, w = self.grid(images)
-        check_mask(mask, images.shape[0], h, w)
         mask = mask.to(images.device)
         stages = self._stages12_gather if self.sparse == "gather" else self._stages12_dense
-        x, s1, s2 = stages(images, mask)
+        x, s1, s2 = stages(images, mask, keep)
         x = enc.patch_embed3(x)  # (B, C3, h, w)
         b, c = x.shape[:2]
         # the encoder's own (frozen sin-cos) table, resampled for a grid other than its stored one exactly as
         # fine-tuning / linear probing will see it; an fp32 parameter, so the residual stream stays fp32
         t = enc.patch_embed4(x.flatten(2).transpose(1, 2)) + enc.pos_embed_for(h, w)  # (B, L, C3)
-        vis = ~mask.flatten(1)  # (B, L)
-        t = t[vis].view(b, -1, c)  # (B, L_vis, C3): every sample keeps the same count
+        ids = visible_positions(mask, keep).unsqueeze(-1).expand(-1, -1, c)  # (B, L_vis, C3) static-size gather
+        t = t.gather(1, ids)  # (B, L_vis, C3), position order
         t = enc.run_blocks(t, enc.blocks3)
         # multi-scale fusion: added to the blocks' output, before the final norm (official)
-        fuse = (s1 + s2).flatten(2).transpose(1, 2)[vis].view(b, -1, c)
+        fuse = (s1 + s2).flatten(2).transpose(1, 2).gather(1, ids)
         return self.norm(t + fuse)
 
     # ---- decoder + loss ------------------------------------------------------------------------------------
@@ -164,7 +165,8 @@ class ConvMAE(MaskedImageObjective):
         x = self.decoder_embed(latent).to(self.mask_token.dtype)  # (B, L_vis, D); fp32 stream under autocast
         d = x.shape[-1]
         full = self.mask_token.reshape(1, d).expand(b * h * w, d)
-        x = full.index_copy(0, visible_index(mask), x.reshape(-1, d)).view(b, h * w, d)  # mask tokens + visible
+        idx = visible_index(mask, x.shape[1])  # the positions the encoder kept
+        x = full.index_copy(0, idx, x.reshape(-1, d)).view(b, h * w, d)  # mask tokens + visible
         x = x + sincos_pos_embed_2d(d, (h, w), dtype=x.dtype, device=x.device)
         for blk in self.decoder_blocks:
             x = blk(x)

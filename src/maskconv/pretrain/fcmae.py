@@ -74,13 +74,16 @@ def block_gather(blk: ConvNeXtBlock, t: torch.Tensor, idx: torch.Tensor, b: int,
     return blk.residual(t.view(b, n // b, 1, c), y).view(n, c)
 
 
-def encode_gather(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sparse masked encoder: same result as ``encode_dense``; pointwise work on visible cells only."""
+def encode_gather(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    """Sparse masked encoder: same result as ``encode_dense``; pointwise work on visible cells only. ``keep``:
+    visible patches per sample (default: read from the mask, a host sync; every stage's index is then a
+    static-size sort of the upsampled mask)."""
     b = x.shape[0]
+    keep = check_mask(mask, *mask.shape) if keep is None else keep
     scale = 2 ** (len(enc.stages) - 1)
     y = enc.stem[0](x.contiguous(memory_format=torch.channels_last))  # patchify conv: no overlap, no leak
     h, w = y.shape[-2:]
-    idx = visible_index(upsample_mask(mask, scale))
+    idx = visible_index(upsample_mask(mask, scale), keep * scale * scale)
     t = enc.stem[1].forward_last(gather_tokens(y.permute(0, 2, 3, 1), idx))  # (N_vis, C0)
     for i, stage in enumerate(enc.stages):
         if i > 0:
@@ -88,7 +91,7 @@ def encode_gather(enc: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.T
             y = conv(scatter_tokens(ln.forward_last(t), idx, b, h, w))
             h, w = y.shape[-2:]
             scale //= 2
-            idx = visible_index(upsample_mask(mask, scale))
+            idx = visible_index(upsample_mask(mask, scale), keep * scale * scale)
             t = gather_tokens(y.permute(0, 2, 3, 1), idx)
         for blk in stage.blocks:
             t = block_gather(blk, t, idx, b, h, w)
@@ -135,10 +138,11 @@ class FCMAE(MaskedImageObjective):
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W), mask (B, h, w) -> encoder map (B, C, h, w), exactly zero at masked positions."""
         self.encoder.check_input(images)
-        h, w = self.grid(images)
-        check_mask(mask, images.shape[0], h, w)
+        keep = self.visible_count(images, mask)
         mask = mask.to(images.device)
-        return (encode_gather if self.sparse == "gather" else encode_dense)(self.encoder, images, mask)
+        if self.sparse == "gather":
+            return encode_gather(self.encoder, images, mask, keep)
+        return encode_dense(self.encoder, images, mask)
 
     def forward_decoder(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> predictions (B, L, p*p*C_in)."""

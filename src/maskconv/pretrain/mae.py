@@ -28,7 +28,7 @@ from ..layers import Block, LayerNorm, init_mae, sincos_pos_embed_2d
 from ..models import register_checkpoint_filter
 from ..models.vit import VisionTransformer
 from ._base import EncoderTypeError, MaskedImageObjective, MaskedOutput, check_objective_args, split_official_state
-from .masking import check_mask
+from .masking import visible_positions
 
 __all__ = ["MAE", "MAEOutput", "checkpoint_filter_fn"]
 
@@ -89,14 +89,14 @@ class MAE(MaskedImageObjective):
         position order (the official code keeps them in shuffled order; attention does not care)."""
         enc = self.encoder
         enc.check_input(images)
-        h, w = self.grid(images)
-        check_mask(mask, images.shape[0], h, w)
+        keep = self.visible_count(images, mask)
         mask = mask.to(images.device)
         # the encoder's own (frozen sin-cos) position table, resampled for a grid other than its stored one exactly
         # as fine-tuning / linear probing will see it; an fp32 parameter, so the residual stream stays fp32
         x, _ = enc.patchify_tokens(images)  # (B, L, D) with positions
         b, _, d = x.shape
-        x = x[~mask.flatten(1)].view(b, -1, d)  # (B, L_vis, D): every sample keeps the same count
+        ids = visible_positions(mask, keep)  # (B, L_vis) ascending: a static-size gather, no boolean indexing
+        x = x.gather(1, ids.unsqueeze(-1).expand(-1, -1, d))  # (B, L_vis, D)
         cls = enc.cls_with_pos().expand(b, -1, -1)  # the cls row of the table is zero, as official
         x = enc.run_blocks(torch.cat([cls, x], dim=1))  # grad checkpointing follows the encoder's setting
         return enc.norm(x)
@@ -107,9 +107,9 @@ class MAE(MaskedImageObjective):
         x = self.decoder_embed(latent).to(self.mask_token.dtype)  # (B, 1 + L_vis, Dd); fp32 stream under autocast
         d = x.shape[-1]
         full = self.mask_token.expand(b, h * w, d)
-        vis = (~mask.flatten(1))[..., None]  # (B, L, 1)
+        ids = visible_positions(mask, x.shape[1] - 1)  # (B, L_vis): the positions the encoder gathered
         # scatter visible tokens back to their positions: row-major order, as they were gathered
-        full = full.masked_scatter(vis, x[:, 1:])
+        full = full.scatter(1, ids.unsqueeze(-1).expand(-1, -1, d), x[:, 1:])
         x = torch.cat([x[:, :1], full], dim=1)  # (B, 1 + L, Dd)
         x = x + sincos_pos_embed_2d(d, (h, w), cls_token=True, dtype=x.dtype, device=x.device)
         for blk in self.decoder_blocks:

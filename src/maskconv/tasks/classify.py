@@ -17,6 +17,7 @@ from ..data.build import build_dataset, build_transform
 from ..data.datasets import collate_skip, image_folder_of
 from ..engine import dist as D
 from ..engine.loop import FitResult, fit
+from ..engine.rundir import RunDir
 from ..inputs import check_inputs
 from ..models import checkpoint_num_classes, create_model, load_checkpoint, save_weights
 from ..rebuild import model_kwargs, probe_head
@@ -141,13 +142,13 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     task = "linprobe" if linprobe else "finetune"
     res = fit(cfg, model, ds, tf, loss_fn, task=task, batch_transform=batch_tf, evaluate=evaluate,
               backbone=model if cfg.optim.layer_decay != 1.0 else None, info=info, train_mode=train_mode,
-              files={"classes.json": json.dumps(classes)})  # eval numbers classes the same way
+              files={RunDir.CLASSES: json.dumps(classes)})  # eval numbers classes the same way
     if info.is_main:
         meta = {"num_classes": str(n), "classes": json.dumps(classes)}
-        save_weights(res.state_dict if res.state_dict is not None else model, res.out / "model.safetensors",
+        save_weights(res.state_dict if res.state_dict is not None else model, res.out / RunDir.MODEL,
                      metadata={"architecture": cfg.model.name, **meta})
         if res.ema is not None:
-            save_weights(res.ema, res.out / "model_ema.safetensors", metadata=meta)
+            save_weights(res.ema, res.out / RunDir.MODEL_EMA, metadata=meta)
     return res
 
 
@@ -196,21 +197,21 @@ def load_eval_source(checkpoint: str | Path, model: str | None = None, **overrid
     sits beside it). Non-finite weights are refused."""
     from safetensors import safe_open
 
-    from ..engine.checkpoint import LAST, load_training_checkpoint
+    from ..engine.checkpoint import load_training_checkpoint
     from ..models import CheckpointError, read_state_dict
 
     src = Path(checkpoint)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such run folder or weights file")
-    names = ("model.safetensors", "model_ema.safetensors")
+    names = (RunDir.MODEL, RunDir.MODEL_EMA)
     if src.is_dir():
-        if not (src / LAST).is_file() and not any((src / f).is_file() for f in names):
-            raise CheckpointError(f"{src} holds no checkpoint to evaluate (no {LAST}, {' or '.join(names)}): "
+        if not (src / RunDir.LAST).is_file() and not any((src / f).is_file() for f in names):
+            raise CheckpointError(f"{src} holds no checkpoint to evaluate (no {RunDir.LAST}, {' or '.join(names)}): "
                                   "is it a finished finetune / linprobe run folder?")
     home = src if src.is_dir() else src.parent
     weights, files, cfg, task = {}, {}, None, None
-    if (src.is_dir() and (src / LAST).is_file()) or src.name == LAST:
-        path = src / LAST if src.is_dir() else src
+    if (src.is_dir() and (src / RunDir.LAST).is_file()) or src.name == RunDir.LAST:
+        path = src / RunDir.LAST if src.is_dir() else src
         ck = load_training_checkpoint(path)
         task, cfg = ck.get("task"), _run_config(ck["config"], model, overrides)
         weights["raw"], files["raw"] = ck["model"], f"{path}, 'model'"
@@ -222,7 +223,7 @@ def load_eval_source(checkpoint: str | Path, model: str | None = None, **overrid
         for f in chosen:
             kind = "ema" if f.stem.endswith("_ema") else "raw"
             weights[kind], files[kind] = read_state_dict(f), str(f)
-        run_cfg = home / "config.json"
+        run_cfg = home / RunDir.CONFIG
         if run_cfg.is_file():
             saved = json.loads(run_cfg.read_text())
             cfg = _run_config(saved, model, overrides)
@@ -249,14 +250,14 @@ def load_eval_source(checkpoint: str | Path, model: str | None = None, **overrid
             cls = getattr(create_model(cfg.model.name, **model_kwargs(cfg, True)), "classifier", "head.fc")
         task = "linprobe" if f"{cls}.1.weight" in any_sd else "finetune"
     classes = None
-    cls_file = home / "classes.json"
+    cls_file = home / RunDir.CLASSES
     if cls_file.is_file():
         classes = json.loads(cls_file.read_text()) or None
     elif any(str(f).endswith(".safetensors") for f in files.values()):
         with safe_open(next(f for f in files.values() if f.endswith(".safetensors")), "pt") as f:
             classes = json.loads((f.metadata() or {}).get("classes", "null")) or None
-    return EvalSource(cfg, task, weights, files, classes, home, has_config=(home / "config.json").is_file()
-                      or src.name == LAST or (src / LAST).is_file())
+    return EvalSource(cfg, task, weights, files, classes, home, has_config=(home / RunDir.CONFIG).is_file()
+                      or src.name == RunDir.LAST or (src / RunDir.LAST).is_file())
 
 
 def _eval_folder(home: Path, data: str | None, split: str) -> Path:
@@ -265,13 +266,13 @@ def _eval_folder(home: Path, data: str | None, split: str) -> Path:
     import hashlib
 
     if not data:
-        return home / "eval" / split
+        return home / RunDir.EVAL / split
     from ..data.build import NAMED
 
     if data in NAMED:
-        return home / "eval" / f"{data}-{split}"
+        return home / RunDir.EVAL / f"{data}-{split}"
     where = Path(data).resolve()
-    return home / "eval" / f"{where.name}-{hashlib.sha1(str(where).encode()).hexdigest()[:6]}-{split}"
+    return home / RunDir.EVAL / f"{where.name}-{hashlib.sha1(str(where).encode()).hexdigest()[:6]}-{split}"
 
 
 def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | None = None,

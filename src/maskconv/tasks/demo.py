@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..commands import Command
+from ..engine.rundir import RunDir
 from .pretrain import run_pretrain
 from .visualize import sample_images
 from .zoo import format_table, machine_description, model_table
@@ -47,7 +48,7 @@ def run_pretrain_demo(out: str | Path = "demo_out", data: str | None = None, ove
     cfg = load_config("small_pretrain", [*sized, f"run.out={out / 'pretrain'}", *(overrides or [])])
     cfg.task = "pretrain"
     res = run_pretrain(cfg)
-    obj = load_objective(res.out / "objective.safetensors")
+    obj = load_objective(res.out / RunDir.OBJECTIVE)
     held = sample_images(data, cfg.data.img_size, cfg.model.in_chans, 8)  # the test split / whole photos
     mean, std = default_norm(cfg.model.in_chans)
     paths = {"pretraining run": res.out, "reconstructions": plot_reconstruction(

@@ -8,8 +8,9 @@ from ..config import Config
 from ..data.build import build_transform
 from ..engine import dist as D
 from ..engine.loop import FitResult, fit
+from ..engine.rundir import RunDir
 from ..inputs import check_inputs
-from ..models import load_checkpoint, save_weights
+from ..models import BackboneOnlyCheckpointError, load_checkpoint, save_weights
 from ..rebuild import model_kwargs
 
 
@@ -30,10 +31,10 @@ def run_pretrain(cfg: Config) -> FitResult:
     if cfg.model.init:  # continue pretraining: a whole objective, or encoder weights in any layout
         try:
             load_checkpoint(obj, cfg.model.init)
-        except ValueError as whole_err:
-            try:
+        except BackboneOnlyCheckpointError as whole_err:  # only then is the encoder the right target: a whole
+            try:  # objective that fails for its own reason (a shape, NaN) is that error, never read encoder-only
                 load_checkpoint(obj.encoder, cfg.model.init)
-            except ValueError as enc_err:  # say both: a whole-objective file may fail for its own reason
+            except ValueError as enc_err:  # say both
                 raise ValueError(f"{cfg.model.init} loads neither as a whole {ob.name} objective ({whole_err}) nor as "
                                  f"encoder weights ({enc_err})") from enc_err
     ds = inputs.train
@@ -49,11 +50,11 @@ def run_pretrain(cfg: Config) -> FitResult:
     res = fit(cfg, obj, ds, tf, loss_fn, task="pretrain", info=info, keyed_loss=True)
     if info.is_main:
         full = res.state_dict if res.state_dict is not None else obj.state_dict()
-        save_objective(obj, res.out / "objective.safetensors", full)  # encoder + decoder + config
+        save_objective(obj, res.out / RunDir.OBJECTIVE, full)  # encoder + decoder + config
         enc = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
-        save_weights(enc, res.out / "encoder.safetensors",  # strict-loads into create_model / timm
+        save_weights(enc, res.out / RunDir.ENCODER,  # strict-loads into create_model / timm
                      metadata={"architecture": cfg.model.name})
-        print(f"weights: {res.out / 'encoder.safetensors'} (encoder), {res.out / 'objective.safetensors'} (all)")
+        print(f"weights: {res.out / RunDir.ENCODER} (encoder), {res.out / RunDir.OBJECTIVE} (all)")
     res.run.release()
     return res
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..commands import Command
+from ..engine.rundir import RunDir
 
 
 def run_visualize_recon(checkpoint: str | Path, images: str | Path, out: str | Path, size: int | None = None,
@@ -22,10 +23,10 @@ def run_visualize_recon(checkpoint: str | Path, images: str | Path, out: str | P
 
     path, run = Path(checkpoint), None
     if path.is_dir():
-        run, path = path, path / "objective.safetensors"
+        run, path = path, path / RunDir.OBJECTIVE
         if not path.is_file():
-            raise FileNotFoundError(f"{run} has no objective.safetensors (not a finished pretraining run?)")
-    elif (path.parent / "config.json").is_file():
+            raise FileNotFoundError(f"{run} has no {RunDir.OBJECTIVE} (not a finished pretraining run?)")
+    elif (path.parent / RunDir.CONFIG).is_file():
         run = path.parent
     obj = load_objective(path, **({} if mask_ratio is None else {"mask_ratio": mask_ratio}))
     p = obj.patch_size

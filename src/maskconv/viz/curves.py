@@ -8,7 +8,9 @@ from ._plot import pyplot, save
 
 
 def read_metrics(run: str | Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
+    from ..engine.rundir import RunDir
+
+    path = Path(run) / RunDir.METRICS if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

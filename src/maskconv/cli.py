@@ -12,7 +12,7 @@ import sys
 
 from .commands import (ALIASES, UNUSED, Command, add_config_flags, config_from_args, field_docs,  # noqa: F401
                        recipe_names, task_keys)
-from .data import scenes
+from .data import scenes, shards, stats
 from .heads import task as dense
 from .pix2seq import task as pix2seq
 from .tasks import classify, demo, export, pretrain, visualize, zoo
@@ -29,6 +29,8 @@ COMMANDS: dict[str, Command] = {
     "export": export.COMMAND,
     "roadmap": roadmap.COMMAND,
     "scenes": scenes.COMMAND,
+    "shards": shards.COMMAND,
+    "data": stats.COMMAND,
     "pix2seq": pix2seq.COMMAND,
     "detect": dense.DETECT,
     "segment": dense.SEGMENT,

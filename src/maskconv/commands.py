@@ -36,14 +36,15 @@ UNUSED = {
                  "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "optim.layer_decay",
                  "optim.layer_decay_scheme"),
     "pix2seq": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
-                "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing"),
+                "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing", "data.mean",
+                "data.std"),
     # detect / segment: their own box- and mask-aware transform (heads/task.py), no classifier, no masking
     "detect": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
                "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing",
-               "data.crop_scale_min", "data.hflip"),
+               "data.crop_scale_min", "data.hflip", "data.mean", "data.std"),
     "segment": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class",
                 "data.val_fraction", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix",
-                "data.label_smoothing", "data.crop_scale_min", "data.hflip"),
+                "data.label_smoothing", "data.crop_scale_min", "data.hflip", "data.mean", "data.std"),
 }
 
 
@@ -105,7 +106,7 @@ def recipe_names(task: str | None = None) -> list[str]:
 
 
 def add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
-    from .config import flat_keys, literal_words, old_keys
+    from .config import REPLACED, flat_keys, literal_words, old_keys
 
     docs, types = field_docs(), flat_keys()
     names = ", ".join(recipe_names(task)) or "none packaged yet"
@@ -125,7 +126,7 @@ def add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
         desc = docs.get(key)
         groups[section].add_argument(f"--{key}", dest=key, default=None, metavar="V",
                                      help=f"{desc + '. ' if desc else ''}{kind}, default {default!r}")
-    for old in old_keys():  # still accepted (set_key says it is renamed), not shown
+    for old in (*old_keys(), *REPLACED):  # still accepted (set_key says it is renamed / replaced), not shown
         p.add_argument(f"--{old}", dest=old, default=None, help=argparse.SUPPRESS)
     p.add_argument("--allow-config-change", action="store_true", default=None, dest="run.allow_config_change",
                    help="resume a run with other training settings, recording the change and its step")

@@ -23,6 +23,7 @@ Amp = typing.Literal["auto", "off", "bf16", "fp16"]  # auto: bf16 on GPU, off on
 SparsePath = typing.Literal["gather", "dense"]  # FCMAE / ConvMAE compute paths of the same masked semantics
 SparsityInit = typing.Literal["snip", "erk", "uniform"]  # SLaK's layer-wise density at init
 LayerDecayScheme = typing.Literal["single", "group"]  # layer ids: one per block, or the official ConvNeXt V2 groups
+Logger = typing.Literal["none", "tensorboard", "wandb", "mlflow"]  # run.logger: the tracker beside metrics.jsonl
 CompileMode = typing.Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile
 MASK_RATIO_RANGE = "in (0, 1)"
 
@@ -78,6 +79,8 @@ class DataCfg:
     cutmix: float = 0.0  # CutMix alpha (0 = off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     max_pixels: int = 50_000_000  # images decoding to more pixels are skipped (after JPEG reduce-on-decode); 0 = off
+    mean: tuple[float, ...] | None = None  # per-channel normalisation mean; none = ImageNet's (RGB) or 0.5; `maskconv data stats`
+    std: tuple[float, ...] | None = None  # per-channel normalisation std; none = ImageNet's (RGB) or 0.5
 
 
 @dataclass
@@ -119,7 +122,7 @@ class RunCfg:
     save_every_minutes: float = 10.0  # also checkpoint when this much time passed since the last one (0 = off)
     eval_every_epochs: int = 1  # validation cadence (the last epoch is always evaluated)
     log_every_steps: int = 10  # metrics.jsonl / console cadence in optimizer steps (the loss is read and checked then)
-    tensorboard: bool = False  # also write TensorBoard event files
+    logger: Logger = "none"  # experiment tracker beside metrics.jsonl (engine/loggers.py)
     progress: bool = True  # tqdm progress bar with ETA
     max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); the lr schedule spans them
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun: shards params, grads, optimizer state
@@ -179,9 +182,14 @@ def _coerce(value, tp, key: str):
         items = value
         if isinstance(value, str):
             items = [v for v in value.strip("()[] ").split(",") if v.strip()]
-        if not isinstance(items, (list, tuple)) or len(items) != len(typing.get_args(tp)):
-            raise ConfigError(f"{key}: expected {len(typing.get_args(tp))} comma-separated values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(items, typing.get_args(tp)))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[float, ...]: one or more values
+            if not isinstance(items, (list, tuple)) or not items:
+                raise ConfigError(f"{key}: expected comma-separated values, got {value!r}")
+            return tuple(_coerce(v, args[0], key) for v in items)
+        if not isinstance(items, (list, tuple)) or len(items) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(items, args))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -231,6 +239,9 @@ def _fields(obj) -> dict[str, tuple[object, object]]:
 # Renamed keys, still read from recipes, overrides and saved runs (config.json, checkpoints) with a warning.
 # model.patch_size meant the ConvNeXt stem stride, while timm's ConvNeXt patch_size=2 builds another network.
 RENAMED = {"model.patch_size": "model.stem_stride"}
+# Keys replaced by a key with other values: old key -> (new key, old value -> new value, or None: nothing to set).
+# run.tensorboard=true became run.logger=tensorboard when W&B and MLflow joined (engine/loggers.py).
+REPLACED = {"run.tensorboard": ("run.logger", lambda on: "tensorboard" if _coerce(on, bool, "run.tensorboard") else None)}
 # Renamed sections (every key under them). sparse.* (SLaK dynamic sparse training) read like objective.sparse
 # (FCMAE's gather/dense compute path), an unrelated thing.
 RENAMED_SECTIONS = {"sparse": "dynamic_sparsity"}
@@ -260,6 +271,16 @@ def set_key(cfg: Config, key: str, value) -> None:
 
         warnings.warn(f"config key {key} is renamed {new}; reading it as that", FutureWarning, stacklevel=2)
         key = new
+    if key in REPLACED:
+        import warnings
+
+        new, convert = REPLACED[key]
+        to = convert(value)
+        warnings.warn(f"config key {key} is replaced by {new}; reading {key}={value} as "
+                      f"{f'{new}={to}' if to is not None else 'nothing to set'}", FutureWarning, stacklevel=2)
+        if to is None:
+            return
+        key, value = new, to
     parts = key.split(".")
     obj = cfg
     for i, p in enumerate(parts):
@@ -326,6 +347,7 @@ _RANGES = [
     ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
     ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("data.max_pixels", lambda v: v >= 0, ">= 0"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.std", lambda v: v is None or min(v) > 0, "> 0 for every channel (or none)"),
     ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.stem_stride", lambda v: v is None or v >= 1, ">= 1"),
     ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"), ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from .config import Config, ConfigError
 from .engine.rundir import RunDir
-from .data.build import NAMED, build_dataset
+from .data.build import NAMED, build_dataset, has_splits, normalization
 from .data.datasets import SeededDataset, Unreadable, describe_unreadable, image_folder_of
 
 
@@ -39,7 +39,8 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
     return its data sets. ``task``: pretrain | finetune | linprobe (default ``cfg.task``).
 
     Checks: the data is named (no silent synthetic default); ``run.out`` holds no run of another task or model;
-    the image size suits the model (its stride, via a forward on the meta device: no memory, no time); a labeled
+    the image size suits the model (its stride, via a forward on the meta device: no memory, no time);
+    ``data.mean`` / ``data.std`` have one value per input channel; a labeled
     task has >= 2 classes; the first files of every split can be read. Notes: the validation split (held out, or
     none), loose files beside class folders, skipped non-regular files."""
     d, task = cfg.data, task or cfg.task
@@ -48,6 +49,7 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
         raise ConfigError(f"{task} needs data: pass --data <image folder> or a named dataset ({', '.join(NAMED)})")
     _check_out(cfg, task)
     _check_size(cfg, task)
+    normalization(d, cfg.model.in_chans)  # data.mean / data.std: one value per channel the model takes
     labeled = task != "pretrain"
     train = build_dataset(d, cfg.model.in_chans, "train", labeled=labeled, seed=cfg.run.seed)
     inputs = Inputs(train)
@@ -62,7 +64,7 @@ def check_inputs(cfg: Config, task: str | None = None) -> Inputs:
             names = ", ".join(p.name for p in folder.loose[:5]) + (", ..." if len(folder.loose) > 5 else "")
             inputs.notes.append(f"{len(folder.loose)} image file(s) directly in {where} belong to no class and are "
                                 f"not used ({names})")
-        split_dirs = (Path(d.path) / "train").is_dir() and (Path(d.path) / "val").is_dir()
+        split_dirs = d.path not in NAMED and has_splits(d.path)
         if d.path in NAMED or split_dirs or d.val_fraction > 0:
             inputs.val = build_dataset(d, cfg.model.in_chans, "val", labeled=True, classes=inputs.classes)
             if not split_dirs and d.path not in NAMED:

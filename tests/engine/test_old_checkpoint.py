@@ -37,6 +37,8 @@ def _as_old(d: dict, fmt: dict, where: str) -> dict:
     d = dict(d)
     if "dynamic_sparsity" in d:
         d["sparse"] = d.pop("dynamic_sparsity")
+    if "logger" in d and "tensorboard" in fmt:  # run.tensorboard (bool) became run.logger
+        d["tensorboard"] = d.pop("logger") == "tensorboard"
     out = {}
     for k, want in fmt.items():
         assert k in d, f"{where}.{k}: the old format has it, the current run does not"

@@ -8,6 +8,8 @@ from torch.utils.data import Dataset, Subset
 
 from .datasets import FashionMNIST, ImageFolderDataset, SyntheticImages, decode_min_side
 from .photos import bundled_photos, default_norm
+from .hf import is_hf
+from .shards import is_shards
 
 NAMED = ("synthetic", "fashion-mnist", "photos")
 
@@ -35,7 +37,7 @@ def build_transform(cfg, in_chans: int, train: bool, pretrain: bool = False):
     from torchvision.transforms import v2
 
     size = cfg.img_size
-    mean, std = default_norm(in_chans)
+    mean, std = normalization(cfg, in_chans)
     if train:
         t = [v2.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0),
                                   interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
@@ -56,6 +58,20 @@ def build_transform(cfg, in_chans: int, train: bool, pretrain: bool = False):
     return v2.Compose(resize + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+def normalization(cfg, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel: ``data.mean`` / ``data.std`` when set (``maskconv data stats`` computes them),
+    else ImageNet's for RGB and 0.5 otherwise (``default_norm``)."""
+    mean, std = default_norm(in_chans)
+    given = {k: getattr(cfg, k, None) for k in ("mean", "std")}
+    for k, v in given.items():
+        if v is not None and len(v) != in_chans:
+            raise ValueError(f"data.{k} has {len(v)} values; the model takes {in_chans} channel(s)")
+    if given["std"] is not None and min(given["std"]) <= 0:
+        raise ValueError(f"data.std={tuple(given['std'])}: every value must be > 0")
+    return (tuple(given["mean"]) if given["mean"] is not None else mean,
+            tuple(given["std"]) if given["std"] is not None else std)
+
+
 def _parse_randaug(spec: str) -> tuple[int, int]:
     """'n2-m9' -> (2, 9)."""
     try:
@@ -67,7 +83,9 @@ def _parse_randaug(spec: str) -> tuple[int, int]:
 
 def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True, seed: int = 0,
                   classes: list[str] | None = None) -> Dataset:
-    """``cfg.path``: a named dataset (synthetic | fashion-mnist | photos) or a folder. A folder with ``train/``
+    """``cfg.path``: a named dataset (synthetic | fashion-mnist | photos), a folder, or WebDataset shards
+    (``shards:<folder>`` / ``shards:/p/shard-{000000..000009}.tar``, ``data/shards.py``), or a Hugging Face
+    ``save_to_disk`` folder (``hf:<folder>``, ``data/hf.py``). A folder with ``train/``
     and ``val/`` sub-folders is split by them; otherwise the folder itself is the training set (and holds class
     sub-folders when ``labeled``), less the ``cfg.val_fraction`` of each class held out as ``val``. ``classes``
     fixes the class numbering (validation / eval of a trained model)."""
@@ -84,23 +102,48 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
             raise ValueError("data.path=photos has no labels: use it for pretraining only")
         ds = _Photos(in_chans)
     else:
-        root = Path(name)
-        if not root.exists():
-            raise FileNotFoundError(f"data.path {name!r} is neither a folder nor one of {', '.join(NAMED)}")
-        split_dirs = (root / "train").is_dir() and (root / "val").is_dir()
+        decode = dict(max_pixels=cfg.max_pixels, min_side=decode_min_side(cfg.img_size, cfg.crop_scale_min),
+                      keep_16bit=in_chans == 1)  # a 16-bit grayscale file reaches a 1-channel model losslessly
+        split_dirs = has_splits(name)
         holdout = labeled and cfg.val_fraction > 0 and not split_dirs
-        if split_dirs:
-            root = root / split
-        elif split != "train" and not holdout:
-            raise FileNotFoundError(f"{root} has no {split}/ folder (expected {root}/train and {root}/val, or set "
+        if split != "train" and not split_dirs and not holdout:
+            raise FileNotFoundError(f"{name} has no {split}/ folder (expected {name}/train and {name}/val, or set "
                                     "data.val_fraction to hold out part of each class)")
-        ds = ImageFolderDataset(root, in_chans, labeled=labeled, classes=classes if labeled else None,
-                                max_pixels=cfg.max_pixels, min_side=decode_min_side(cfg.img_size, cfg.crop_scale_min))
+        if is_shards(name):
+            from .shards import ShardDataset, shard_splits
+
+            ds = ShardDataset(shard_splits(name)[split if split_dirs else None], in_chans, labeled=labeled,
+                              classes=classes if labeled else None, **decode)
+        elif is_hf(name):
+            from .hf import HFImageDataset, hf_splits
+
+            ds = HFImageDataset(hf_splits(name)[split if split_dirs else None], in_chans, labeled=labeled,
+                                classes=classes if labeled else None, **decode)
+        else:
+            ds = ImageFolderDataset(Path(name) / split if split_dirs else Path(name), in_chans, labeled=labeled,
+                                    classes=classes if labeled else None, **decode)
         if holdout:
             ds = holdout_split(ds, cfg.val_fraction)[1 if split == "val" else 0]
     if split == "train" and labeled and cfg.labels_per_class > 0:
         ds = labels_subset(ds, cfg.labels_per_class, seed)
     return ds
+
+
+def has_splits(path: str) -> bool:
+    """Whether a folder (or ``shards:`` folder) holds ``train/`` and ``val/``; a missing folder is an error."""
+    if is_shards(path):
+        from .shards import shard_splits
+
+        return None not in shard_splits(path)
+    if is_hf(path):
+        from .hf import hf_splits
+
+        return None not in hf_splits(path)
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data.path {path!r} is neither a folder nor one of {', '.join(NAMED)} (nor "
+                                "shards:<folder or pattern>, hf:<save_to_disk folder>)")
+    return (root / "train").is_dir() and (root / "val").is_dir()
 
 
 def holdout_split(ds: Dataset, fraction: float) -> tuple[Subset, Subset]:

@@ -92,35 +92,45 @@ def decode_min_side(img_size: int, crop_scale_min: float = 1.0) -> int:
     return int(np.ceil(img_size * max(1 / 0.875, 1 / np.sqrt(crop_scale_min))))
 
 
-def decode_image(path: str | Path, in_chans: int, max_pixels: int = 0, min_side: int = 0) -> torch.Tensor:
+def decode_image(path: str | Path, in_chans: int, max_pixels: int = 0, min_side: int = 0,
+                 keep_16bit: bool = False) -> torch.Tensor:
     """Decode a file to a (in_chans, H, W) uint8 tensor; raises on unreadable / truncated files.
 
     Only regular files are read (a FIFO would block forever). ``min_side`` > 0: a JPEG is decoded at the
     smallest 1/2, 1/4 or 1/8 scale whose shorter side is still >= ``min_side`` (PIL ``draft``: the DCT does the
     reduction, far cheaper than decoding every pixel). ``max_pixels`` > 0: an image that would still decode to
     more pixels raises ``ImageTooLarge`` before any pixel is decoded. PIL's own decompression-bomb limit
-    (2 x ``Image.MAX_IMAGE_PIXELS``) also raises ``ImageTooLarge``."""
-    from PIL import Image
-
+    (2 x ``Image.MAX_IMAGE_PIXELS``) also raises ``ImageTooLarge``. ``keep_16bit``: a 16-bit grayscale image
+    stays a uint16 tensor, every value kept (torchvision's v2 transforms and ``ToDtype(scale=True)`` take uint16)."""
     # O_NONBLOCK: opening a FIFO returns at once (a plain open waits for a writer); fstat then refuses it.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with open(fd, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
         if not stat.S_ISREG(mode):
             raise NotRegularFile(_kind(mode))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
-            try:
-                im = Image.open(f)
-            except Image.DecompressionBombError as e:
-                raise ImageTooLarge(str(e)) from None
-        with im:
-            if min_side > 0 and im.format == "JPEG":
-                im.draft(im.mode, (min_side, min_side))  # keeps both sides >= min_side
-            w, h = im.size
-            if max_pixels > 0 and w * h > max_pixels:
-                raise ImageTooLarge(f"{w}x{h} = {w * h} pixels, over data.max_pixels={max_pixels}")
-            im.load()  # forces a full decode: truncated files fail here, not later
+        return decode_stream(f, in_chans, max_pixels, min_side, keep_16bit)
+
+
+def decode_stream(f, in_chans: int, max_pixels: int = 0, min_side: int = 0, keep_16bit: bool = False) -> torch.Tensor:
+    """``decode_image`` on an open binary file object (a file, or ``io.BytesIO`` of a tar shard's member)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+        try:
+            im = Image.open(f)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLarge(str(e)) from None
+    with im:
+        if min_side > 0 and im.format == "JPEG":
+            im.draft(im.mode, (min_side, min_side))  # keeps both sides >= min_side
+        w, h = im.size
+        if max_pixels > 0 and w * h > max_pixels:
+            raise ImageTooLarge(f"{w}x{h} = {w * h} pixels, over data.max_pixels={max_pixels}")
+        im.load()  # forces a full decode: truncated files fail here, not later
+        if keep_16bit and im.mode.startswith("I;16"):
+            a = np.asarray(im).astype(np.uint16)  # native byte order, values unchanged
+        else:
             a = _to_uint8_array(im)
     t = torch.from_numpy(np.array(a))  # a writable copy (PIL arrays are read-only)
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
@@ -128,7 +138,8 @@ def decode_image(path: str | Path, in_chans: int, max_pixels: int = 0, min_side:
 
 
 def to_channels(t: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """(C, H, W) uint8 -> ``in_chans`` channels: luminance for 1, repeat gray for 3, cycle otherwise."""
+    """(C, H, W) uint8 -> ``in_chans`` channels: luminance for 1, repeat gray for 3, cycle otherwise (a uint16
+    gray image repeats as uint16)."""
     c = t.shape[0]
     if c == in_chans:
         return t
@@ -139,21 +150,27 @@ def to_channels(t: torch.Tensor, in_chans: int) -> torch.Tensor:
     return t.repeat(reps, 1, 1)[:in_chans]
 
 
+def class_folders(root: Path) -> list[str]:
+    """The class names of a labeled folder: its top-level sub-folders, sorted, hidden ones left out."""
+    return sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 class ImageFolderDataset(Dataset):
     """Images under ``root``, recursively. ``labeled``: one class per top-level sub-folder (sorted names).
 
     ``skipped``: files not listed because they are not regular files; ``loose``: (labeled) image files directly
-    in ``root``, which belong to no class. ``max_pixels`` / ``min_side``: see ``decode_image``."""
+    in ``root``, which belong to no class. ``max_pixels`` / ``min_side`` / ``keep_16bit``: see ``decode_image``."""
 
     def __init__(self, root: str | Path, in_chans: int = 3, labeled: bool = False, classes: list[str] | None = None,
-                 max_pixels: int = 0, min_side: int = 0):
+                 max_pixels: int = 0, min_side: int = 0, keep_16bit: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {root}")
         self.root, self.in_chans, self.max_pixels, self.min_side = root, in_chans, max_pixels, min_side
+        self.keep_16bit = keep_16bit
         self.loose: list[Path] = []
         if labeled:
-            found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            found = class_folders(root)
             if not found:
                 raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
             if classes is not None:  # a validation / eval split numbers its classes as the training run did
@@ -187,7 +204,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
-            return decode_image(path, self.in_chans, self.max_pixels, self.min_side), label
+            return decode_image(path, self.in_chans, self.max_pixels, self.min_side, self.keep_16bit), label
         except Exception as e:  # counted and reported by the caller (collate_skip)
             return Unreadable(str(path), unreadable_reason(e))
 

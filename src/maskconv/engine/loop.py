@@ -25,6 +25,7 @@ from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, descr
 from . import dist as D
 from ..models import CheckpointError
 from .checkpoint import load_training_checkpoint, save_training_checkpoint
+from .loggers import build_logger
 from .rundir import RunDir, RunFolderBusy, check_resume, data_fingerprint, format_changes
 from .optim import build_optimizer
 from .schedule import lr_at, set_lr
@@ -103,19 +104,12 @@ def autocast_ctx(amp: str, device: torch.device):
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (+ optional TensorBoard) on the main process."""
+    """``metrics.jsonl`` (+ the ``run.logger`` tracker, ``engine/loggers.py``) on the main process."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, out: Path, enabled: bool, logger: str = "none", config: dict | None = None):
         self.enabled = enabled
         self.path = out / RunDir.METRICS
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # lazy: optional extra
-            except ImportError:
-                raise ImportError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-
-            self.tb = SummaryWriter(str(out / RunDir.TENSORBOARD))
+        self.tracker = build_logger(logger, out, config or {}) if enabled else None
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after the checkpoint we resume from (they will be logged again). A torn last line
@@ -140,10 +134,12 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, row.get("step", 0))
+        if self.tracker is not None:
+            self.tracker.log(row)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 
@@ -466,7 +462,7 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                                                           model_name=cfg.model.name), config_history,
                                max(1, o.accum_steps), per_epoch_batches)
     _wrap_ddp(t, info)
-    log = MetricsLog(out, info.is_main, r.tensorboard)
+    log = MetricsLog(out, info.is_main, r.logger, cfg.to_dict())
     log.truncate_after(state.step)
     history: list[dict] = []
     eval_group = D.long_wait_group(info) if evaluate is not None else None
@@ -511,6 +507,7 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
     if info.is_main and unreadable:
         print(f"{describe_unreadable(unreadable)}; each was replaced by the next readable image", flush=True)
     full = _full_state(model, t.optimizer, t.fsdp)[0] if t.fsdp else None
+    log.close()  # (an interrupted run leaves its tracker run open: the resume continues it)
     return FitResult(out, state, history, model, t.ema.module if t.ema is not None else None,
                      full if info.is_main else None, run)
 

@@ -19,7 +19,7 @@ from ..config import flatten as config_flatten, renamed_key
 
 # Config keys that do not change what is trained: they may differ on resume without being recorded.
 NOT_TRAINING_RELEVANT = frozenset({
-    "run.out", "run.device", "run.progress", "run.tensorboard", "run.log_every_steps", "run.save_every_epochs",
+    "run.out", "run.device", "run.progress", "run.tensorboard", "run.logger", "run.log_every_steps", "run.save_every_epochs",
     "run.save_every_steps", "run.save_every_minutes", "run.eval_every_epochs", "run.allow_config_change",
     "run.dist_timeout_minutes", "data.num_workers", "resolved.world_size", "resolved.device"})
 
@@ -41,7 +41,8 @@ class RunDir:
     CONFIG = "config.json"  # the config + resolved values the run started with; written once
     HISTORY = "config_history.jsonl"  # one row per accepted change: {"step", "changes", "time"}
     METRICS = "metrics.jsonl"
-    TENSORBOARD = "tb"  # TensorBoard event files (run.tensorboard)
+    TENSORBOARD = "tb"  # TensorBoard event files (run.logger=tensorboard)
+    TRACKER_IDS = "tracker_ids.json"  # W&B / MLflow run ids of this folder, so a resume continues them (run.logger)
     LAST = "last.pt"  # the training checkpoint (engine/checkpoint.py)
     CLASSES = "classes.json"  # a classifier's class names, in label order
     MODEL = "model.safetensors"  # the trained weights (finetune, linprobe, pix2seq)
@@ -151,6 +152,8 @@ def data_fingerprint(dataset) -> str:
     base = dataset
     while hasattr(base, "dataset") and not hasattr(base, "samples"):  # torch Subset (labels_per_class)
         base = base.dataset
+    if hasattr(base, "fingerprint"):  # e.g. ShardDataset: (shard, member, size) of every sample
+        return base.fingerprint()
     samples = getattr(base, "samples", None)
     if samples and isinstance(samples[0], (tuple, list)) and isinstance(samples[0][0], (str, os.PathLike)):
         paths = [Path(s[0]) for s in samples]

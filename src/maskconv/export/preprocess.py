@@ -37,7 +37,8 @@ def preprocessing_spec(data_cfg, in_chans: int, size: tuple[int, int] | None = N
             steps.append({"op": "center_crop", "size": list(t.size)})
         elif isinstance(t, v2.ToDtype):
             scale = 255.0 if t.scale else 1.0
-            steps.append({"op": "to_float", "divide_by": scale, "note": "uint8 0..255 -> float32 0..1"})
+            steps.append({"op": "to_float", "divide_by": scale, "note": "uint8 0..255 -> float32 0..1 (a 16-bit gray image "
+                          "into a 1-channel model: divide by 65535)"})
         elif isinstance(t, v2.Normalize):
             mean, std = list(t.mean), list(t.std)
             steps.append({"op": "normalize", "mean": mean, "std": std, "note": "(x - mean) / std per channel"})

@@ -33,9 +33,9 @@ UNUSED = {
                  "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing", "optim.layer_decay",
                  "optim.layer_decay_scheme"),
     "finetune": ("objective", "pix2seq"),
-    "linprobe": ("objective", "pix2seq", "dynamic_sparsity", "model.drop_path_rate", "model.head_init_scale", "data.crop_scale_min",
-                 "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "optim.layer_decay",
-                 "optim.layer_decay_scheme"),
+    "linprobe": ("objective", "pix2seq", "dynamic_sparsity", "model.drop_path_rate", "model.head_init_scale",
+                 "data.crop_scale_min", "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix",
+                 "optim.layer_decay", "optim.layer_decay_scheme"),
     # pix2seq: its own transform (scale jitter and flips from pix2seq.*), no classifier, no masking
     "pix2seq": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
                 "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing",

@@ -22,7 +22,7 @@ from ..engine.rundir import RunDir
 from ..data.coco import CocoData, CocoDetection, DetectionEvalTransform, coco_evaluate, load_coco
 from .model import Pix2Seq
 from .tokenizer import DetectionTokenizer
-from .vocab import TASK_TOKENS, Vocab, default_bins
+from .vocab import TASK_TOKENS, Vocab
 
 __all__ = ["Pix2SeqOptions", "build_pix2seq", "run_pix2seq_train", "run_pix2seq_eval", "run_pix2seq_predict",
            "evaluate_detection", "evaluate_tasks", "detections_to_coco", "eval_batches", "normalize_image",

@@ -26,23 +26,25 @@ ALIASES = {"--model": "model.name", "--data": "data.path", "--out": "run.out", "
            "--objective": "objective.name"}
 TRAINING = ("pretrain", "finetune", "linprobe")  # the commands whose recipe names its task
 # Config keys a task never reads (a section name = all its keys); a new key is listed for every task until named
-# here. Pretraining has no labels or classifier; linear probing trains only the probe on eval-style crops.
+# here. Pretraining has no labels or classifier; linear probing trains only the probe on eval-style crops. A
+# section named as a task (pix2seq) holds that task's own settings: no other task reads it.
 UNUSED = {
-    "pretrain": ("model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.rand_augment",
+    "pretrain": ("pix2seq", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.rand_augment",
                  "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing", "optim.layer_decay",
                  "optim.layer_decay_scheme"),
-    "finetune": ("objective",),
-    "linprobe": ("objective", "dynamic_sparsity", "model.drop_path_rate", "model.head_init_scale", "data.crop_scale_min",
-                 "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "optim.layer_decay",
-                 "optim.layer_decay_scheme"),
+    "finetune": ("objective", "pix2seq"),
+    "linprobe": ("objective", "pix2seq", "dynamic_sparsity", "model.drop_path_rate", "model.head_init_scale",
+                 "data.crop_scale_min", "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix",
+                 "optim.layer_decay", "optim.layer_decay_scheme"),
+    # pix2seq: its own transform (scale jitter and flips from pix2seq.*), no classifier, no masking
     "pix2seq": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
-                "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing", "data.mean",
-                "data.std"),
+                "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing",
+                "data.crop_scale_min", "data.hflip", "data.mean", "data.std"),
     # detect / segment: their own box- and mask-aware transform (heads/task.py), no classifier, no masking
-    "detect": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
+    "detect": ("objective", "pix2seq", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",
                "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix", "data.label_smoothing",
                "data.crop_scale_min", "data.hflip", "data.mean", "data.std"),
-    "segment": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class",
+    "segment": ("objective", "pix2seq", "model.global_pool", "model.head_init_scale", "data.labels_per_class",
                 "data.val_fraction", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix",
                 "data.label_smoothing", "data.crop_scale_min", "data.hflip", "data.mean", "data.std"),
 }
@@ -124,7 +126,9 @@ def add_config_flags(p: argparse.ArgumentParser, task: str) -> None:
         tp, default = types[key]
         kind = " | ".join(literal_words(tp)) or getattr(tp, "__name__", str(tp)).replace("typing.", "")
         desc = docs.get(key)
-        groups[section].add_argument(f"--{key}", dest=key, default=None, metavar="V",
+        # the task's own section (pix2seq.*) also goes by bare flags: --max-objects = --pix2seq.max_objects
+        short = [f"--{key.split('.', 1)[1].replace('_', '-')}"] if section == task else []
+        groups[section].add_argument(f"--{key}", *short, dest=key, default=None, metavar="V",
                                      help=f"{desc + '. ' if desc else ''}{kind}, default {default!r}")
     for old in (*old_keys(), *REPLACED):  # still accepted (set_key says it is renamed / replaced), not shown
         p.add_argument(f"--{old}", dest=old, default=None, help=argparse.SUPPRESS)
@@ -137,8 +141,9 @@ def config_from_args(args) -> "Config":  # noqa: F821
     from .config import ConfigError, load_config, set_key, split_override, validate
 
     cfg = load_config(args.recipe, args.overrides)
-    if args.recipe and args.command in TRAINING and cfg.task != args.command:
-        raise ConfigError(f"recipe {args.recipe!r} is a {cfg.task} recipe; run it with `maskconv {cfg.task}`")
+    if args.recipe and args.command in UNUSED and cfg.task != args.command:
+        run = f"maskconv {cfg.task}" + (" train" if cfg.task not in TRAINING else "")
+        raise ConfigError(f"recipe {args.recipe!r} is a {cfg.task} recipe; run it with `{run}`")
     given = {split_override(o)[0] for o in args.overrides}
     for key, value in vars(args).items():
         if "." in key and value is not None:
@@ -146,7 +151,7 @@ def config_from_args(args) -> "Config":  # noqa: F821
                 flag = next((f for f, k in ALIASES.items() if k == key), f"--{key}")
                 raise ConfigError(f"{key} is given twice ({flag} {value} and {key}=...): give it once")
             set_key(cfg, key, value)
-    if args.command in TRAINING:
+    if args.command in UNUSED:  # config.json records the task that ran
         cfg.task = args.command
     return validate(cfg)
 

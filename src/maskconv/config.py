@@ -25,6 +25,12 @@ SparsityInit = typing.Literal["snip", "erk", "uniform"]  # SLaK's layer-wise den
 LayerDecayScheme = typing.Literal["single", "group"]  # layer ids: one per block, or the official ConvNeXt V2 groups
 Logger = typing.Literal["none", "tensorboard", "wandb", "mlflow"]  # run.logger: the tracker beside metrics.jsonl
 CompileMode = typing.Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile
+# The commands a config runs as (``commands.UNUSED`` says which keys each reads); a recipe names its task.
+Task = typing.Literal["pretrain", "finetune", "linprobe", "pix2seq", "detect", "segment"]
+# Pix2Seq input class corruption (official class_label_corruption, pix2seq/tokenizer.py) and v2 tasks, in their
+# canonical order (pix2seq/multitask.py)
+Corruption = typing.Literal["none", "rand_cls", "real_n_fake_cls", "rand_n_fake_cls", "real_n_rand_n_fake_cls"]
+PIX2SEQ_TASKS = ("det", "seg", "kpt", "cap")
 MASK_RATIO_RANGE = "in (0, 1)"
 
 
@@ -145,14 +151,68 @@ class DynamicSparsityCfg:
 
 
 @dataclass
+class Pix2SeqOptions:
+    """Pix2Seq task settings (``maskconv pix2seq train``; pix2seq/task.py). Defaults: the official detection recipe
+    (google-research/pix2seq, configs/config_det_finetune.py) with the decoder of its ResNet variant
+    (configs/config_base.py: 6 x 256, 8 heads, MLP 1024)."""
+    bins: int = 0  # coordinate quantization bins; 0 = about 2 per pixel of data.img_size, at most 1000
+    max_objects: int = 100  # objects per sequence (5 tokens each); noise boxes fill every free slot
+    dim: int = 256  # decoder width
+    depth: int = 6  # decoder blocks
+    heads: int = 8  # decoder attention heads (dim a multiple of heads)
+    mlp_ratio: float = 4.0  # decoder MLP width / dim
+    drop: float = 0.1  # decoder dropout (official drop_units)
+    drop_path: float = 0.1  # decoder stochastic depth
+    jitter_min: float = 0.3  # training scale jitter, smallest factor
+    jitter_max: float = 2.0  # training scale jitter, largest factor
+    noise: bool = True  # fill each sequence with noise boxes (duplicate + bad, labelled fake)
+    corruption: Corruption = "rand_n_fake_cls"  # input class corruption
+    noise_bbox_weight: float = 1.0  # loss weight of a noise box's (fake) class token
+    eos_token_weight: float = 0.1  # loss weight of padding / end targets
+    top_p: float = 0.4  # detection decoding nucleus (official top-p: the top token always kept)
+    temperature: float = 1.0  # decoding temperature
+    hflip: bool = True  # random horizontal flips in training
+    # Pix2Seq v2 (pix2seq/multitask.py): the tasks, their loss weights (comma lists) and per-task settings (official
+    # config_multi_task.py values: seg 10 instances x 128 points, end weight 1, 8 samples at top-p 0.8, masks
+    # thresholded at 0.5; keypoints invisible weight 0.1, end weight 0, top-p 0.1; captions end weight 0.1,
+    # input drop 0.5, top-p 1.0)
+    tasks: str = "det"  # comma list of det, seg, kpt, cap
+    task_weights: str = ""  # comma list, one loss weight per task ("" = 1 each)
+    seg_max_instances: int = 10  # instance segmentation: instances per row
+    seg_max_points: int = 128  # instance segmentation: polygon points per instance
+    seg_eos_weight: float = 1.0  # instance segmentation: end-token loss weight
+    seg_samples: int = 8  # instance segmentation: sequences sampled and averaged per mask
+    seg_top_p: float = 0.8  # instance segmentation: decoding nucleus
+    seg_threshold: float = 0.5  # instance segmentation: mask threshold on the averaged samples
+    kpt_max_instances: int = 10  # keypoints: instances per row
+    kpt_invisible_weight: float = 0.1  # keypoints: loss weight of an invisible point
+    kpt_eos_weight: float = 0.0  # keypoints: end-token loss weight
+    kpt_top_p: float = 0.1  # keypoints: decoding nucleus
+    kpt_sigmas: str = ""  # keypoints: OKS sigmas, comma list ("" = COCO person's for 17 points, else 0.05 each)
+    cap_max_len: int = 64  # captions: tokens per caption
+    cap_eos_weight: float = 0.1  # captions: end-token loss weight
+    cap_input_drop: float = 0.5  # captions: input token drop rate
+    cap_top_p: float = 1.0  # captions: decoding nucleus
+
+    def __post_init__(self):  # built directly (API, a run's pix2seq.json): the checks validate() makes
+        check_section(self, "pix2seq")
+
+    def resolved_bins(self, img_size: int) -> int:
+        from .pix2seq.vocab import default_bins
+
+        return self.bins or default_bins(img_size)
+
+
+@dataclass
 class Config:
-    task: str = "pretrain"  # pretrain | finetune | linprobe
+    task: Task = "pretrain"  # the command it runs as: pretrain | finetune | linprobe | pix2seq | detect | segment
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
     run: RunCfg = field(default_factory=RunCfg)
     dynamic_sparsity: DynamicSparsityCfg = field(default_factory=DynamicSparsityCfg)
+    pix2seq: Pix2SeqOptions = field(default_factory=Pix2SeqOptions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -364,7 +424,6 @@ _RANGES = [
     ("run.max_steps", lambda v: v >= 0, ">= 0"), ("run.out", lambda v: v.strip() != "", "a folder (not empty)"),
     ("run.save_every_minutes", lambda v: v >= 0, ">= 0"), ("run.dist_timeout_minutes", lambda v: v > 0, "> 0"),
     ("run.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
-    ("task", lambda v: v in ("pretrain", "finetune", "linprobe"), "pretrain, finetune or linprobe"),
     ("dynamic_sparsity.sparsity", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("dynamic_sparsity.prune_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("dynamic_sparsity.min_prune_rate", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -372,7 +431,43 @@ _RANGES = [
      "dynamic_sparsity.min_prune_rate <= dynamic_sparsity.prune_rate"),
     ("dynamic_sparsity.update_every", lambda v: v >= 0, ">= 0"),
     ("dynamic_sparsity.include", lambda v: _is_regex(v), "a valid regular expression"),
+    ("pix2seq.bins", lambda v: v == 0 or v >= 2, "0 (auto) or >= 2"), ("pix2seq.max_objects", lambda v: v >= 1, ">= 1"),
+    ("pix2seq.dim", lambda v: v >= 1, ">= 1"), ("pix2seq.depth", lambda v: v >= 1, ">= 1"),
+    ("pix2seq.heads", lambda v: v >= 1, ">= 1"),
+    ("pix2seq", lambda o: o.dim % o.heads == 0, "pix2seq.dim a multiple of pix2seq.heads"),
+    ("pix2seq.mlp_ratio", lambda v: v > 0, "> 0"),
+    ("pix2seq.drop", lambda v: 0 <= v < 1, "in [0, 1)"), ("pix2seq.drop_path", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("pix2seq.jitter_min", lambda v: v > 0, "> 0"),
+    ("pix2seq", lambda o: o.jitter_min <= o.jitter_max, "pix2seq.jitter_min <= pix2seq.jitter_max"),
+    ("pix2seq.noise_bbox_weight", lambda v: v >= 0, ">= 0"), ("pix2seq.eos_token_weight", lambda v: v >= 0, ">= 0"),
+    ("pix2seq.top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("pix2seq.temperature", lambda v: v > 0, "> 0"),
+    ("pix2seq.tasks", lambda v: _words(v) is not None, f"a comma list of {one_of(PIX2SEQ_TASKS)}"),
+    ("pix2seq", lambda o: _task_weights_ok(o.tasks, o.task_weights),
+     "pix2seq.task_weights empty or one number >= 0 per task of pix2seq.tasks"),
+    ("pix2seq.seg_max_instances", lambda v: v >= 1, ">= 1"), ("pix2seq.seg_max_points", lambda v: v >= 3, ">= 3"),
+    ("pix2seq.seg_samples", lambda v: v >= 1, ">= 1"), ("pix2seq.seg_top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("pix2seq.seg_threshold", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("pix2seq.kpt_max_instances", lambda v: v >= 1, ">= 1"), ("pix2seq.kpt_top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("pix2seq.cap_max_len", lambda v: v >= 2, ">= 2"), ("pix2seq.cap_input_drop", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("pix2seq.cap_top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
 ]
+
+
+def _words(spec: str) -> list[str] | None:
+    """'det, seg' -> ['det', 'seg']; None when empty or a name is not a Pix2Seq task."""
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    return names if names and all(n in PIX2SEQ_TASKS for n in names) else None
+
+
+def _task_weights_ok(tasks: str, spec: str) -> bool:
+    if not spec.strip():
+        return True
+    try:
+        w = [float(v) for v in spec.split(",")]
+    except ValueError:
+        return False
+    names = _words(tasks)
+    return names is None or (len(w) == len(set(names)) and all(math.isfinite(x) and x >= 0 for x in w))
 
 
 def _is_regex(text: str) -> bool:
@@ -388,17 +483,27 @@ def _is_regex(text: str) -> bool:
 def validate(cfg: Config) -> Config:
     """Raise ConfigError for a word outside its vocabulary or a value out of its range (checked before any work
     starts)."""
-    for key, (tp, value) in flat_keys(cfg).items():
+    return check_section(cfg, "")
+
+
+def check_section(obj, section: str):
+    """``validate`` for ``obj``, the config (``section`` "") or one of its sections built on its own (``section``
+    its key, e.g. "pix2seq"): words of every vocabulary, then the ranges of its keys. Returns ``obj``."""
+    prefix = f"{section}." if section else ""
+    for key, (tp, value) in flat_keys(obj).items():
         words = literal_words(tp)
         if words and value is not None and value not in words:
-            raise ConfigError(f"{key}={value!r}: must be {one_of(words)}")
+            raise ConfigError(f"{prefix}{key}={value!r}: must be {one_of(words)}")
     for key, ok, need in _RANGES:
-        obj = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        if not ok(obj):
-            raise ConfigError(f"{key}={obj!r}: must be {need}")
-    return cfg
+        if section and key != section and not key.startswith(prefix):
+            continue
+        value = obj
+        for part in key[len(section):].lstrip(".").split(".") if key != section else ():
+            value = getattr(value, part)
+        if not ok(value):  # a rule across a section's keys names them in ``need``
+            raise ConfigError(f"{key}: need {need}" if dataclasses.is_dataclass(value) else
+                              f"{key}={value!r}: must be {need}")
+    return obj
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,7 @@ def test_tiny_model_overfits_scenes(tmp_path):
     assert r["AP50"] >= 0.9, r
 
 
-@pytest.mark.parametrize("kw, need", [({"dim": 30, "heads": 4}, "multiple of heads"), ({"top_p": 0}, "top_p"),
+@pytest.mark.parametrize("kw, need", [({"dim": 30, "heads": 4}, "multiple of pix2seq.heads"), ({"top_p": 0}, "top_p"),
                                       ({"corruption": "typo"}, "corruption"), ({"max_objects": 0}, "max_objects")])
 def test_bad_options_fail_with_one_line(kw, need, tmp_path, capsys):
     with pytest.raises(ValueError, match=need):
@@ -170,4 +170,4 @@ def test_bad_options_fail_with_one_line(kw, need, tmp_path, capsys):
     flag = "--" + next(iter(kw)).replace("_", "-")
     assert main(["pix2seq", "train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), flag,
                  str(next(iter(kw.values())))]) == 2
-    assert "pix2seq options" in capsys.readouterr().err
+    assert f"pix2seq.{next(iter(kw))}" in capsys.readouterr().err

@@ -119,9 +119,9 @@ def test_multitask_loss_is_the_weighted_sum_of_task_losses(val_scenes):
 
 
 def test_task_options_fail_with_one_line():
-    with pytest.raises(ValueError, match="tasks 'det,foo'"):
+    with pytest.raises(ValueError, match="pix2seq.tasks='det,foo'"):
         Pix2SeqOptions(tasks="det,foo")
-    with pytest.raises(ValueError, match="task_weights '1,2'"):
+    with pytest.raises(ValueError, match="pix2seq.task_weights"):
         Pix2SeqOptions(tasks=ALL, task_weights="1,2")
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import PIX2SEQ_TASKS
 from .caption import CaptionTokenizer, WordVocab
 from .instance import KeypointTokenizer, SegmentationTokenizer, ensemble_masks, flip_pairs, instance_prompt, \
     rasterize_polygon
@@ -32,7 +33,8 @@ from .vocab import TASK_TOKENS, Vocab
 __all__ = ["TASKS", "TaskSet", "MultiTaskTrainTransform", "parse_tasks", "task_weights", "multitask_losses",
            "evaluate_instance_task", "evaluate_captions", "COCO_PERSON_SIGMAS", "keypoint_sigmas"]
 
-TASKS = {"det": "detection", "seg": "instance_segmentation", "kpt": "keypoints", "cap": "captioning"}
+# short name (the config's vocabulary, pix2seq.tasks) -> prompt name (vocab.TASK_TOKENS)
+TASKS = dict(zip(PIX2SEQ_TASKS, ("detection", "instance_segmentation", "keypoints", "captioning")))
 # COCO's per-keypoint OKS sigmas of the 17 person keypoints (pycocotools cocoeval.py Params.setKpParams)
 COCO_PERSON_SIGMAS = (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89)
 

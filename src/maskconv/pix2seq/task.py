@@ -10,95 +10,25 @@ options and classes needed to rebuild the model) and ``model.safetensors``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..commands import Command, add_config_flags, config_from_args
+from ..config import Pix2SeqOptions, check_section
 from ..engine.rundir import RunDir
 from ..data.coco import CocoData, CocoDetection, DetectionEvalTransform, coco_evaluate, load_coco
 from .model import Pix2Seq
 from .tokenizer import DetectionTokenizer
-from .vocab import TASK_TOKENS, Vocab, default_bins
+from .vocab import TASK_TOKENS, Vocab
 
 __all__ = ["Pix2SeqOptions", "build_pix2seq", "run_pix2seq_train", "run_pix2seq_eval", "run_pix2seq_predict",
            "evaluate_detection", "evaluate_tasks", "detections_to_coco", "eval_batches", "normalize_image",
            "taskset_from_meta", "PREDICT_TASKS"]
 
 OPTIONS_FILE = RunDir.PIX2SEQ
-
-
-@dataclass
-class Pix2SeqOptions:
-    """Task settings beyond the engine's config (defaults: the official detection recipe, decoder of the R50
-    variant: 6 x 256, 8 heads, MLP 1024)."""
-    bins: int = 0  # 0 = default_bins(img_size): ~2 per pixel, at most 1000
-    max_objects: int = 100  # sequence = 5 x max_objects tokens; noise boxes fill every free slot
-    dim: int = 256
-    depth: int = 6
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    drop: float = 0.1
-    drop_path: float = 0.1
-    jitter_min: float = 0.3
-    jitter_max: float = 2.0
-    noise: bool = True
-    corruption: str = "rand_n_fake_cls"
-    noise_bbox_weight: float = 1.0
-    eos_token_weight: float = 0.1
-    top_p: float = 0.4
-    temperature: float = 1.0
-    hflip: bool = True
-    # Pix2Seq v2 (multitask.py): the tasks, their loss weights (comma lists) and per-task settings (official
-    # config_multi_task.py values: seg 10 instances x 128 points, end weight 1, 8 samples at top-p 0.8, masks
-    # thresholded at 0.5; keypoints invisible weight 0.1, end weight 0, top-p 0.1; captions end weight 0.1,
-    # input drop 0.5, top-p 1.0)
-    tasks: str = "det"
-    task_weights: str = ""
-    seg_max_instances: int = 10
-    seg_max_points: int = 128
-    seg_eos_weight: float = 1.0
-    seg_samples: int = 8
-    seg_top_p: float = 0.8
-    seg_threshold: float = 0.5
-    kpt_max_instances: int = 10
-    kpt_invisible_weight: float = 0.1
-    kpt_eos_weight: float = 0.0
-    kpt_top_p: float = 0.1
-    kpt_sigmas: str = ""
-    cap_max_len: int = 64
-    cap_eos_weight: float = 0.1
-    cap_input_drop: float = 0.5
-    cap_top_p: float = 1.0
-
-    def __post_init__(self):
-        from .tokenizer import CORRUPTIONS
-
-        bad = [(ok, need) for ok, need in (
-            (self.bins == 0 or self.bins >= 2, "bins: 0 (auto) or >= 2"), (self.max_objects >= 1, "max_objects >= 1"),
-            (self.dim >= 1 and self.heads >= 1 and self.dim % self.heads == 0, "dim a multiple of heads"),
-            (self.depth >= 1, "depth >= 1"), (0 < self.top_p <= 1, "top_p in (0, 1]"),
-            (self.temperature > 0, "temperature > 0"), (0 < self.jitter_min <= self.jitter_max, "0 < jitter_min <= jitter_max"),
-            (self.corruption in CORRUPTIONS, f"corruption one of {', '.join(CORRUPTIONS)}"),
-            (0 <= self.drop < 1 and 0 <= self.drop_path < 1, "drop and drop_path in [0, 1)"),
-            (self.seg_max_points >= 3, "seg_max_points >= 3"),
-            (min(self.seg_max_instances, self.kpt_max_instances, self.seg_samples) >= 1,
-             "seg_max_instances, kpt_max_instances and seg_samples >= 1"),
-            (self.cap_max_len >= 2, "cap_max_len >= 2"), (0 <= self.cap_input_drop < 1, "cap_input_drop in [0, 1)"),
-            (0 < min(self.seg_top_p, self.kpt_top_p, self.cap_top_p) and max(self.seg_top_p, self.kpt_top_p,
-                                                                              self.cap_top_p) <= 1,
-             "seg_top_p, kpt_top_p and cap_top_p in (0, 1]"),
-            (0 <= self.seg_threshold < 1, "seg_threshold in [0, 1)")) if not ok]
-        if bad:
-            raise ValueError(f"pix2seq options: need {bad[0][1]} ({self})")
-        from .multitask import parse_tasks, task_weights
-
-        task_weights(parse_tasks(self.tasks), self.task_weights)  # one-line errors for bad task lists
-
-    def resolved_bins(self, img_size: int) -> int:
-        return self.bins or default_bins(img_size)
 
 
 def _tokenizer(o: Pix2SeqOptions, img_size: int) -> DetectionTokenizer:
@@ -215,7 +145,9 @@ def _to_file_ids(dets: list[dict], data: CocoData) -> list[dict]:
 
 def run_pix2seq_train(cfg, o: Pix2SeqOptions | None = None, val: str | None = None):
     """Train Pix2Seq on the COCO data at ``cfg.data.path`` (backbone ``cfg.model.name``, encoder weights from
-    ``cfg.model.init``); ``val``: COCO data scored (AP) after each evaluated epoch. Returns the ``FitResult``."""
+    ``cfg.model.init``) with the task settings ``cfg.pix2seq`` (a recipe's ``pix2seq:`` section, ``pix2seq.*``
+    keys); ``o``, when given, replaces them (config.json and pix2seq.json record what ran). ``val``: COCO data
+    scored (AP) after each evaluated epoch. Returns the ``FitResult``."""
     from ..engine import dist as D
     from ..engine.loop import fit
     from ..models import load_checkpoint, save_weights, stem_stride_kwarg
@@ -223,7 +155,10 @@ def run_pix2seq_train(cfg, o: Pix2SeqOptions | None = None, val: str | None = No
     from .caption import WordVocab
     from .multitask import MultiTaskTrainTransform, build_taskset, multitask_losses, parse_tasks, task_weights
 
-    o = o or Pix2SeqOptions()
+    if o is not None:
+        cfg.pix2seq = o
+    o = check_section(cfg.pix2seq, "pix2seq")  # set field by field (API) or whole: checked as validate() does
+    cfg.task = "pix2seq"
     info = D.setup(cfg.run.device, cfg.run.dist_timeout_minutes)
     torch.manual_seed(cfg.run.seed)
     size, in_chans = cfg.data.img_size, cfg.model.in_chans
@@ -510,14 +445,9 @@ def _draw(items: list, names: list[str], path: Path, skeleton: list | None = Non
 
 
 def _train_arguments(p) -> None:
-    add_config_flags(p, "pix2seq")
+    add_config_flags(p, "pix2seq")  # pix2seq.* keys: --pix2seq.bins or --bins, pix2seq.bins=..., a recipe's pix2seq:
     p.add_argument("--backbone", dest="model.name", default=None, help="= model.name (any maskconv backbone)")
     p.add_argument("--val", default=None, help="COCO data scored (AP) after each evaluated epoch")
-    for f in fields(Pix2SeqOptions):
-        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes")}.get(f.type, None) or \
-            {"int": int, "float": float}.get(f.type, str)
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"p2s_{f.name}", type=kind, default=None,
-                       metavar="V", help=f"pix2seq, default {f.default!r}")
 
 
 def _arguments(px) -> None:
@@ -543,8 +473,7 @@ def _arguments(px) -> None:
 
 def _cli(args) -> None:
     if args.what == "train":
-        opts = Pix2SeqOptions(**{k[4:]: v for k, v in vars(args).items() if k.startswith("p2s_") and v is not None})
-        run_pix2seq_train(config_from_args(args), opts, args.val)
+        run_pix2seq_train(config_from_args(args), val=args.val)
     elif args.what == "eval":
         run_pix2seq_eval(args.checkpoint, args.data, args.out, args.batch_size)
     else:

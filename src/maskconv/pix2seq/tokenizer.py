@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import Corruption, literal_words
 from .vocab import BASE_VOCAB_SHIFT, FAKE_CLASS_TOKEN, FAKE_LABEL, PADDING_TOKEN, TASK_TOKENS, Vocab
 
-CORRUPTIONS = ("none", "rand_cls", "real_n_fake_cls", "rand_n_fake_cls", "real_n_rand_n_fake_cls")
+CORRUPTIONS = literal_words(Corruption)  # the config's vocabulary (pix2seq.corruption)
 
 
 def _truncated_normal(shape, std: float) -> torch.Tensor:

@@ -111,10 +111,12 @@ def build_pix2seq(backbone: str, o: Pix2SeqOptions, img_size: int, in_chans: int
     """The model for ``o``'s tasks: vocabulary and decoder positions from ``taskset`` (``multitask.TaskSet``;
     default: detection only)."""
     from ..models import create_model
+    from ..models.dense import freeze_unused
 
     if "vit" in backbone or "convmae" in backbone:
         backbone_kwargs.setdefault("img_size", img_size)
     enc = create_model(backbone, num_classes=0, in_chans=in_chans, **backbone_kwargs)
+    freeze_unused(enc, 1, 2 * enc.feature_info[-1]["reduction"])  # the head's norm: unused by the last map (DDP)
     if taskset is None:
         vocab, max_len = _tokenizer(o, img_size).vocab, 5 * o.max_objects
     else:

@@ -557,7 +557,7 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
                                     "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None})
             watch.new_step()
         images = images.to(info.device, non_blocking=True)
-        labels = to_device(labels, info.device)
+        labels = D.to_device(labels, info.device)
         if batch_transform is not None:
             images, labels = batch_transform(images, labels)
         sync = micro == accum - 1
@@ -625,15 +625,6 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
     if bar is not None:
         bar.close()
     return stop, cur_lr
-
-
-def to_device(labels, device: torch.device):
-    """A batch's labels on ``device``: a tensor, or a list of per-image target dicts (detection; their tensors
-    move, other values stay)."""
-    if isinstance(labels, torch.Tensor):
-        return labels.to(device, non_blocking=True)
-    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-            for t in labels]
 
 
 def _nan_stop(value: float, step: int, epoch: int, batch: int, late: str, last: Path, saved_step) -> None:

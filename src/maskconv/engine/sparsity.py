@@ -349,18 +349,20 @@ def build_sparsity(s, model: nn.Module, total_steps: int, *, seed: int, task: st
 
 
 def first_batch(batch_size: int, seed: int, dataset, transform, batch_transform, info
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's first training batch of epoch 0 (what SNIP scores), on the run's device."""
+                ) -> tuple[torch.Tensor, torch.Tensor | list[dict]]:
+    """This process's first training batch of epoch 0 (what SNIP scores), on the run's device; labels a tensor,
+    or detection targets (a list of dicts)."""
     from torch.utils.data import DataLoader
 
     from ..data.datasets import ResumableSampler, SeededDataset, collate_skip
+    from .dist import to_device
 
     sampler = ResumableSampler(len(dataset), batch_size, seed, 0, info.rank, info.world, max_batches=1)
     loader = DataLoader(SeededDataset(dataset, transform, seed), batch_size=batch_size,
                         sampler=sampler, num_workers=0, collate_fn=collate_skip)
     with torch.random.fork_rng(devices=[]):  # augmentation reseeds the global RNG: keep the run's own
         images, labels, _ = next(iter(loader))
-        images, labels = images.to(info.device), labels.to(info.device)
+        images, labels = images.to(info.device), to_device(labels, info.device)
         if batch_transform is not None:
             images, labels = batch_transform(images, labels)
     return images, labels

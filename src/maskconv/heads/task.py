@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..data.coco import IGNORE_INDEX, CocoData, CocoDetection, DetectionTrainTransform, coco_evaluate, load_coco
+from ..data.coco import IGNORE_INDEX, CocoData, CocoDetection, DetectionTrainTransform, check_evaluable, coco_evaluate, load_coco
 from ..engine.rundir import RunDir
 
 __all__ = ["DenseOptions", "run_detect_train", "run_detect_eval", "run_detect_predict", "run_segment_train",
@@ -318,6 +318,9 @@ def run_detect_train(cfg, o: DenseOptions | None = None, val: str | None = None)
                              "polygons or RLE: train boxes only with --masks false (Faster R-CNN)")
     meta, model = _start(cfg, "detect", o, data.category_names, data.orig_category_ids)
     val_data = load_coco(val) if val and info.is_main else None
+    if val_data is not None:  # before any work: mask AP reads every val object's region
+        for iou in ("bbox", "segm") if o.masks else ("bbox",):
+            check_evaluable(val_data.gt, iou, val_data.path)
 
     def loss_fn(m, x, targets):
         return sum((m(list(x), targets)).values())

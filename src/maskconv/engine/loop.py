@@ -629,8 +629,12 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
 
 def _nan_stop(value: float, step: int, epoch: int, batch: int, late: str, last: Path, saved_step) -> None:
     """Stop with a message that names the step whose loss went non-finite and the step ``last`` holds."""
-    where = (f"{last} holds step {saved_step}, the last checkpoint with finite weights" if saved_step is not None
-             else "no checkpoint was written (no step ended with finite weights)")
+    if saved_step is not None:
+        where = f"{last} holds step {saved_step}, the last checkpoint with finite weights"
+    elif step > 1:  # earlier steps were finite, but the loss was read late and no checkpoint was due before it
+        where = f"no checkpoint was written yet (none was due before step {step})"
+    else:
+        where = "no checkpoint was written (no step ended with finite weights)"
     raise FloatingPointError(
         f"non-finite loss ({value}) at step {step} (epoch {epoch + 1}, batch {batch}){late}; "
         f"{where}. Lower optim.blr, set optim.clip_grad, or check the data.")

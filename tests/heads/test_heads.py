@@ -284,3 +284,16 @@ def test_segmenter_trains_three_steps_under_two_process_ddp():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_steps, args=(port, "test_convnextv2"), nprocs=2)
+
+
+def test_bool_flags_refuse_other_words():
+    import argparse
+
+    from maskconv.heads.task import _option_arguments, _options
+
+    p = argparse.ArgumentParser()
+    _option_arguments(p)
+    assert _options(p.parse_args(["--masks", "false"])).masks is False
+    assert _options(p.parse_args(["--masks", "Yes"])).masks is True
+    with pytest.raises(SystemExit):
+        p.parse_args(["--masks", "flase"])

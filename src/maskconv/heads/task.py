@@ -532,10 +532,21 @@ def run_segment_predict(checkpoint, images, out, draw=None, device: str = "auto"
 
 
 # ---- the CLI: maskconv detect | segment  train | eval | predict (rooms of cli.COMMANDS) -------------------------
+def _bool_flag(v: str) -> bool:
+    """``--masks flase`` is an error (argparse names the flag), never a silent False."""
+    import argparse
+
+    from ..config import ConfigError, parse_bool
+
+    try:
+        return parse_bool(v)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _option_arguments(p) -> None:
     for f in fields(DenseOptions):
-        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes")}.get(f.type, None) or \
-            {"int": int, "float": float}.get(f.type, str)
+        kind = {"bool": _bool_flag, "int": int, "float": float}.get(f.type, str)
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"dense_{f.name}", type=kind, default=None, metavar="V",
                        help=f"{f.name}, default {f.default!r}")
 

@@ -17,7 +17,7 @@ Differences from the official code, on purpose: exact counts instead of Bernoull
 growth regrows "about" as many as it pruned); regrowth never re-picks a weight pruned in the same update;
 ERK/SNIP layers that come out fully dense are simply left unmasked (the official drops density >= 0.99).
 
-In the engine: ``dynamic_sparsity.sparsity=0.4`` (config section ``sparse``). In your own loop::
+In the engine: ``dynamic_sparsity.sparsity=0.4`` (config section ``dynamic_sparsity``). In your own loop::
 
     sp = DynamicSparsity(model, 0.4, init="erk", update_every=100, total_steps=n_steps)
     sp.init_masks()                        # snip: sp.init_masks(loss_fn, (images, labels))
@@ -330,7 +330,7 @@ class DynamicSparsity:
 
 def build_sparsity(s, model: nn.Module, total_steps: int, *, seed: int, task: str, fsdp: bool, world: int,
                    fresh: bool, loss_fn: Callable | None = None, batch: Callable | None = None):
-    """The run's ``DynamicSparsity`` from its ``sparse`` config section ``s`` (None when ``s.sparsity`` is 0).
+    """The run's ``DynamicSparsity`` from its ``dynamic_sparsity`` config section ``s`` (None when ``s.sparsity`` is 0).
     ``fresh``: draw the masks now (a resumed run loads them from its checkpoint instead)."""
     if s.sparsity == 0:
         return None

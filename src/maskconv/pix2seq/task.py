@@ -388,7 +388,7 @@ def run_pix2seq_predict(checkpoint: str | Path, images: str | Path, out: str | P
     from ..engine import dist as D
     from .instance import ensemble_masks, rasterize_polygon
     from .metrics import mask_result
-    from .multitask import _instances
+    from .multitask import prompted_instances
 
     model, meta, o = load_pix2seq(checkpoint)
     ts = taskset_from_meta(meta, o)
@@ -432,7 +432,7 @@ def run_pix2seq_predict(checkpoint: str | Path, images: str | Path, out: str | P
             lab = torch.tensor([d["category_id"] for d in dets])
             n_s = o.seg_samples if task == "seg" else 1
             top_p = o.seg_top_p if task == "seg" else o.kpt_top_p
-            resp, lg, _ = _instances(ts, task, mem, [yx], [lab], model, n_s, top_p, o.temperature, gen)
+            resp, lg, _ = prompted_instances(ts, task, mem, [yx], [lab], model, n_s, top_p, o.temperature, gen)
             h, w = raw.shape[-2:]
             if task == "seg":
                 parts = ts.seg.decode(resp)

@@ -54,6 +54,16 @@ def one_of(words) -> str:
     return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
 
 
+def parse_bool(value, key: str = "value") -> bool:
+    """The one strict bool parsing (config overrides and CLI flags): true/1/yes/on or false/0/no/off; any
+    other word (a typo such as ``flase``) is a ConfigError, never a silent False."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise ConfigError(f"{key}: expected true/false, got {value!r}")
+
+
 class ConfigError(ValueError):
     """A configuration key or value is wrong (the message names it)."""
 
@@ -251,11 +261,7 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(items, args))
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return parse_bool(value, key)
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")

@@ -131,3 +131,29 @@ def test_eval_transform_scales_and_pads():
     assert out.shape == (1, 64, 64) and t["unpadded_size"] == (32, 64)
     assert out[0, 40:, :].eq(0.3).all()  # bottom padding, official value
     assert t["boxes"][0].tolist() == pytest.approx([25.6, 6.4, 38.4, 12.8])
+
+
+def test_coco_evaluate_refuses_what_it_cannot_score_with_one_line():
+    from maskconv.data.coco import check_evaluable
+
+    img = {"id": 1, "file_name": "a.png", "width": 10, "height": 10}
+    box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16.0, "iscrowd": 0}
+    det = [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 1.0}]
+    gt = {"images": [img], "annotations": [box], "categories": [{"id": 1, "name": "a"}]}
+    with pytest.raises(CocoFormatError, match=r"annotations\[0\] has no 'segmentation'"):
+        coco_evaluate(gt, det, iou_type="segm")
+    assert coco_evaluate(gt, [])["AP"] == 0.0  # ground truth exists, nothing detected
+    empty = {**gt, "annotations": []}
+    with pytest.raises(ValueError, match="no non-crowd object"):
+        coco_evaluate(empty, [])  # never AP 0.0 for "no ground truth"
+    with pytest.raises(ValueError, match="no non-crowd object"):
+        coco_evaluate(empty, det)
+    # keypoints: a category without keypoints next to one with them is left out, not a KeyError
+    kgt = {"images": [img], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "p", "keypoints": ["x"]}],
+           "annotations": [{**box, "num_keypoints": 0},
+                           {**box, "id": 2, "category_id": 2, "keypoints": [2, 2, 2], "num_keypoints": 1}]}
+    kdet = [{"image_id": 1, "category_id": 2, "keypoints": [2, 2, 1], "score": 1.0}]
+    assert coco_evaluate(kgt, kdet, iou_type="keypoints", kpt_oks_sigmas=[0.1])["AP"] == pytest.approx(1.0)
+    with pytest.raises(CocoFormatError, match=r"val.json: annotations\[1\] has no 'keypoints'"):
+        check_evaluable({**kgt, "annotations": [kgt["annotations"][0], {**box, "id": 2, "category_id": 2}]},
+                        "keypoints", "val.json")

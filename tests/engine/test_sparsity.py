@@ -379,3 +379,22 @@ def test_include_regex_and_tied_weights_select_each_tensor_once():
     sp.init_masks()
     assert torch.equal(tied[1].weight, net[6].weight) and int((net[6].weight != 0).sum()) == sp.counts["0.6.weight"]
     assert DynamicSparsity(_net(), 0.5, include=r"^[23]\.").names == ["2.weight", "3.weight"]
+
+
+def test_first_batch_moves_detection_targets():
+    """SNIP's first batch of a detection run: labels are a list of per-image target dicts (no ``.to``)."""
+    from maskconv.engine.dist import DistInfo
+    from maskconv.engine.sparsity import first_batch
+
+    class Boxes(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.full((3, 8, 8), float(i)), {"boxes": torch.tensor([[0.0, 0.0, i + 1.0, 2.0]]),
+                                                     "labels": torch.tensor([1]), "image_id": i}
+
+    images, labels = first_batch(2, 0, Boxes(), lambda x: x, None, DistInfo())
+    assert images.shape == (2, 3, 8, 8) and isinstance(labels, list) and len(labels) == 2
+    for img, t in zip(images, labels):  # each target still belongs to its image
+        assert t["image_id"] == int(img[0, 0, 0]) and t["boxes"][0, 2] == t["image_id"] + 1

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from maskconv import create_model
 from maskconv.config import load_config
 from maskconv.data.coco import load_coco
 from maskconv.data.datasets import find_fashion_mnist
@@ -235,3 +236,64 @@ def test_cli_detect_and_segment(scenes, tmp_path):
                  "--out", str(tmp_path / "maps"), "--draw", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "maps" / "train_000000.png").is_file() and (tmp_path / "s.png").is_file()
     assert main(["detect", "eval", "--checkpoint", str(seg), "--data", str(scenes)]) != 0  # a segment run: refused
+
+
+@pytest.mark.parametrize("name", ["test_convnextv2", "test_vit", "test_convmae", "test_replknet"])
+def test_every_trainable_parameter_gets_a_gradient(name):
+    """DDP (no find_unused_parameters) stops at step 2 if a trainable parameter takes no part in the forward:
+    the backbone's classifier (head norm / fc, a ViT's final norm) must be frozen, its keys kept."""
+    det = build_detector(name, 3, img_size=64, anchor_size=8, fpn_dim=16, head_dim=16, proposals=50, roi_samples=32)
+    t = {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([2]),
+         "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
+    t["masks"][0, 6:40, 4:30] = 1
+    sum(det([torch.rand(3, 64, 64)] * 2, [t, t]).values()).backward()
+    seg = build_segmenter(name, 4, img_size=64, channels=16)
+    seg(torch.randn(2, 3, 64, 64)).sum().backward()
+    for model in (det, seg):
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        assert frozen and all(".model." in n for n in frozen)  # only the backbone's unused part
+    body = seg.backbone.model  # the classifier keys stay: a classifier checkpoint still loads strict
+    assert set(body.state_dict()) == set(create_model(name, num_classes=0, **(
+        {"img_size": 64} if name in ("test_vit", "test_convmae") else {})).state_dict())
+
+
+def _ddp_steps(rank: int, port: int, name: str):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(build_segmenter(name, 3, img_size=32, channels=8))
+        for _ in range(3):  # a parameter left out of the reduction fails at the second step
+            model(torch.randn(2, 3, 32, 32)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_segmenter_trains_three_steps_under_two_process_ddp():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_steps, args=(port, "test_convnextv2"), nprocs=2)
+
+
+def test_bool_flags_refuse_other_words():
+    import argparse
+
+    from maskconv.heads.task import _option_arguments, _options
+
+    p = argparse.ArgumentParser()
+    _option_arguments(p)
+    assert _options(p.parse_args(["--masks", "false"])).masks is False
+    assert _options(p.parse_args(["--masks", "Yes"])).masks is True
+    with pytest.raises(SystemExit):
+        p.parse_args(["--masks", "flase"])

@@ -58,3 +58,15 @@ def test_sampling_with_low_top_p_is_greedy_when_confident():
     assert torch.equal(greedy, sampled)
     with pytest.raises(ValueError, match="exceeds"):
         m.generate(x, prompt, 45, greedy=True)
+
+
+@pytest.mark.parametrize("backbone", ["test_convnextv2", "test_vit"])
+def test_build_pix2seq_every_trainable_parameter_gets_a_gradient(backbone):
+    """The encoder's classifier norm takes no part (DDP would stop at step 2): it is frozen, its keys kept."""
+    from maskconv.pix2seq.task import Pix2SeqOptions, build_pix2seq
+
+    m = build_pix2seq(backbone, Pix2SeqOptions(dim=32, depth=1, heads=4), 64)
+    m(torch.randn(2, 3, 64, 64), torch.randint(0, 100, (2, 6))).sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert any(not p.requires_grad for p in m.encoder.parameters())

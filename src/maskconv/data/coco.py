@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["CocoFormatError", "CocoData", "load_coco", "CocoDetection", "DetectionTrainTransform",
-           "DetectionEvalTransform", "coco_evaluate", "find_annotations", "annotation_mask", "IGNORE_INDEX"]
+           "DetectionEvalTransform", "coco_evaluate", "check_evaluable", "find_annotations", "annotation_mask", "IGNORE_INDEX"]
 
 IGNORE_INDEX = 255  # semantic maps: pixels no loss or metric reads (padding, crowd regions, PNG value 255)
 BOX_TOLERANCE = 1.0  # px a box may cross the image border (exporters round); beyond it the file is wrong
@@ -171,8 +171,8 @@ def load_coco(path: str | Path, image_dir: str | Path | None = None, check_files
         ann = {**a, "id": k + 1, "image_id": img_map[a["image_id"]], "category_id": cat_map[a["category_id"]],
                "iscrowd": int(a.get("iscrowd", 0))}
         ann.setdefault("area", float(w * h))  # COCOeval needs an area (for its area ranges)
-        if "keypoints" in a:  # COCOeval ignores objects with num_keypoints 0 for OKS
-            ann.setdefault("num_keypoints", sum(1 for v in a["keypoints"][2::3] if v > 0))
+        # COCOeval ignores objects with num_keypoints 0 for OKS (and reads the key on every object it loads)
+        ann.setdefault("num_keypoints", sum(1 for v in a["keypoints"][2::3] if v > 0) if "keypoints" in a else 0)
         anns.append(ann)
     captions = None
     if "captions" in raw:
@@ -370,14 +370,47 @@ def _pad(img: torch.Tensor, size: int, value: float) -> torch.Tensor:
     return out
 
 
+def _kpt_categories(gt: dict) -> list[int]:
+    return [c["id"] for c in gt["categories"] if c.get("keypoints")]
+
+
+def check_evaluable(gt: dict, iou_type: str, where="ground truth") -> None:
+    """Refuse, with one line naming ``where`` (the file) and the entry, ground truth that ``coco_evaluate``
+    cannot score for ``iou_type``: an object without ``segmentation`` (segm: pycocotools rasterizes every
+    object, crowd included), an object of a keypoint category without ``keypoints``, or nothing scoreable at
+    all (no non-crowd object; for keypoints none with a labelled point). Call it on eval data before any work."""
+    anns = gt["annotations"]
+    if iou_type == "segm":
+        bare = next((a for a in anns if not a.get("segmentation")), None)
+        if bare is not None:
+            raise CocoFormatError(f"{where}: annotations[{bare['id'] - 1}] has no 'segmentation'; mask AP needs "
+                                  "polygons or RLE on every object")
+    if iou_type == "keypoints":
+        cats = set(_kpt_categories(gt))
+        if not cats:
+            raise CocoFormatError(f"{where}: no category declares 'keypoints': no keypoint AP to compute")
+        bare = next((a for a in anns if a["category_id"] in cats and "keypoints" not in a), None)
+        if bare is not None:
+            raise CocoFormatError(f"{where}: annotations[{bare['id'] - 1}] has no 'keypoints' although its "
+                                  "category declares them; keypoint AP needs them on every such object")
+        anns = [a for a in anns if a["category_id"] in cats and a.get("num_keypoints", 0) > 0]
+    if not any(not a.get("iscrowd", 0) for a in anns):
+        raise CocoFormatError(f"{where}: no non-crowd {'object with keypoints' if iou_type == 'keypoints' else 'object'}"
+                              f" to score: {iou_type} AP is undefined")
+
+
 def coco_evaluate(gt: dict, detections: list[dict], quiet: bool = True, iou_type: str = "bbox",
                   kpt_oks_sigmas=None) -> dict:
     """COCO AP / AP50 / AP75 (pycocotools) of ``detections`` (COCO results format: image_id, category_id,
     score and bbox xywh, segmentation RLE or keypoints) against the remapped ground truth ``gt``; ``iou_type``
     bbox | segm | keypoints (``kpt_oks_sigmas``: one per keypoint, default COCO's 17 person sigmas).
-    APs/APm/APl are not reported: COCO's area ranges mean nothing on small canvases."""
+    APs/APm/APl are not reported: COCO's area ranges mean nothing on small canvases. Ground truth it cannot
+    score (``check_evaluable``) or an AP pycocotools leaves undefined (-1 / NaN) raises a one-line ValueError:
+    0.0 means only "there is ground truth and nothing of it was found". Keypoint AP is over the categories
+    that declare keypoints."""
     if iou_type not in ("bbox", "segm", "keypoints"):
         raise ValueError(f"iou_type={iou_type!r}: use 'bbox', 'segm' or 'keypoints'")
+    check_evaluable(gt, iou_type)
     try:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -398,8 +431,12 @@ def coco_evaluate(gt: dict, detections: list[dict], quiet: bool = True, iou_type
         ev = COCOeval(coco, coco.loadRes(copy.deepcopy(detections)), iou_type)
         if kpt_oks_sigmas is not None:
             ev.params.kpt_oks_sigmas = np.asarray(kpt_oks_sigmas, dtype=np.float64)
+        if iou_type == "keypoints":  # objects of categories without keypoints have nothing to score
+            ev.params.catIds = _kpt_categories(gt)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    s = [max(0.0, float(v)) for v in ev.stats[:3]]  # -1 = no ground truth at all
+    s = [float(v) for v in ev.stats[:3]]
+    if not all(v >= 0 for v in s):  # -1: no ground truth pycocotools could score; NaN
+        raise ValueError(f"{iou_type} AP is undefined ({s[0]}): the ground truth has no object pycocotools scores")
     return {"AP": s[0], "AP50": s[1], "AP75": s[2], "detections": len(detections)}

@@ -119,3 +119,12 @@ def mean_across(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.item() / info.world
+
+
+def to_device(labels, device: torch.device):
+    """A batch's labels on ``device``: a tensor, or a list of per-image target dicts (detection; their tensors
+    move, other values stay)."""
+    if isinstance(labels, torch.Tensor):
+        return labels.to(device, non_blocking=True)
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for t in labels]

@@ -554,7 +554,7 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
                                     "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None})
             watch.new_step()
         images = images.to(info.device, non_blocking=True)
-        labels = to_device(labels, info.device)
+        labels = D.to_device(labels, info.device)
         if batch_transform is not None:
             images, labels = batch_transform(images, labels)
         sync = micro == accum - 1
@@ -624,19 +624,14 @@ def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset
     return stop, cur_lr
 
 
-def to_device(labels, device: torch.device):
-    """A batch's labels on ``device``: a tensor, or a list of per-image target dicts (detection; their tensors
-    move, other values stay)."""
-    if isinstance(labels, torch.Tensor):
-        return labels.to(device, non_blocking=True)
-    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-            for t in labels]
-
-
 def _nan_stop(value: float, step: int, epoch: int, batch: int, late: str, last: Path, saved_step) -> None:
     """Stop with a message that names the step whose loss went non-finite and the step ``last`` holds."""
-    where = (f"{last} holds step {saved_step}, the last checkpoint with finite weights" if saved_step is not None
-             else "no checkpoint was written (no step ended with finite weights)")
+    if saved_step is not None:
+        where = f"{last} holds step {saved_step}, the last checkpoint with finite weights"
+    elif step > 1:  # earlier steps were finite, but the loss was read late and no checkpoint was due before it
+        where = f"no checkpoint was written yet (none was due before step {step})"
+    else:
+        where = "no checkpoint was written (no step ended with finite weights)"
     raise FloatingPointError(
         f"non-finite loss ({value}) at step {step} (epoch {epoch + 1}, batch {batch}){late}; "
         f"{where}. Lower optim.blr, set optim.clip_grad, or check the data.")

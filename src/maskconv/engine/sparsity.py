@@ -17,7 +17,7 @@ Differences from the official code, on purpose: exact counts instead of Bernoull
 growth regrows "about" as many as it pruned); regrowth never re-picks a weight pruned in the same update;
 ERK/SNIP layers that come out fully dense are simply left unmasked (the official drops density >= 0.99).
 
-In the engine: ``dynamic_sparsity.sparsity=0.4`` (config section ``sparse``). In your own loop::
+In the engine: ``dynamic_sparsity.sparsity=0.4`` (config section ``dynamic_sparsity``). In your own loop::
 
     sp = DynamicSparsity(model, 0.4, init="erk", update_every=100, total_steps=n_steps)
     sp.init_masks()                        # snip: sp.init_masks(loss_fn, (images, labels))
@@ -330,7 +330,7 @@ class DynamicSparsity:
 
 def build_sparsity(s, model: nn.Module, total_steps: int, *, seed: int, task: str, fsdp: bool, world: int,
                    fresh: bool, loss_fn: Callable | None = None, batch: Callable | None = None):
-    """The run's ``DynamicSparsity`` from its ``sparse`` config section ``s`` (None when ``s.sparsity`` is 0).
+    """The run's ``DynamicSparsity`` from its ``dynamic_sparsity`` config section ``s`` (None when ``s.sparsity`` is 0).
     ``fresh``: draw the masks now (a resumed run loads them from its checkpoint instead)."""
     if s.sparsity == 0:
         return None
@@ -349,18 +349,20 @@ def build_sparsity(s, model: nn.Module, total_steps: int, *, seed: int, task: st
 
 
 def first_batch(batch_size: int, seed: int, dataset, transform, batch_transform, info
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's first training batch of epoch 0 (what SNIP scores), on the run's device."""
+                ) -> tuple[torch.Tensor, torch.Tensor | list[dict]]:
+    """This process's first training batch of epoch 0 (what SNIP scores), on the run's device; labels a tensor,
+    or detection targets (a list of dicts)."""
     from torch.utils.data import DataLoader
 
     from ..data.datasets import ResumableSampler, SeededDataset, collate_skip
+    from .dist import to_device
 
     sampler = ResumableSampler(len(dataset), batch_size, seed, 0, info.rank, info.world, max_batches=1)
     loader = DataLoader(SeededDataset(dataset, transform, seed), batch_size=batch_size,
                         sampler=sampler, num_workers=0, collate_fn=collate_skip)
     with torch.random.fork_rng(devices=[]):  # augmentation reseeds the global RNG: keep the run's own
         images, labels, _ = next(iter(loader))
-        images, labels = images.to(info.device), labels.to(info.device)
+        images, labels = images.to(info.device), to_device(labels, info.device)
         if batch_transform is not None:
             images, labels = batch_transform(images, labels)
     return images, labels

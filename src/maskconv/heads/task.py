@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..data.coco import IGNORE_INDEX, CocoData, CocoDetection, DetectionTrainTransform, coco_evaluate, load_coco
+from ..data.coco import IGNORE_INDEX, CocoData, CocoDetection, DetectionTrainTransform, check_evaluable, coco_evaluate, load_coco
 from ..engine.rundir import RunDir
 
 __all__ = ["DenseOptions", "run_detect_train", "run_detect_eval", "run_detect_predict", "run_segment_train",
@@ -318,6 +318,9 @@ def run_detect_train(cfg, o: DenseOptions | None = None, val: str | None = None)
                              "polygons or RLE: train boxes only with --masks false (Faster R-CNN)")
     meta, model = _start(cfg, "detect", o, data.category_names, data.orig_category_ids)
     val_data = load_coco(val) if val and info.is_main else None
+    if val_data is not None:  # before any work: mask AP reads every val object's region
+        for iou in ("bbox", "segm") if o.masks else ("bbox",):
+            check_evaluable(val_data.gt, iou, val_data.path)
 
     def loss_fn(m, x, targets):
         return sum((m(list(x), targets)).values())
@@ -529,10 +532,21 @@ def run_segment_predict(checkpoint, images, out, draw=None, device: str = "auto"
 
 
 # ---- the CLI: maskconv detect | segment  train | eval | predict (rooms of cli.COMMANDS) -------------------------
+def _bool_flag(v: str) -> bool:
+    """``--masks flase`` is an error (argparse names the flag), never a silent False."""
+    import argparse
+
+    from ..config import ConfigError, parse_bool
+
+    try:
+        return parse_bool(v)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _option_arguments(p) -> None:
     for f in fields(DenseOptions):
-        kind = {"bool": lambda v: v.lower() in ("1", "true", "yes")}.get(f.type, None) or \
-            {"int": int, "float": float}.get(f.type, str)
+        kind = {"bool": _bool_flag, "int": int, "float": float}.get(f.type, str)
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"dense_{f.name}", type=kind, default=None, metavar="V",
                        help=f"{f.name}, default {f.default!r}")
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..layers import LayerNorm2d
 
-__all__ = ["FeatureInfo", "FeatureNet", "SimpleFeaturePyramid"]
+__all__ = ["FeatureInfo", "FeatureNet", "SimpleFeaturePyramid", "freeze_unused"]
 
 
 class FeatureInfo(list):
@@ -125,6 +125,7 @@ class FeatureNet(nn.Module):
             self.feature_info = FeatureInfo(dict(info[i]) for i in self.indices)
         self.norms = nn.ModuleList([LayerNorm2d(c) for c in self.feature_info.channels()]) if out_norm else None
         self.stride = max(self.feature_info.reduction())  # inputs must be multiples of this
+        freeze_unused(self.model, self.indices, 2 * max(info[i]["reduction"] for i in self.indices))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
@@ -161,6 +162,35 @@ class FeatureNet(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+
+def freeze_unused(model: nn.Module, indices, size: int) -> list[str]:
+    """``requires_grad_(False)`` on every parameter of ``model`` that ``forward_intermediates(indices,
+    intermediates_only=True)`` never reaches (the classifier head, a final norm, blocks after the last index);
+    returns their names. Under DDP a trainable parameter that gets no gradient stops training at the second
+    step ("Expected to have finished reduction in the prior iteration"); the weights stay in the state dict,
+    so a classifier checkpoint still loads strict. Found by autograd on one ``size`` x ``size`` zero image in
+    eval mode (BatchNorm statistics and the RNG are left untouched), not by a per-family list of names."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return []
+    p0 = named[0][1]
+    in_chans = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.enable_grad():
+            maps = model.forward_intermediates(torch.zeros(1, in_chans, size, size, device=p0.device, dtype=p0.dtype),
+                                               indices=indices, intermediates_only=True)
+            total = sum(m.float().sum() for m in maps)
+            grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+    finally:
+        for m, training in modes:
+            m.training = training
+    unused = [(n, p) for (n, p), g in zip(named, grads) if g is None]
+    for _, p in unused:
+        p.requires_grad_(False)
+    return [n for n, _ in unused]
 
 
 def _as_list(indices):

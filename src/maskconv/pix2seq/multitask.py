@@ -31,7 +31,7 @@ from .tokenizer import DetectionTokenizer
 from .vocab import TASK_TOKENS, Vocab
 
 __all__ = ["TASKS", "TaskSet", "MultiTaskTrainTransform", "parse_tasks", "task_weights", "multitask_losses",
-           "evaluate_instance_task", "evaluate_captions", "COCO_PERSON_SIGMAS", "keypoint_sigmas"]
+           "evaluate_instance_task", "evaluate_captions", "COCO_PERSON_SIGMAS", "keypoint_sigmas", "prompted_instances"]
 
 # short name (the config's vocabulary, pix2seq.tasks) -> prompt name (vocab.TASK_TOKENS)
 TASKS = dict(zip(PIX2SEQ_TASKS, ("detection", "instance_segmentation", "keypoints", "captioning")))
@@ -199,9 +199,9 @@ def multitask_losses(model, ts: TaskSet, images: torch.Tensor, rows: torch.Tenso
 
 # ------------------------------------------------------------------------------------------ evaluation
 
-def _instances(ts: TaskSet, task: str, images_mem: torch.Tensor, boxes: list[torch.Tensor],
-               labels: list[torch.Tensor], model, samples: int, top_p: float, temperature: float,
-               generator=None):
+def prompted_instances(ts: TaskSet, task: str, images_mem: torch.Tensor, boxes: list[torch.Tensor],
+                       labels: list[torch.Tensor], model, samples: int, top_p: float, temperature: float,
+                       generator=None):
     """Generate the responses of the (image, box, class) prompts: returns (responses (N*samples, R), logits,
     image index of each row (N,)). ``images_mem`` is the encoded batch (B, S, dim)."""
     tok = ts.tokenizer(task)
@@ -276,7 +276,7 @@ def evaluate_instance_task(task: str, model, ts: TaskSet, data, o, size: int, in
             idx = torch.cat([torch.full((int(g.sum()),), i) for i, g in enumerate(gts)]).long()
             samples = 1
         else:
-            seq, logits, idx = _instances(ts, task, mem, boxes, labels, model, samples, top_p, o.temperature, gen)
+            seq, logits, idx = prompted_instances(ts, task, mem, boxes, labels, model, samples, top_p, o.temperature, gen)
         if len(idx) == 0:
             continue
         all_boxes, all_labels, all_scores = torch.cat(boxes), torch.cat(labels), torch.cat(scores)

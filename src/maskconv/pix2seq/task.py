@@ -41,10 +41,12 @@ def build_pix2seq(backbone: str, o: Pix2SeqOptions, img_size: int, in_chans: int
     """The model for ``o``'s tasks: vocabulary and decoder positions from ``taskset`` (``multitask.TaskSet``;
     default: detection only)."""
     from ..models import create_model
+    from ..models.dense import freeze_unused
 
     if "vit" in backbone or "convmae" in backbone:
         backbone_kwargs.setdefault("img_size", img_size)
     enc = create_model(backbone, num_classes=0, in_chans=in_chans, **backbone_kwargs)
+    freeze_unused(enc, 1, 2 * enc.feature_info[-1]["reduction"])  # the head's norm: unused by the last map (DDP)
     if taskset is None:
         vocab, max_len = _tokenizer(o, img_size).vocab, 5 * o.max_objects
     else:
@@ -321,7 +323,7 @@ def run_pix2seq_predict(checkpoint: str | Path, images: str | Path, out: str | P
     from ..engine import dist as D
     from .instance import ensemble_masks, rasterize_polygon
     from .metrics import mask_result
-    from .multitask import _instances
+    from .multitask import prompted_instances
 
     model, meta, o = load_pix2seq(checkpoint)
     ts = taskset_from_meta(meta, o)
@@ -365,7 +367,7 @@ def run_pix2seq_predict(checkpoint: str | Path, images: str | Path, out: str | P
             lab = torch.tensor([d["category_id"] for d in dets])
             n_s = o.seg_samples if task == "seg" else 1
             top_p = o.seg_top_p if task == "seg" else o.kpt_top_p
-            resp, lg, _ = _instances(ts, task, mem, [yx], [lab], model, n_s, top_p, o.temperature, gen)
+            resp, lg, _ = prompted_instances(ts, task, mem, [yx], [lab], model, n_s, top_p, o.temperature, gen)
             h, w = raw.shape[-2:]
             if task == "seg":
                 parts = ts.seg.decode(resp)

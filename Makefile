@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: these releases install from local disk here (pip is capped at them).
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev,viz,export,detect]'
+	$(BIN)/python -m pip install -q -e '.[dev,viz,export,detect,shards]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -146,3 +146,17 @@ def test_each_vocabulary_is_checked_by_the_config_with_its_words(key, word, word
     import re
 
     assert words.replace(", ", " | ").replace(" or ", " | ") in re.sub(r"\s+", " ", p.format_help())
+
+
+def test_a_saved_config_with_old_keys_warns_once_naming_them():
+    # a run folder written before the renames: one warning for the file, the values read under the new names
+    import warnings
+
+    from maskconv.config import load_saved_config
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cfg = load_saved_config({"sparse.sparsity": 0.3, "sparse.init": "erk", "optim.lr": 1e-3})
+    future = [w for w in seen if issubclass(w.category, FutureWarning)]
+    assert len(future) == 1 and "sparse.init" in str(future[0].message) and "sparse.sparsity" in str(future[0].message)
+    assert cfg.dynamic_sparsity.sparsity == 0.3 and cfg.dynamic_sparsity.init == "erk" and cfg.optim.lr == 1e-3

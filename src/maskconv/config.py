@@ -385,6 +385,26 @@ def flat_keys(cfg: Config | None = None) -> dict[str, tuple[object, object]]:
     return out
 
 
+def load_saved_config(flat: dict) -> Config:
+    """A config saved in a run folder (``config.json``, flattened) as a ``Config``. Keys an older maskconv wrote
+    under a name since renamed are read as their new names with ONE FutureWarning for the whole file, not one per
+    key (a run folder is the user's record, not their typing)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", FutureWarning)
+        cfg = load_config(overrides=flat)
+    old = sorted({str(w.message).split()[2] for w in seen if issubclass(w.category, FutureWarning)
+                  and str(w.message).startswith("config key ")})
+    for w in seen:  # anything else passes through unchanged
+        if not (issubclass(w.category, FutureWarning) and str(w.message).startswith("config key ")):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if old:
+        warnings.warn(f"this run's config was saved by an older maskconv; read {len(old)} renamed key(s) under their "
+                      f"new names ({', '.join(old)})", FutureWarning, stacklevel=2)
+    return cfg
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | None = None,
                 base: Config | None = None) -> Config:
     """defaults (or ``base``) < recipe YAML < overrides (``["optim.blr=1e-4", ...]`` or a dict)."""

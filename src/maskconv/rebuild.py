@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import Config, flatten, load_config
+from .config import Config, flatten, load_saved_config
 from .engine.rundir import RunDir
 
 # The final weights each task writes into its run folder (see tasks/pretrain.py, tasks/classify.py), in order of
@@ -66,7 +66,7 @@ def read_run_config(run: str | Path) -> tuple[Config, str]:
     saved = json.loads(path.read_text())
     saved.pop("resolved", None)
     task = saved.pop("task", "pretrain")
-    cfg = load_config(overrides=flatten(saved))
+    cfg = load_saved_config(flatten(saved))
     cfg.task = task
     return cfg, task
 

@@ -182,12 +182,12 @@ class EvalSource:
 
 
 def _run_config(saved: dict, model: str | None, overrides: dict) -> Config:
-    from ..config import load_config
+    from ..config import load_saved_config
 
     base = {k: v for k, v in flatten(saved).items() if k != "task" and not k.startswith("resolved.")}
     if model:
         base["model.name"] = model
-    return load_config(overrides={**base, **{k: v for k, v in overrides.items() if v is not None}})
+    return load_saved_config({**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def load_eval_source(checkpoint: str | Path, model: str | None = None, **overrides) -> EvalSource:

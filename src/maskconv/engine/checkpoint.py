@@ -47,3 +47,16 @@ def load_training_checkpoint(path: str | Path) -> dict:
         if key not in ck:
             raise CheckpointError(f"{path} is not a maskconv training checkpoint (no {key!r})")
     return ck
+
+
+def load_run_weights(run: str | Path) -> dict:
+    """A task run folder's trained weights: ``model.safetensors`` when the run finished, else the ``model`` of its
+    ``last.pt`` (an unfinished run). One reader for every task room (pix2seq, detect, segment)."""
+    run = Path(run)
+    if (run / RunDir.MODEL).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(run / RunDir.MODEL)
+    if (run / RunDir.LAST).is_file():
+        return load_training_checkpoint(run / RunDir.LAST)["model"]
+    raise FileNotFoundError(f"{run} holds neither {RunDir.MODEL} nor {RunDir.LAST}")

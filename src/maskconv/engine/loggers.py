@@ -14,7 +14,7 @@ import os
 import secrets
 from pathlib import Path
 
-from ..config import Logger, literal_words
+from ..config import Logger, flatten, literal_words
 from .rundir import RunDir
 
 TRACKER_IDS = RunDir.TRACKER_IDS  # {"wandb": id, "mlflow": id} of this run folder, so a resume continues them
@@ -116,7 +116,7 @@ class MlflowLogger(Logger):
 
         def new() -> str:
             run = self.client.create_run(exp_id, run_name=out.name)
-            params = [Param(k, str(v)[:500]) for k, v in sorted(_flatten(config).items())]
+            params = [Param(k, str(v)[:500]) for k, v in sorted(flatten(config).items())]
             for i in range(0, len(params), 100):  # MLflow's log_batch takes at most 100 params
                 self.client.log_batch(run.info.run_id, params=params[i:i + 100])
             return run.info.run_id
@@ -135,16 +135,6 @@ class MlflowLogger(Logger):
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def build_logger(kind: str, out: str | Path, config: dict) -> Logger | None:

@@ -208,7 +208,7 @@ def _finish(res, info, task: str, backbone: str):
 def load_dense(run: str | Path, task: str | None = None):
     """A trained detector / segmenter from its run folder: (model in eval mode, meta, options); ``task``
     ('detect' / 'segment'): the run must be of that task."""
-    from ..engine.checkpoint import load_training_checkpoint
+    from ..engine.checkpoint import load_run_weights
 
     run = Path(run)
     if run.is_file():
@@ -220,15 +220,7 @@ def load_dense(run: str | Path, task: str | None = None):
         raise ValueError(f"{run} is a {meta['task']} run, not a {task} run")
     o = DenseOptions(**{f.name: meta["options"][f.name] for f in fields(DenseOptions) if f.name in meta["options"]})
     model = _build(meta, o)
-    if (run / RunDir.MODEL).is_file():
-        from safetensors.torch import load_file
-
-        sd = load_file(run / RunDir.MODEL)
-    elif (run / RunDir.LAST).is_file():  # an unfinished run: its last checkpoint
-        sd = load_training_checkpoint(run / RunDir.LAST)["model"]
-    else:
-        raise FileNotFoundError(f"{run} holds neither {RunDir.MODEL} nor {RunDir.LAST}")
-    model.load_state_dict(sd)
+    model.load_state_dict(load_run_weights(run))
     return model.eval(), meta, o
 
 

@@ -225,7 +225,7 @@ def taskset_from_meta(meta: dict, o: Pix2SeqOptions):
 
 def load_pix2seq(run: str | Path) -> tuple[Pix2Seq, dict, Pix2SeqOptions]:
     """A trained model from its run folder: (model in eval mode, meta, options)."""
-    from ..engine.checkpoint import load_training_checkpoint
+    from ..engine.checkpoint import load_run_weights
 
     run = Path(run)
     if run.is_file():
@@ -236,15 +236,7 @@ def load_pix2seq(run: str | Path) -> tuple[Pix2Seq, dict, Pix2SeqOptions]:
     o = Pix2SeqOptions(**{f.name: meta["options"][f.name] for f in fields(Pix2SeqOptions) if f.name in meta["options"]})
     model = build_pix2seq(meta["backbone"], o, meta["img_size"], meta["in_chans"], taskset_from_meta(meta, o),
                           **meta.get("backbone_kwargs", {}))
-    if (run / RunDir.MODEL).is_file():
-        from safetensors.torch import load_file
-
-        sd = load_file(run / RunDir.MODEL)
-    elif (run / RunDir.LAST).is_file():  # an unfinished run: its last checkpoint
-        sd = load_training_checkpoint(run / RunDir.LAST)["model"]
-    else:
-        raise FileNotFoundError(f"{run} holds neither {RunDir.MODEL} nor {RunDir.LAST}")
-    model.load_state_dict(sd)
+    model.load_state_dict(load_run_weights(run))
     return model.eval(), meta, o
 
 

@@ -186,3 +186,20 @@ def test_fifo_in_eval_data_is_skipped_and_named(run, tmp_path, capsys):
     res = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert res["images"] == 6 and list(res["unreadable"]["first"].values()) == ["FIFO"]
     assert "0_pipe.png (FIFO)" in capsys.readouterr().out
+
+
+def test_a_class_with_no_image_has_no_accuracy_not_zero():
+    # per-class accuracy of a class absent from the evaluated split is n/a (None), not 0.00%
+    import torch
+
+    from maskconv.tasks.classify import evaluate_classifiers
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    class Loader(list):  # batches of (images, labels, unreadable) as the eval loader gives them
+        dataset = None
+
+    batches = Loader([(torch.randn(4, 3, 4, 4), torch.tensor([0, 0, 2, 2]), {})])
+    res = evaluate_classifiers({"": model}, batches, 3, device="cpu", progress=False)[""]
+    pc = res["val_per_class"]
+    assert pc[1] is None and pc[0] is not None and pc[2] is not None
+    assert sum(map(sum, res["val_confusion"])) == 4

@@ -84,7 +84,9 @@ def evaluate_classifiers(models: dict[str, nn.Module], loader: DataLoader, num_c
     out = {}
     for name, c in conf.items():
         out[name] = dict(val_top1=c.diag().sum().item() / n * 100, **({"val_top5": top5[name] / n * 100} if k else {}),
-                         val_per_class=(c.diag().float() / c.sum(1).clamp_min(1) * 100).tolist(),
+                         # a class with no image here has no accuracy: None (n/a), never 0.0
+                         val_per_class=[None if int(t) == 0 else float(d) / int(t) * 100
+                                        for d, t in zip(c.diag().tolist(), c.sum(1).tolist())],
                          val_confusion=c.tolist(), val_images=n, val_unreadable=dict(unreadable))
     return out
 
@@ -179,6 +181,11 @@ class EvalSource:
     classes: list[str] | None
     home: Path  # the run folder (or the weights file's folder): eval/<split> goes under it
     has_config: bool  # the run's own config (and data) is known
+
+
+def _pct(v: float | None) -> str:
+    """A per-class accuracy cell: ``n/a`` for a class with no image in the evaluated split."""
+    return f"{'n/a':>10}" if v is None else f"{v:>9.2f}%"
 
 
 def _run_config(saved: dict, model: str | None, overrides: dict) -> Config:
@@ -364,12 +371,13 @@ def _eval_report(src: EvalSource, res: dict, classes: list[str], data: str, spli
     counts = [sum(row) for row in first["val_confusion"]]
     order = list(range(len(classes)))
     if len(order) > 30:  # a long table says little: the 15 weakest classes of the first weights kind
-        order = sorted(order, key=lambda i: first["val_per_class"][i])[:15]
+        order = sorted((i for i in order if first["val_per_class"][i] is not None),
+                       key=lambda i: first["val_per_class"][i])[:15]
         print(f"per-class top-1, the 15 weakest of {len(classes)} (all in eval.json):")
     width = max(5, *(len(c) for c in classes))
     print(f"  {'class':<{width}} {'images':>6} " + " ".join(f"{_LABEL[k] + ' top-1':>10}" for k in res))
     for i in order:
-        print(f"  {classes[i]:<{width}} {counts[i]:>6} " + " ".join(f"{res[k]['val_per_class'][i]:>9.2f}%" for k in res))
+        print(f"  {classes[i]:<{width}} {counts[i]:>6} " + " ".join(_pct(res[k]['val_per_class'][i]) for k in res))
     bad = first["val_unreadable"]
     if bad:
         print(f"not evaluated: {describe_unreadable(bad)}")

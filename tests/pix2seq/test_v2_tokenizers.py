@@ -178,6 +178,19 @@ def test_caption_round_trip_exact_with_end_token_and_dropout():
     assert words.decode(words.encode("a purple bag")) == "a <unk> bag"
 
 
+def test_an_image_without_a_caption_weighs_nothing_while_the_empty_caption_does():
+    # no caption is not the caption "": the first teaches nothing, the second teaches the end token
+    words = WordVocab.build(["a bag."])
+    tok = CaptionTokenizer(Vocab(128, text_size=len(words)), words, max_len=8)
+    inp, tgt = tok.encode_missing()
+    assert inp[0] == 13 and inp.shape == tgt.shape == (8,) and tok.weights(tgt).sum().item() == 0
+    _, empty = tok.encode("", train=False)
+    assert tok.weights(empty).sum().item() > 0
+    both = torch.stack([tgt, tok.encode("a bag.", train=False)[1]])  # one row of each in a batch
+    w = tok.weights(both)
+    assert w[0].sum().item() == 0 and w[1].sum().item() > 0
+
+
 @pytest.mark.parametrize("field, value, expect", [
     ("segmentation", [[1, 2, 3, 4]], "segmentation part 0 has 4 numbers"),
     ("segmentation", [[1, 2, 3, 4, 5, 6, 7]], "segmentation part 0 has 7 numbers"),

@@ -107,10 +107,18 @@ class CaptionTokenizer:
             inp = torch.where(torch.rand(inp.shape) > self.input_drop, inp, torch.full_like(inp, FAKE_TEXT_TOKEN))
         return inp, tgt
 
+    def encode_missing(self):
+        """(input, target) of an image without a caption: the prompt then padding, and a target with no end token,
+        which ``weights`` gives weight 0 (the image teaches no caption, not the empty one)."""
+        seq = torch.full((self.max_len + 1,), PADDING_TOKEN, dtype=torch.long)
+        seq[0] = TASK_TOKENS[self.task]
+        return seq[:-1], seq[1:]
+
     def weights(self, target: torch.Tensor) -> torch.Tensor:
-        """Official: the end token ``eos_token_weight``, every other target (padding too) 1."""
-        return torch.where(target == self.eos, torch.full(target.shape, self.eos_token_weight),
-                           torch.ones(target.shape))
+        """Official: the end token ``eos_token_weight``, every other target (padding too) 1; a row without an end
+        token (``encode_missing``: no caption) weighs 0."""
+        w = torch.where(target == self.eos, torch.full(target.shape, self.eos_token_weight), torch.ones(target.shape))
+        return w * (target == self.eos).any(-1, keepdim=True)
 
     def decode(self, response: torch.Tensor) -> list[str]:
         """(B, L) generated tokens -> captions: text tokens up to the first end or padding token."""

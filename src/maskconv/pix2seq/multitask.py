@@ -171,9 +171,12 @@ class MultiTaskTrainTransform:
                     k3 = k3[:, self.flip_order]
                 seqs["kpt"] = ts.kpt.encode(boxes, labels, k3[torch.tensor(keep, dtype=torch.bool)], train=True)
         if ts.cap is not None:
-            caps = target.get("captions") or [""]
-            text = caps[int(torch.randint(len(caps), ()))]
-            seqs["cap"] = ts.cap.encode(_swap_left_right(text) if t.get("hflip") else text, train=True)
+            caps = target.get("captions")
+            if caps:
+                text = caps[int(torch.randint(len(caps), ()))]
+                seqs["cap"] = ts.cap.encode(_swap_left_right(text) if t.get("hflip") else text, train=True)
+            else:  # no caption: a row that weighs nothing (eval leaves such images out too)
+                seqs["cap"] = ts.cap.encode_missing()
         return normalize_image(img), ts.pack(seqs)
 
 

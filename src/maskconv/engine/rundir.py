@@ -54,6 +54,9 @@ class RunDir:
     PIX2SEQ = "pix2seq.json"  # Pix2Seq options and classes
     DENSE = "dense.json"  # detect / segment options, classes and backbone (heads/task.py)
     EVAL = "eval"  # eval/<split>: results of maskconv eval
+    EVAL_JSON = "eval.json"  # inside an eval folder: the figures of one evaluation
+    PREDICTIONS = "predictions.json"  # COCO-format predictions of an evaluation (detect, pix2seq)
+    CURVES = "curves.png"  # maskconv visualize curves, by default
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -340,12 +340,12 @@ def run_detect_eval(checkpoint, data, out=None, batch_size: int = 8, device: str
     info = D.setup(device)
     model.to(info.device)
     res, dets = evaluate_instances(model, coco, meta["in_chans"], batch_size, info.device)
-    out = Path(out) if out else _run_of(checkpoint) / "eval"
+    out = Path(out) if out else _run_of(checkpoint) / RunDir.EVAL
     out.mkdir(parents=True, exist_ok=True)
-    (out / "predictions.json").write_text(json.dumps(
+    (out / RunDir.PREDICTIONS).write_text(json.dumps(
         [{**d, "image_id": coco.orig_image_ids[d["image_id"] - 1],
           "category_id": coco.orig_category_ids[d["category_id"] - 1]} for d in dets]))
-    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    (out / RunDir.EVAL_JSON).write_text(json.dumps(res, indent=1))
     msg = f"box AP {res['AP']:.4f} AP50 {res['AP50']:.4f} AP75 {res['AP75']:.4f}"
     if "mask_AP" in res:
         msg += f"; mask AP {res['mask_AP']:.4f} AP50 {res['mask_AP50']:.4f} AP75 {res['mask_AP75']:.4f}"
@@ -483,9 +483,9 @@ def run_segment_eval(checkpoint, data, out=None, device: str = "auto") -> dict:
     info = D.setup(device)
     model.to(info.device)
     res = evaluate_segmentation(model, ds, meta["img_size"], info.device)
-    out = Path(out) if out else _run_of(checkpoint) / "eval"
+    out = Path(out) if out else _run_of(checkpoint) / RunDir.EVAL
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    (out / RunDir.EVAL_JSON).write_text(json.dumps(res, indent=1))
     worst = sorted((v, k) for k, v in res["per_class_IoU"].items() if v is not None)[:3]
     print(f"mIoU {res['mIoU']:.4f}  pixel acc {res['pixel_acc']:.4f} on {res['images']} images; lowest IoU: "
           + ", ".join(f"{k} {v:.3f}" for v, k in worst) + f"; {out / 'eval.json'}")
@@ -514,7 +514,7 @@ def run_segment_predict(checkpoint, images, out, draw=None, device: str = "auto"
         rows.append({"file_name": str(f), "label_map": str(out / f"{f.stem}.png"),
                      "classes": {meta["categories"][c]: int(n) for c, n in enumerate(counts.tolist()) if n}})
         drawn.append((raw, pred))
-    (out / "predictions.json").write_text(json.dumps(rows, indent=1))
+    (out / RunDir.PREDICTIONS).write_text(json.dumps(rows, indent=1))
     if draw:
         from .draw import draw_semantic
 

@@ -287,14 +287,14 @@ def run_pix2seq_eval(checkpoint: str | Path, data: str | Path, out: str | Path |
     res = evaluate_tasks(model, ts, coco, o, meta["img_size"], meta["in_chans"], batch_size, info.device,
                          predictions=preds)
     run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    out = Path(out) if out else run / "eval"
+    out = Path(out) if out else run / RunDir.EVAL
     out.mkdir(parents=True, exist_ok=True)
     for key, rows in preds.items():
-        name = "predictions.json" if key == "det" else f"predictions_{key}.json"
+        name = RunDir.PREDICTIONS if key == "det" else f"predictions_{key}.json"
         rows = _to_file_ids(rows, coco) if key != "cap" else \
             [{**r, "image_id": coco.orig_image_ids[r["image_id"] - 1]} for r in rows]
         (out / name).write_text(json.dumps(rows))
-    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    (out / RunDir.EVAL_JSON).write_text(json.dumps(res, indent=1))
     print("  ".join(f"{k} {v:.4f}" for k, v in res.items()) + f"  on {len(coco.gt['images'])} images "
           f"(tasks {','.join(ts.tasks)}); results: {out}")
     return res

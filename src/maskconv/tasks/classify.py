@@ -339,8 +339,8 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
     out = Path(out) if out else _eval_folder(src.home, data, split)
     report = _eval_report(src, res, classes, data or cfg.data.path, split, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=1))
-    written = [out / "eval.json"]
+    (out / RunDir.EVAL_JSON).write_text(json.dumps(report, indent=1))
+    written = [out / RunDir.EVAL_JSON]
     try:
         from ..viz.curves import plot_confusion
 

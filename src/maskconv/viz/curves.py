@@ -39,7 +39,9 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
         axes[2].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
-    default = (Path(run) if Path(run).is_dir() else Path(run).parent) / "curves.png"
+    from ..engine.rundir import RunDir
+
+    default = (Path(run) if Path(run).is_dir() else Path(run).parent) / RunDir.CURVES
     return save(fig, out or default, dpi=100)
 
 

@@ -38,6 +38,23 @@ _RESERVED = ((PAD_FLOAT, PADDING_TOKEN), (SEP_FLOAT, SEPARATOR_TOKEN), (INVISIBL
 PROMPT_LEN = 6  # task, 4 box coordinates, class
 
 
+def instance_slots(tok, keep: list[int], boxes: torch.Tensor, labels: torch.Tensor, points, train: bool):
+    """The ``tok.max_instances`` object slots of one image: objects ``keep`` (a random subset in training, as the
+    official reader; the first ones otherwise), their prompts and point responses, free slots padding.
+    ``points(kept_indices)`` gives the kept objects' point floats (n, response_len). Returns (prompt, response
+    tokens), each (max_instances, ...)."""
+    if train:
+        keep = [keep[i] for i in torch.randperm(len(keep)).tolist()]
+    keep = keep[:tok.max_instances]
+    M = tok.max_instances
+    b, lab = torch.zeros(M, 4), torch.zeros(M, dtype=torch.long)
+    pts = torch.full((M, tok.response_len), PAD_FLOAT)
+    if keep:
+        b[:len(keep)], lab[:len(keep)] = boxes[keep].float(), labels[keep].long()
+        pts[:len(keep)] = points(keep)
+    return instance_prompt(tok.task, b, lab, tok.vocab), points_to_tokens(pts, lab, tok.vocab)
+
+
 def instance_prompt(task: str, boxes: torch.Tensor, labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
     """``boxes`` (..., N, 4) yxyx in [0, 1], ``labels`` (..., N) -> prompts (..., N, 6); all-zero where the label
     is 0 (a padding slot), as official ``build_instance_prompt_seq``."""
@@ -223,17 +240,9 @@ class SegmentationTokenizer:
         Objects without a polygon are skipped; over ``max_instances`` a random subset is kept in training (the
         official reader), the first ones otherwise; free slots are padding."""
         keep = [i for i, p in enumerate(polygons) if any(len(q) >= 3 for q in p)]
-        if train:
-            keep = [keep[i] for i in torch.randperm(len(keep)).tolist()]
-        keep = keep[:self.max_instances]
-        M = self.max_instances
-        b, lab = torch.zeros(M, 4), torch.zeros(M, dtype=torch.long)
-        pts = torch.full((M, self.response_len), PAD_FLOAT)
-        if keep:
-            b[:len(keep)], lab[:len(keep)] = boxes[keep].float(), labels[keep].long()
-            pts[:len(keep)] = self.response([polygons[i] for i in keep])
-        prompt = instance_prompt(self.task, b, lab, self.vocab)
-        return instance_sequences(prompt, points_to_tokens(pts, lab, self.vocab), self.seq_len)
+        prompt, response = instance_slots(self, keep, boxes, labels, lambda k: self.response([polygons[i] for i in k]),
+                                          train)
+        return instance_sequences(prompt, response, self.seq_len)
 
     def weights(self, target: torch.Tensor) -> torch.Tensor:
         return instance_token_weights(target, self.eos_token_weight)
@@ -290,17 +299,7 @@ class KeypointTokenizer:
         response input token turns invisible with probability ``ratio ~ U(0, 1)`` (official: one ratio per batch;
         here per image, drawn where the sequences are built)."""
         keep = [i for i in range(len(labels)) if bool((keypoints[i, :, 2] > 0).any())]
-        if train:
-            keep = [keep[i] for i in torch.randperm(len(keep)).tolist()]
-        keep = keep[:self.max_instances]
-        M = self.max_instances
-        b, lab = torch.zeros(M, 4), torch.zeros(M, dtype=torch.long)
-        pts = torch.full((M, self.response_len), PAD_FLOAT)
-        if keep:
-            b[:len(keep)], lab[:len(keep)] = boxes[keep].float(), labels[keep].long()
-            pts[:len(keep)] = self.points(keypoints[keep])
-        prompt = instance_prompt(self.task, b, lab, self.vocab)
-        response = points_to_tokens(pts, lab, self.vocab)
+        prompt, response = instance_slots(self, keep, boxes, labels, lambda k: self.points(keypoints[k]), train)
         inp, tgt = instance_sequences(prompt, response, self.seq_len)
         if train and self.corrupt:
             ratio = torch.rand(())

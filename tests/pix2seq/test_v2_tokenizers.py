@@ -229,3 +229,14 @@ def test_keypoints_without_names_and_bad_captions_are_refused(tmp_path):
     raw["captions"] = raw["captions"][:1]
     js.write_text(json.dumps(raw))
     assert load_coco(root).captions == {1: ["fine"], 2: [], 3: []}
+
+
+def test_task_loss_weights_are_built_on_the_targets_device():
+    # no host round trip per step (issue 17): the weights follow the target's device ('meta' stands in for a GPU)
+    from maskconv.pix2seq.instance import instance_token_weights
+
+    words = WordVocab.build(["a bag."])
+    tok = CaptionTokenizer(Vocab(128, text_size=len(words)), words, max_len=8)
+    tgt = tok.encode("a bag.", train=False)[1][None]
+    assert tok.weights(tgt.to("meta")).device.type == "meta"
+    assert instance_token_weights(tgt.to("meta"), 0.1, 0.5).device.type == "meta"

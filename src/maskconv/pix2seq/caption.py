@@ -117,7 +117,8 @@ class CaptionTokenizer:
     def weights(self, target: torch.Tensor) -> torch.Tensor:
         """Official: the end token ``eos_token_weight``, every other target (padding too) 1; a row without an end
         token (``encode_missing``: no caption) weighs 0."""
-        w = torch.where(target == self.eos, torch.full(target.shape, self.eos_token_weight), torch.ones(target.shape))
+        ones = torch.ones(target.shape, device=target.device)  # on the target's device: no host round trip
+        w = torch.where(target == self.eos, ones * self.eos_token_weight, ones)
         return w * (target == self.eos).any(-1, keepdim=True)
 
     def decode(self, response: torch.Tensor) -> list[str]:

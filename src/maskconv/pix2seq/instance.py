@@ -97,7 +97,7 @@ def instance_token_weights(target: torch.Tensor, eos_token_weight: float,
     """Official weights of an instance target (..., L): the 5 prompt targets 0, response 1, invisible targets
     ``invisible_token_weight`` (keypoints), padding/end ``eos_token_weight``. A padding slot's target is all
     padding, so it weighs ``eos_token_weight`` everywhere, as in the official order of ``tf.where``s."""
-    w = torch.ones(target.shape)
+    w = torch.ones(target.shape, device=target.device)  # on the target's device: no host round trip
     w[..., :PROMPT_LEN - 1] = 0.0
     if invisible_token_weight is not None:
         w = torch.where(target == INVISIBLE_TOKEN, torch.full_like(w, invisible_token_weight), w)

@@ -196,7 +196,7 @@ def multitask_losses(model, ts: TaskSet, images: torch.Tensor, rows: torch.Tenso
         inputs.append(inp.flatten(0, 1) if inp.dim() == 3 else inp)
         targets.append(tgt.flatten(0, 1) if tgt.dim() == 3 else tgt)
     logits = model(images, inputs, tiles)
-    return {t: _weighted_ce(lg, tgt, ts.tokenizer(t).weights(tgt.cpu()))
+    return {t: _weighted_ce(lg, tgt, ts.tokenizer(t).weights(tgt))
             for t, lg, tgt in zip(seqs, logits, targets)}
 
 

@@ -153,14 +153,26 @@ def _one_vs_two_processes(tmp_path, common: list[str], two_extra: list[str] = ()
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo_equals_one_process(tmp_path, mode):
     common = ["finetune", "--model", "test_convnextv2", "--data", "synthetic", "data.img_size=64",
-              "data.num_workers=0", "run.progress=false", "optim.epochs=2", "optim.blr=1e-2", "run.log_every_steps=1"]
+              "data.num_workers=0", "run.progress=false", "optim.epochs=2", "optim.blr=1e-2", "run.log_every_steps=1",
+              "optim.ema_decay=0.9", "run.keep_best=ema_val_top1"]
     l1, l2 = _one_vs_two_processes(tmp_path, common, [f"run.fsdp={mode == 'fsdp'}"])
     assert len(l1) == len(l2) == 16
     # Same global batches and gradients; only the float summation order of the all-reduce differs.
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
-    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+    for f in ("model.safetensors", "model_ema.safetensors", "best.safetensors"):  # FSDP: EMA of the shards
+        w1, w2 = load_file(tmp_path / "one" / f), load_file(tmp_path / "two" / f)
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=f"{f} {k}")
+
+    def val(run):  # validated on both processes (each its half of the 32 images), raw and EMA weights
+        return [{k: v for k, v in json.loads(x).items() if "val_" in k}
+                for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if "val_top1" in x]
+
+    v1 = val("one")
+    assert len(v1) == 2 and all("ema_val_top1" in r for r in v1) and val("two") == v1
+    assert json.loads((tmp_path / "two" / "best.json").read_text()) == json.loads(
+        (tmp_path / "one" / "best.json").read_text())
 
 
 @pytest.mark.parametrize("objective, model", [("fcmae", "test_convnextv2"), ("mae", "test_vit"),

@@ -24,6 +24,7 @@ SparsePath = typing.Literal["gather", "dense"]  # FCMAE / ConvMAE compute paths 
 SparsityInit = typing.Literal["snip", "erk", "uniform"]  # SLaK's layer-wise density at init
 LayerDecayScheme = typing.Literal["single", "group"]  # layer ids: one per block, or the official ConvNeXt V2 groups
 Logger = typing.Literal["none", "tensorboard", "wandb", "mlflow"]  # run.logger: the tracker beside metrics.jsonl
+KeepBestMode = typing.Literal["auto", "max", "min"]  # run.keep_best_mode; auto: min for a loss, max otherwise
 CompileMode = typing.Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile
 # The commands a config runs as (``commands.UNUSED`` says which keys each reads); a recipe names its task.
 Task = typing.Literal["pretrain", "finetune", "linprobe", "pix2seq", "detect", "segment"]
@@ -137,6 +138,8 @@ class RunCfg:
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
     save_every_minutes: float = 10.0  # also checkpoint when this much time passed since the last one (0 = off)
     eval_every_epochs: int = 1  # validation cadence (the last epoch is always evaluated)
+    keep_best: str = ""  # keep the best evaluated epoch's weights by this logged metric (e.g. val_top1, val_AP50); "" = off
+    keep_best_mode: KeepBestMode = "auto"  # max | min | auto (min for a loss, max otherwise)
     log_every_steps: int = 10  # metrics.jsonl / console cadence in optimizer steps (the loss is read and checked then)
     logger: Logger = "none"  # experiment tracker beside metrics.jsonl (engine/loggers.py)
     progress: bool = True  # tqdm progress bar with ETA

@@ -24,8 +24,8 @@ class DistInfo:
 
 def setup(device: str = "auto", timeout_minutes: float = 5.0) -> DistInfo:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent = one process) and start the process group.
-    ``timeout_minutes``: how long a collective waits for a stopped or hung rank before the job ends (the loop
-    waits for rank 0's validation apart, on a group without this limit: ``wait_for_main``)."""
+    ``timeout_minutes``: how long a collective waits for a stopped or hung rank before the job ends (the
+    loop hands rank 0's validation figures over on a group without this limit: ``long_wait_group``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -92,15 +92,9 @@ def any_true(flags: list[bool], info: DistInfo) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def wait_for_main(info: DistInfo, group) -> None:
-    """The other ranks wait for rank 0's validation on ``group`` (made with a long timeout), so the run's
-    collective timeout can stay short without cutting a long validation."""
-    if info.world > 1:
-        dist.barrier(group=group)
-
-
 def long_wait_group(info: DistInfo, hours: float = 2.0):
-    """A process group (gloo: a barrier needs no GPU) whose collectives may wait ``hours`` (validation on rank 0)."""
+    """A process group (gloo: no GPU needed) whose collectives may wait ``hours``: the loop's hand-over of the
+    validation figures, while rank 0 alone scores gathered predictions (COCOeval)."""
     if info.world == 1:
         return None
     from datetime import timedelta
@@ -128,3 +122,55 @@ def to_device(labels, device: torch.device):
         return labels.to(device, non_blocking=True)
     return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
             for t in labels]
+
+
+# ---- distributed evaluation: every rank scores its own share, the results are reduced exactly ----------------
+def eval_share(n: int, info: DistInfo) -> range:
+    """This process's share of ``n`` evaluation items: a contiguous block, blocks in rank order, sizes differing by
+    at most one. Unlike ``DistributedSampler`` nothing is padded (a repeated image would count twice) and nothing
+    is dropped; concatenating the blocks in rank order gives the one-process order (so gathered predictions are
+    scored in the same order: COCOeval's stable sort breaks score ties by it)."""
+    return range(info.rank * n // info.world, (info.rank + 1) * n // info.world)
+
+
+def sum_across(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``t`` summed over every process (exact for integer counts); a new tensor on ``t``'s device."""
+    if info.world == 1:
+        return t.clone()
+    out = t.to(info.device if info.device.type == "cuda" else "cpu").clone()
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def gather_to_main(obj, info: DistInfo) -> list | None:
+    """Every process's ``obj``, in rank order, on the main process (None elsewhere): predictions to score once."""
+    if info.world == 1:
+        return [obj]
+    out = [None] * info.world if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj, info: DistInfo, group=None):
+    """The main process's ``obj`` on every process (``group``: e.g. ``long_wait_group``, while rank 0 scores)."""
+    if info.world == 1:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def in_lockstep(batches, info: DistInfo, shape_of):
+    """Iterate ``batches`` so that every process calls the model the same number of times, as FSDP needs (each
+    forward all-gathers the sharded parameters, a collective). Yields ``(batch, shape)``: ``batch`` is this
+    process's own (None once they have ended), ``shape`` the input shape to run this step: ``shape_of(batch)``, or
+    another process's when this one has no input (then run a dummy input of that shape and discard its output);
+    None when no process has an input this step (run nothing). Ends when every process's batches have ended."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        own = shape_of(batch) if batch is not None else None
+        rows = all_gather_object((batch is not None, own), info)
+        if not any(more for more, _ in rows):
+            return
+        yield batch, own or next((s for _, s in rows if s is not None), None)

@@ -43,6 +43,7 @@ class TrainState:
     loss_sum: float = 0.0  # running loss of the current epoch (so a resumed epoch reports the whole mean)
     loss_count: int = 0
     unreadable: dict = field(default_factory=dict)  # {path: reason} of those files (this process)
+    best: dict = field(default_factory=dict)  # run.keep_best: {metric, mode, value, epoch, step} of best.safetensors
 
 
 @dataclass
@@ -53,6 +54,7 @@ class FitResult:
     model: nn.Module  # unwrapped (with FSDP: still sharded; use ``state_dict``)
     ema: nn.Module | None
     state_dict: dict | None = None  # full (unsharded) model weights on CPU, main process only
+    ema_state_dict: dict | None = None  # with FSDP: the full EMA weights on CPU, main process only (``ema`` is None)
     run: RunDir | None = None  # still locked: the caller writes its weights files, then ``run.release()``
 
 
@@ -294,14 +296,17 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     """Train ``model`` on ``dataset`` as ``cfg`` says. ``loss_fn(model, images, labels) -> loss`` (with
     ``keyed_loss``: ``loss_fn(model, images, labels, keys=(indices (B,), epoch))`` for per-sample randomness);
     ``batch_transform(images, labels)`` (MixUp/CutMix) runs on each micro-batch; ``evaluate(model) -> dict``
-    runs on the main process after every epoch. ``train_mode(model)`` replaces ``model.train()`` at the start of
-    each epoch (a linear probe keeps its frozen backbone's BatchNorm statistics in eval mode). ``files``
-    (name -> text) are written into the run folder once it is locked and checked. The returned ``run`` is still
-    locked: release it after writing the final files.
+    runs on every process after each evaluated epoch, each scoring its share of the validation data (under FSDP
+    every process must run each forward: ``dist.in_lockstep``); the main process's figures are the ones logged
+    (``evaluate_all``). ``run.keep_best`` keeps the best evaluated epoch's weights (``_KeepBest``).
+    ``train_mode(model)`` replaces ``model.train()`` at the start of each epoch (a linear probe keeps its frozen
+    backbone's BatchNorm statistics in eval mode). ``files`` (name -> text) are written into the run folder once
+    it is locked and checked. The returned ``run`` is still locked: release it after writing the final files.
 
     As MAE's ``main_pretrain`` / ``engine_pretrain``: resolve and open the run folder (here), set up the model,
     optimizer, AMP, sparsity and EMA (``_setup``), restore a checkpoint (``_resume``), then ``train_one_epoch``
     per epoch with the epoch's summary, evaluation and checkpoint in ``_train``."""
+    check_keep_best(cfg.run.keep_best, evaluate is not None, cfg.optim.ema_decay > 0)
     info = info or D.setup(cfg.run.device, cfg.run.dist_timeout_minutes)
     run = RunDir(cfg.run.out)
     plan = resolve(cfg, info.world, ResumableSampler(len(dataset), cfg.data.batch_size, world=info.world).num_batches)
@@ -326,7 +331,7 @@ class Training:
     amp_ctx: object  # autocast context (or nullcontext)
     scaler: object  # GradScaler for fp16, else None
     sparse: object  # DynamicSparsity or None
-    ema: nn.Module | None  # AveragedModel or None
+    ema: object  # AveragedModel, with FSDP ShardedEMA (engine/ema.py), or None
     fsdp: bool
 
 
@@ -336,8 +341,6 @@ def _setup(model: nn.Module, o, r, sparse_cfg, plan: Resolved, info: D.DistInfo,
     model.to(info.device)
     fsdp = r.fsdp and info.world > 1
     if fsdp:
-        if o.ema_decay > 0:
-            raise ValueError("optim.ema_decay is not supported with run.fsdp (the EMA copy would not be sharded)")
         _shard(model)
     optimizer = build_optimizer(model, plan.lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme,
                                 backbone)
@@ -346,7 +349,11 @@ def _setup(model: nn.Module, o, r, sparse_cfg, plan: Resolved, info: D.DistInfo,
     sparse = build_sparsity(sparse_cfg, model, plan.total_steps, seed=r.seed, task=task, fsdp=fsdp, world=info.world,
                             fresh=fresh, loss_fn=loss_fn, batch=batch)
     ema = None
-    if o.ema_decay > 0:
+    if o.ema_decay > 0 and fsdp:  # the EMA of each process's own shards (engine/ema.py)
+        from .ema import ShardedEMA
+
+        ema = ShardedEMA(model, ema_warmup_fn(o.ema_decay, o.ema_warmup))
+    elif o.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel
 
         ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(o.ema_decay, o.ema_warmup), use_buffers=True)
@@ -425,11 +432,12 @@ class _Checkpointer:
                                                 "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None},
                                   info)
         model_sd, optim_sd = _full_state(t.model, t.optimizer, t.fsdp)
+        ema_sd = t.ema.state_dict() if t.ema is not None else None  # FSDP: gathered, a collective
         if info.is_main:
             save_training_checkpoint(last, {
                 "model": model_sd, "optimizer": optim_sd,
                 "scaler": t.scaler.state_dict() if t.scaler is not None else None,
-                "ema": t.ema.state_dict() if t.ema is not None else None, "state": asdict(state), "rng": rng,
+                "ema": ema_sd, "state": asdict(state), "rng": rng,
                 "sparse": t.sparse.state_dict() if t.sparse is not None else None,
                 "config": self.meta["config"], "resolved": self.meta["resolved"],
                 "config_history": self.config_history, "task": self.meta["task"],
@@ -437,6 +445,90 @@ class _Checkpointer:
         D.barrier(info)
         self.saved_step, self.last_save = state.step, time.monotonic()
         return True
+
+
+def evaluate_all(evaluate: Callable, t: Training, info: D.DistInfo, group=None) -> dict:
+    """``evaluate`` of the trained weights and, with EMA, of their EMA (keys ``ema_*``), run on every process
+    (each scores its share); the figures are the main process's, sent to every process over ``group`` (one that
+    may wait long: rank 0 may score gathered COCO predictions alone), so keep-best decides the same everywhere."""
+    from .ema import reshard
+
+    res = dict(D.broadcast_from_main(evaluate(t.model), info, group))  # the trained weights (model.safetensors)
+    if t.fsdp:
+        reshard(t.model)  # an eval forward leaves the root unit unsharded (no backward follows)
+    if t.ema is not None:  # and their EMA (model_ema.safetensors), named apart
+        with (t.ema.applied() if t.fsdp else nullcontext(t.ema.module)) as m:
+            res.update({f"ema_{k}": v for k, v in D.broadcast_from_main(evaluate(m), info, group).items()})
+    return res
+
+
+def best_mode(metric: str, mode: str) -> str:
+    """``run.keep_best_mode``: ``auto`` is ``min`` for a loss (a name containing 'loss'), ``max`` otherwise
+    (accuracy, AP, mIoU, BLEU)."""
+    return ("min" if "loss" in metric.lower() else "max") if mode == "auto" else mode
+
+
+def check_keep_best(metric: str, can_evaluate: bool, ema: bool) -> None:
+    """Refuse, before any work, a ``run.keep_best`` the run can never log."""
+    if not metric:
+        return
+    if metric.startswith("ema_") and not ema:
+        raise ValueError(f"run.keep_best={metric!r} names an EMA metric, but the run keeps no EMA "
+                         "(set optim.ema_decay > 0, or keep the raw weights' metric)")
+    if not can_evaluate and metric != "train_loss":
+        raise ValueError(f"run.keep_best={metric!r}: this run has no evaluation; it logs train_loss only")
+
+
+class _KeepBest:
+    """``run.keep_best``: after each epoch whose row holds the metric, write the weights to ``best.safetensors``
+    and their record (metric, mode, value, epoch, step) to ``best.json``, both atomically, when the value is
+    finite and better than the best so far. The best so far lives in the training state, so a resumed run
+    compares with it (it never replaces a better best by a worse one). ``ema_*`` metrics keep the EMA weights.
+    Under FSDP the weights are gathered (a collective: every process decides the same, on the same row)."""
+
+    def __init__(self, metric: str, mode: str, run: RunDir, t: Training, info: D.DistInfo):
+        self.metric, self.mode, self.run, self.t, self.info = metric, best_mode(metric, mode), run, t, info
+
+    def _weights(self, ema: bool) -> dict:
+        t = self.t
+        if ema:
+            return t.ema.full_state_dict() if t.fsdp else t.ema.module.state_dict()
+        if t.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(t.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return t.model.state_dict()
+
+    def update(self, row: dict, evaluated: bool, state: TrainState) -> None:
+        import math
+
+        from ..fileio import atomic_write
+        from ..models import save_weights
+
+        if self.metric not in row:
+            if not evaluated:  # validation metrics come with evaluated epochs only (run.eval_every_epochs)
+                return
+            have = [k for k, v in row.items() if k not in ("step", "epoch", "lr") and isinstance(v, (int, float))]
+            raise ValueError(f"run.keep_best={self.metric!r} is not a metric of this run; it logs: {', '.join(have)}"
+                             + ("" if len(have) > 1 else " (validation metrics need validation data)"))
+        value = float(row[self.metric])
+        if not math.isfinite(value):
+            if self.info.is_main:
+                print(f"warning: {self.metric}={value} at epoch {row['epoch']}: not a best", flush=True)
+            return
+        prev = state.best if (state.best.get("metric"), state.best.get("mode")) == (self.metric, self.mode) else {}
+        if prev and not (value > prev["value"] if self.mode == "max" else value < prev["value"]):
+            return
+        ema = self.metric.startswith("ema_")
+        record = dict(metric=self.metric, mode=self.mode, value=value, epoch=row["epoch"], step=row["step"],
+                      weights="ema" if ema else "raw")
+        weights = self._weights(ema)
+        if self.info.is_main:
+            path = self.run.file(RunDir.BEST)
+            save_weights(weights, path, metadata={"keep_best": json.dumps(record)})
+            atomic_write(self.run.file(RunDir.BEST_JSON), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+            print(f"best {self.metric}={value:.4g} so far (epoch {row['epoch']}): {path}", flush=True)
+        state.best = record
 
 
 def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evaluate, backbone, info, train_mode,
@@ -466,6 +558,7 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
     log.truncate_after(state.step)
     history: list[dict] = []
     eval_group = D.long_wait_group(info) if evaluate is not None else None
+    best = _KeepBest(r.keep_best, r.keep_best_mode, run, t, info) if r.keep_best else None
 
     cur_lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, lr, o.min_lr)
     t_start = time.perf_counter()
@@ -489,13 +582,12 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                 break
             state.epoch, state.batch_in_epoch, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
             row = dict(step=state.step, epoch=epoch + 1, train_loss=epoch_loss, lr=cur_lr)
-            if evaluate is not None and not t.fsdp and ((epoch + 1) % max(1, r.eval_every_epochs) == 0
-                                                        or epoch + 1 == o.epochs):
-                if info.is_main:
-                    row.update(evaluate(model))  # the trained weights (model.safetensors)
-                    if t.ema is not None:  # and their EMA (model_ema.safetensors), named apart
-                        row.update({f"ema_{k}": v for k, v in evaluate(t.ema.module).items()})
-                D.wait_for_main(info, eval_group)
+            evaluated = evaluate is not None and ((epoch + 1) % max(1, r.eval_every_epochs) == 0
+                                                  or epoch + 1 == o.epochs)
+            if evaluated:
+                row.update(evaluate_all(evaluate, t, info, eval_group))
+            if best is not None:
+                best.update(row, evaluated, state)
             log.write(row)
             history.append(row)
             if info.is_main:
@@ -507,9 +599,10 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
     if info.is_main and unreadable:
         print(f"{describe_unreadable(unreadable)}; each was replaced by the next readable image", flush=True)
     full = _full_state(model, t.optimizer, t.fsdp)[0] if t.fsdp else None
+    ema_full = t.ema.full_state_dict() if t.fsdp and t.ema is not None else None
     log.close()  # (an interrupted run leaves its tracker run open: the resume continues it)
-    return FitResult(out, state, history, model, t.ema.module if t.ema is not None else None,
-                     full if info.is_main else None, run)
+    return FitResult(out, state, history, model, t.ema.module if t.ema is not None and not t.fsdp else None,
+                     full if info.is_main else None, run=run, ema_state_dict=ema_full if info.is_main else None)
 
 
 def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset, transform, loss_fn: Callable, o, r,

@@ -21,7 +21,8 @@ from ..config import flatten as config_flatten, renamed_key
 NOT_TRAINING_RELEVANT = frozenset({
     "run.out", "run.device", "run.progress", "run.tensorboard", "run.logger", "run.log_every_steps", "run.save_every_epochs",
     "run.save_every_steps", "run.save_every_minutes", "run.eval_every_epochs", "run.allow_config_change",
-    "run.dist_timeout_minutes", "data.num_workers", "resolved.world_size", "resolved.device",
+    "run.dist_timeout_minutes", "run.keep_best", "run.keep_best_mode", "data.num_workers", "resolved.world_size",
+    "resolved.device",
     "task"})  # the checkpoint's own task is compared (loop._open_run); config.json's was 'pretrain' for every
 # non-classification command before it named the command that ran
 
@@ -49,6 +50,8 @@ class RunDir:
     CLASSES = "classes.json"  # a classifier's class names, in label order
     MODEL = "model.safetensors"  # the trained weights (finetune, linprobe, pix2seq)
     MODEL_EMA = "model_ema.safetensors"  # their EMA (optim.ema_decay > 0)
+    BEST = "best.safetensors"  # run.keep_best: the weights of the best evaluated epoch so far (raw or EMA)
+    BEST_JSON = "best.json"  # ... and its record: metric, mode, value, epoch, step, weights (raw / ema)
     ENCODER = "encoder.safetensors"  # a pretraining run's encoder, strict-loads into create_model / timm
     OBJECTIVE = "objective.safetensors"  # a pretraining run's whole objective (encoder + decoder + config)
     PIX2SEQ = "pix2seq.json"  # Pix2Seq options and classes

@@ -249,32 +249,50 @@ def instances_to_coco(boxes: torch.Tensor, labels: torch.Tensor, scores: torch.T
     return out
 
 
-def _images(data: CocoData, in_chans: int, batch_size: int, masks: bool = False):
+def _images(data: CocoData, in_chans: int, batch_size: int, masks: bool = False, info=None):
+    """Batches (images, targets) of ``data``; ``info``: this process's share only (``dist.eval_share``)."""
+    from ..engine import dist as D
+
     ds = CocoDetection(data, in_chans, train=False, masks=masks)
+    share = D.eval_share(len(ds), info) if info is not None else range(len(ds))
     batch = []
-    for i in range(len(ds)):
+    for i in share:
         item = ds[i]
         if item is None:
             raise ValueError(f"{data.image_dir / ds.images[i]['file_name']}: the image cannot be decoded")
         batch.append((item[0].float() / 255, item[1]))
-        if len(batch) == batch_size or i == len(ds) - 1:
+        if len(batch) == batch_size or i == share[-1]:
             yield [b[0] for b in batch], [b[1] for b in batch]
             batch = []
 
 
 @torch.no_grad()
 def evaluate_instances(model, data: CocoData, in_chans: int = 3, batch_size: int = 8, device=None,
-                       oracle: bool = False) -> tuple[dict, list[dict]]:
+                       oracle: bool = False, info=None, lockstep: bool = False) -> tuple[dict, list[dict]]:
     """Box AP / AP50 / AP75 (and ``mask_AP*`` for Mask R-CNN) on ``data``, and the detections (remapped ids).
     ``oracle``: the ground truth itself as the predictions (score 1), through the same conversion and scoring:
-    the pipeline's ceiling, 1.0."""
+    the pipeline's ceiling, 1.0. ``info`` (several processes, every one calling this): each detects on its
+    share of the images, the detections are gathered to the main process (in the one-process order) and scored
+    there; the other processes return ``({}, [])``. ``lockstep``: FSDP-sharded model (``dist.in_lockstep``)."""
+    from ..engine import dist as D
+
+    info = info or D.DistInfo()
     masks = oracle or getattr(getattr(model, "roi_heads", None), "has_mask", lambda: False)()
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
         device = device or next(model.parameters()).device
     dets: list[dict] = []
-    for images, targets in _images(data, in_chans, batch_size, masks=oracle):
+    batches = _images(data, in_chans, batch_size, masks=oracle, info=info)
+    if lockstep and info.world > 1 and not oracle:
+        steps = D.in_lockstep(batches, info, lambda b: tuple(b[0][0].shape))
+    else:
+        steps = ((b, None) for b in batches)
+    for batch, shape in steps:
+        if batch is None:  # this process's images have ended: a forward all the same (FSDP), discarded
+            model([torch.zeros(shape, device=device)])
+            continue
+        images, targets = batch
         if oracle:
             outs = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
                      "masks": t["masks"]} for t in targets]
@@ -285,6 +303,10 @@ def evaluate_instances(model, data: CocoData, in_chans: int = 3, batch_size: int
                                       o["masks"].cpu() if masks else None)
     if model is not None and was_training:
         model.train()
+    parts = D.gather_to_main(dets, info)
+    if parts is None:
+        return {}, []
+    dets = [d for part in parts for d in part]
     res = {k: v for k, v in coco_evaluate(data.gt, dets).items() if k != "detections"}
     if masks:
         res.update({f"mask_{k}": v for k, v in coco_evaluate(data.gt, dets, iou_type="segm").items()
@@ -309,7 +331,8 @@ def run_detect_train(cfg, o: DenseOptions | None = None, val: str | None = None)
             raise ValueError(f"{data.path}: annotations[{bare['id'] - 1}] has no 'segmentation'; Mask R-CNN needs "
                              "polygons or RLE: train boxes only with --masks false (Faster R-CNN)")
     meta, model = _start(cfg, "detect", o, data.category_names, data.orig_category_ids)
-    val_data = load_coco(val) if val and info.is_main else None
+    val_data = load_coco(val) if val else None  # every process detects on its share
+    lockstep = cfg.run.fsdp and info.world > 1
     if val_data is not None:  # before any work: mask AP reads every val object's region
         for iou in ("bbox", "segm") if o.masks else ("bbox",):
             check_evaluable(val_data.gt, iou, val_data.path)
@@ -320,7 +343,8 @@ def run_detect_train(cfg, o: DenseOptions | None = None, val: str | None = None)
     def evaluate(m):
         if val_data is None:
             return {}
-        r, _ = evaluate_instances(m, val_data, cfg.model.in_chans, cfg.data.batch_size, info.device)
+        r, _ = evaluate_instances(m, val_data, cfg.model.in_chans, cfg.data.batch_size, info.device, info=info,
+                                  lockstep=lockstep)
         return {f"val_{k}": v for k, v in r.items() if k != "detections"}
 
     res = fit(cfg, model, CocoDetection(data, cfg.model.in_chans, train=True, masks=o.masks),
@@ -418,17 +442,29 @@ def predict_classes(model, raw: torch.Tensor, size: int, device) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate_segmentation(model, data: SemanticMaps, size: int, device=None, oracle: bool = False) -> dict:
+def evaluate_segmentation(model, data: SemanticMaps, size: int, device=None, oracle: bool = False, info=None,
+                          lockstep: bool = False) -> dict:
     """mIoU, pixel accuracy and per-class IoU of ``model`` on ``data`` at the labels' own resolution;
-    ``oracle``: the label maps as the predictions (1.0)."""
+    ``oracle``: the label maps as the predictions (1.0). ``info`` (several processes, every one calling this):
+    each scores its share of the images and the pixel confusion matrices are summed (the one-process figures
+    on every process). ``lockstep``: FSDP-sharded model (``dist.in_lockstep``)."""
+    from ..engine import dist as D
     from .segmentation import SegmentationMetric
 
+    info = info or D.DistInfo()
     metric = SegmentationMetric(len(data.classes), IGNORE_INDEX)
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
         device = device or next(model.parameters()).device
-    for i in range(len(data)):
+    share = D.eval_share(len(data), info)
+    steps = ((i, ()) for i in share)
+    if lockstep and info.world > 1 and not oracle:
+        steps = D.in_lockstep(share, info, lambda i: ())
+    for i, _ in steps:
+        if i is None:  # this process's images have ended: a forward all the same (FSDP), discarded
+            model(torch.zeros(1, data.in_chans, size, size, device=device))
+            continue
         item = data[i]
         if item is None:
             raise ValueError(f"{data.path}: image {i} cannot be decoded")
@@ -440,9 +476,10 @@ def evaluate_segmentation(model, data: SemanticMaps, size: int, device=None, ora
         metric.update(pred, label)
     if model is not None and was_training:
         model.train()
+    metric.confusion = D.sum_across(metric.confusion, info)
     res = metric.compute()
     res["per_class_IoU"] = dict(zip(data.classes, res["per_class_IoU"]))
-    return {**res, "images": len(data)}
+    return {**res, "images": len(data)}  # every image, each scored by one process
 
 
 def run_segment_train(cfg, o: DenseOptions | None = None, val: str | None = None):
@@ -456,7 +493,8 @@ def run_segment_train(cfg, o: DenseOptions | None = None, val: str | None = None
     torch.manual_seed(cfg.run.seed)
     data = SemanticMaps(cfg.data.path, cfg.model.in_chans)
     meta, model = _start(cfg, "segment", o, data.classes, data.coco.orig_category_ids if data.coco else None)
-    val_data = SemanticMaps(val, cfg.model.in_chans) if val and info.is_main else None
+    val_data = SemanticMaps(val, cfg.model.in_chans) if val else None  # every process scores its share
+    lockstep = cfg.run.fsdp and info.world > 1
 
     def loss_fn(m, x, y):
         return F.cross_entropy(m(x).float(), y, ignore_index=IGNORE_INDEX)
@@ -464,7 +502,7 @@ def run_segment_train(cfg, o: DenseOptions | None = None, val: str | None = None
     def evaluate(m):
         if val_data is None:
             return {}
-        r = evaluate_segmentation(m, val_data, cfg.data.img_size, info.device)
+        r = evaluate_segmentation(m, val_data, cfg.data.img_size, info.device, info=info, lockstep=lockstep)
         return {"val_mIoU": r["mIoU"], "val_pixel_acc": r["pixel_acc"]}
 
     res = fit(cfg, model, data, SegmentTrainTransform(cfg.data.img_size, o), loss_fn, task="segment",

@@ -222,12 +222,14 @@ def prompted_instances(ts: TaskSet, task: str, images_mem: torch.Tensor, boxes: 
 @torch.no_grad()
 def evaluate_instance_task(task: str, model, ts: TaskSet, data, o, size: int, in_chans: int = 3,
                            batch_size: int = 8, device=None, boxes_from: str = "gt", oracle: bool = False,
-                           max_images: int | None = None) -> tuple[dict, list[dict]]:
+                           max_images: int | None = None, info=None) -> tuple[dict, list[dict]]:
     """segm AP (``task='seg'``) or keypoint AP (``'kpt'``) on COCO ``data``, prompts from the ground-truth boxes
     (``boxes_from='gt'``, the official ``use_gt_box_at_test``) or from the model's own detections (``'det'``,
     the real pipeline: its ``max_instances`` best-scoring boxes). ``oracle``: the ground truth's own tokens
-    decoded instead of the model's (the pipeline's ceiling)."""
+    decoded instead of the model's (the pipeline's ceiling). ``info`` (several processes, every one calling
+    this): each its share, scored on the main process; the others return ``({}, [])``."""
     from ..data.coco import coco_evaluate
+    from ..engine import dist as D
     from .metrics import keypoint_result, mask_result
     from .task import eval_batches
 
@@ -238,7 +240,7 @@ def evaluate_instance_task(task: str, model, ts: TaskSet, data, o, size: int, in
         device = device or next(model.parameters()).device
     gen = torch.Generator(device=device or "cpu").manual_seed(0)
     results: list[dict] = []
-    for images, targets in eval_batches(data, size, in_chans, batch_size, max_images, with_points=True):
+    for images, targets in eval_batches(data, size, in_chans, batch_size, max_images, with_points=True, info=info):
         boxes, labels, scores, gts = [], [], [], []
         mem = model.encode(images.to(device)) if model is not None else None
         if boxes_from == "det" and model is not None:
@@ -303,6 +305,10 @@ def evaluate_instance_task(task: str, model, ts: TaskSet, data, o, size: int, in
                 results.append(keypoint_result(xy.numpy(), img_id, cat, float(kscore[n])))
     if model is not None and was:
         model.train()
+    parts = D.gather_to_main(results, info or D.DistInfo())
+    if parts is None:
+        return {}, []
+    results = [r for part in parts for r in part]
     if task == "seg":
         res = coco_evaluate(data.gt, results, iou_type="segm")
     else:
@@ -313,8 +319,12 @@ def evaluate_instance_task(task: str, model, ts: TaskSet, data, o, size: int, in
 
 @torch.no_grad()
 def evaluate_captions(model, ts: TaskSet, data, o, size: int, in_chans: int = 3, batch_size: int = 8,
-                      device=None, max_images: int | None = None, oracle: bool = False) -> tuple[dict, list[dict]]:
-    """BLEU-4 and CIDEr-D of the model's captions (top-p ``o.cap_top_p``) against the file's captions."""
+                      device=None, max_images: int | None = None, oracle: bool = False,
+                      info=None) -> tuple[dict, list[dict]]:
+    """BLEU-4 and CIDEr-D of the model's captions (top-p ``o.cap_top_p``) against the file's captions.
+    ``info`` (several processes, every one calling this): each its share, scored on the main process; the
+    others return ``({}, [])``."""
+    from ..engine import dist as D
     from .metrics import bleu4, caption_words, cider_d
     from .task import eval_batches
 
@@ -326,7 +336,7 @@ def evaluate_captions(model, ts: TaskSet, data, o, size: int, in_chans: int = 3,
         device = device or next(model.parameters()).device
     gen = torch.Generator(device=device or "cpu").manual_seed(0)
     rows = []
-    for images, targets in eval_batches(data, size, in_chans, batch_size, max_images):
+    for images, targets in eval_batches(data, size, in_chans, batch_size, max_images, info=info):
         if oracle:
             texts = [(data.captions[t["image_id"]] or [""])[0] for t in targets]
             texts = ts.cap.decode(torch.stack([ts.cap.response(x) for x in texts]))
@@ -338,6 +348,10 @@ def evaluate_captions(model, ts: TaskSet, data, o, size: int, in_chans: int = 3,
         rows += [{"image_id": t["image_id"], "caption": x} for t, x in zip(targets, texts)]
     if model is not None and was:
         model.train()
+    parts = D.gather_to_main(rows, info or D.DistInfo())
+    if parts is None:
+        return {}, []
+    rows = [r for part in parts for r in part]
     scored = [r for r in rows if data.captions[r["image_id"]]]  # images without a caption are not scored
     if not scored:
         raise ValueError(f"{data.path}: none of the scored images has a caption")

@@ -85,15 +85,19 @@ def detections_to_coco(boxes: torch.Tensor, classes: torch.Tensor, scores: torch
 
 
 def eval_batches(data: CocoData, size: int, in_chans: int, batch_size: int, max_images: int | None = None,
-                 with_points: bool = False):
+                 with_points: bool = False, info=None):
     """(normalized images (B, C, size, size), targets) of ``data`` through the eval transform. Targets hold
     ``scale`` and ``orig_size``; ``with_points`` adds ``polygons_yx`` (per object its parts, (K, 2) yx in [0, 1]
-    of the padded input) and ``keypoints_yx`` ((N, K, 3) y, x in [0, 1], v)."""
+    of the padded input) and ``keypoints_yx`` ((N, K, 3) y, x in [0, 1], v). ``info``: this process's share of
+    the images only (``dist.eval_share``)."""
+    from ..engine import dist as D
+
     ds = CocoDetection(data, in_chans, train=False)
     tf = DetectionEvalTransform(size)
     batch = []
     n = len(ds) if max_images is None else min(len(ds), max_images)
-    for i in range(n):
+    share = D.eval_share(n, info) if info is not None else range(n)
+    for i in share:
         item = ds[i]
         if item is None:
             raise ValueError(f"{data.image_dir / ds.images[i]['file_name']}: the image cannot be decoded")
@@ -107,7 +111,7 @@ def eval_batches(data: CocoData, size: int, in_chans: int, batch_size: int, max_
                 kp = t["keypoints"]
                 t["keypoints_yx"] = torch.cat([kp[..., [1, 0]] * k.float(), kp[..., 2:]], -1)
         batch.append((_normalize(img), t))
-        if len(batch) == batch_size or i == n - 1:
+        if len(batch) == batch_size or i == share[-1]:
             yield torch.stack([b[0] for b in batch]), [b[1] for b in batch]
             batch = []
 
@@ -115,16 +119,20 @@ def eval_batches(data: CocoData, size: int, in_chans: int, batch_size: int, max_
 @torch.no_grad()
 def evaluate_detection(model: Pix2Seq, data: CocoData, o: Pix2SeqOptions, size: int, in_chans: int = 3,
                        batch_size: int = 16, device=None, oracle: bool = False,
-                       max_images: int | None = None) -> tuple[dict, list[dict]]:
+                       max_images: int | None = None, info=None) -> tuple[dict, list[dict]]:
     """COCO AP / AP50 / AP75 on ``data`` and the detections (remapped ids). ``oracle``: decode the ground truth
-    (tokenized, one-hot logits) instead of the model's output - the pipeline's own ceiling, 1.0 up to bins."""
+    (tokenized, one-hot logits) instead of the model's output - the pipeline's own ceiling, 1.0 up to bins.
+    ``info`` (several processes, every one calling this): each its share, scored on the main process
+    (``dist.gather_to_main``); the others return ``({}, [])``."""
+    from ..engine import dist as D
+
     tok = _tokenizer(o, size)
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
         device = device or next(model.parameters()).device
     dets: list[dict] = []
-    for images, targets in eval_batches(data, size, in_chans, batch_size, max_images):
+    for images, targets in eval_batches(data, size, in_chans, batch_size, max_images, info=info):
         if oracle:
             seq = torch.stack([tok.encode(_yxyx(t["boxes"], size), t["labels"], train=False)[1] for t in targets])
             logits = tok.oracle_logits(seq)
@@ -136,6 +144,10 @@ def evaluate_detection(model: Pix2Seq, data: CocoData, o: Pix2SeqOptions, size: 
             dets += detections_to_coco(b, c, s, t["image_id"], size, t["scale"], data.num_classes)
     if model is not None and was_training:
         model.train()
+    parts = D.gather_to_main(dets, info or D.DistInfo())
+    if parts is None:
+        return {}, []
+    dets = [d for part in parts for d in part]
     return coco_evaluate(data.gt, dets), dets
 
 
@@ -196,7 +208,14 @@ def run_pix2seq_train(cfg, o: Pix2SeqOptions | None = None, val: str | None = No
         rep = load_checkpoint(model.encoder, cfg.model.init, drop_mismatched_head=True)
         print(f"encoder init from {cfg.model.init} ({rep.layout} layout)")
     tf = MultiTaskTrainTransform(size, ts, (o.jitter_min, o.jitter_max), o.hflip)
-    val_data = load_coco(val) if val and info.is_main else None
+    val_data = load_coco(val) if val else None  # every process decodes its share, the main one scores
+    if val_data is not None and cfg.run.fsdp and info.world > 1:
+        # generate() decodes through the model's own methods, not its forward: FSDP2 gathers the sharded
+        # parameters in forward hooks only, so a sharded Pix2Seq cannot decode. Train with DDP to validate.
+        if info.is_main:
+            print("note: pix2seq validation is skipped under run.fsdp (decoding bypasses FSDP's forward); "
+                  "score the run with maskconv pix2seq eval", flush=True)
+        val_data = None
 
     def loss_fn(m, x, y):  # the weighted sum of the task losses (official Trainer.train_step)
         return sum(weights[t] * v for t, v in multitask_losses(m, ts, x, y).items())
@@ -205,7 +224,7 @@ def run_pix2seq_train(cfg, o: Pix2SeqOptions | None = None, val: str | None = No
         if val_data is None:
             return {}
         return {f"val_{k}": v for k, v in evaluate_tasks(m, ts, val_data, o, size, in_chans, cfg.data.batch_size,
-                                                         info.device).items()}
+                                                         info.device, info=info).items()}
 
     res = fit(cfg, model, CocoDetection(data, in_chans, train=True), tf, loss_fn, task="pix2seq",
               evaluate=evaluate, info=info, files={OPTIONS_FILE: json.dumps(meta, indent=1)})  # written once locked
@@ -242,29 +261,34 @@ def load_pix2seq(run: str | Path) -> tuple[Pix2Seq, dict, Pix2SeqOptions]:
 
 def evaluate_tasks(model: Pix2Seq, ts, data: CocoData, o: Pix2SeqOptions, size: int, in_chans: int = 3,
                    batch_size: int = 16, device=None, max_images: int | None = None,
-                   predictions: dict | None = None) -> dict:
+                   predictions: dict | None = None, info=None) -> dict:
     """Every task of ``ts`` on ``data``, one flat dict: detection ``AP AP50 AP75``; segmentation ``segm_*``
     (prompted by ground-truth boxes) and ``segm_det_*`` (by the model's detections); keypoints ``kpt_*`` and
-    ``kpt_det_*``; captioning ``BLEU4 CIDEr``. ``predictions`` (a dict) receives each task's results."""
+    ``kpt_det_*``; captioning ``BLEU4 CIDEr``. ``predictions`` (a dict) receives each task's results. ``info``
+    (several processes, every one calling this): each decodes its share, the main process scores and returns
+    the figures, the others ``{}``."""
     from .multitask import evaluate_captions, evaluate_instance_task
 
     out: dict = {}
     keep = ("AP", "AP50", "AP75")
     pred = predictions if predictions is not None else {}
     if "det" in ts.tasks:
-        r, pred["det"] = evaluate_detection(model, data, o, size, in_chans, batch_size, device, max_images=max_images)
-        out.update({k: r[k] for k in keep})
+        r, pred["det"] = evaluate_detection(model, data, o, size, in_chans, batch_size, device, max_images=max_images,
+                                            info=info)
+        out.update({k: r[k] for k in keep if k in r})
     for task, name in (("seg", "segm"), ("kpt", "kpt")):
         if task not in ts.tasks:
             continue
         for src in ("gt", "det") if "det" in ts.tasks else ("gt",):
             r, pred[f"{task}_{src}"] = evaluate_instance_task(task, model, ts, data, o, size, in_chans, batch_size,
-                                                              device, boxes_from=src, max_images=max_images)
+                                                              device, boxes_from=src, max_images=max_images,
+                                                              info=info)
             tag = name if src == "gt" else f"{name}_det"
-            out.update({f"{tag}_{k}": r[k] for k in keep})
+            out.update({f"{tag}_{k}": r[k] for k in keep if k in r})
     if "cap" in ts.tasks:
-        r, pred["cap"] = evaluate_captions(model, ts, data, o, size, in_chans, batch_size, device, max_images)
-        out.update({k: r[k] for k in ("BLEU4", "CIDEr")})
+        r, pred["cap"] = evaluate_captions(model, ts, data, o, size, in_chans, batch_size, device, max_images,
+                                           info=info)
+        out.update({k: r[k] for k in ("BLEU4", "CIDEr") if k in r})
     return out
 
 

@@ -23,59 +23,102 @@ from ..models import checkpoint_num_classes, create_model, load_checkpoint, save
 from ..rebuild import model_kwargs, probe_head
 
 
-def _eval_loader(cfg: Config, ds, batch_size: int | None = None) -> DataLoader:
-    """Eval-transformed loader of ``ds``; unreadable files are dropped, not replaced, so no image counts twice."""
+def _eval_loader(cfg: Config, ds, batch_size: int | None = None, info: D.DistInfo | None = None) -> DataLoader:
+    """Eval-transformed loader of ``ds``; unreadable files are dropped, not replaced, so no image counts twice.
+    ``info``: this process's share only (``dist.eval_share``: no image padded, none dropped)."""
+    from torch.utils.data import Subset
+
     from ..data.datasets import SeededDataset
 
     tf = build_transform(cfg.data, cfg.model.in_chans, train=False)
-    return DataLoader(SeededDataset(ds, tf, replace_bad=False), batch_size=batch_size or cfg.data.batch_size,
-                      num_workers=cfg.data.num_workers, collate_fn=collate_skip)
+    data = SeededDataset(ds, tf, replace_bad=False)
+    if info is not None and info.world > 1:
+        data = Subset(data, D.eval_share(len(data), info))
+    return DataLoader(data, batch_size=batch_size or cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                      collate_fn=collate_skip)
 
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, device=None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, info: D.DistInfo | None = None, lockstep: bool = False) -> dict:
     """Top-1 (and top-5 when there are more than 5 classes) accuracy (%), per-class accuracy, the confusion
     matrix (rows = truth), the number of images and the unreadable files met (``{path: reason}``)."""
-    return evaluate_classifiers({"": model}, loader, num_classes, device, progress)[""]
+    return evaluate_classifiers({"": model}, loader, num_classes, device, progress, info, lockstep)[""]
 
 
 @torch.no_grad()
 def evaluate_classifiers(models: dict[str, nn.Module], loader: DataLoader, num_classes: int, device=None,
-                         progress: bool = True) -> dict[str, dict]:
+                         progress: bool = True, info: D.DistInfo | None = None,
+                         lockstep: bool = False) -> dict[str, dict]:
     """``evaluate_classifier`` of several models in one pass over the data (each image decoded once).
-    Raises ValueError when no image could be read, or when a model's output is not finite."""
+    Raises ValueError when no image could be read, or when a model's output is not finite.
+
+    Distributed (``info`` with several processes, every one calling this with its share, ``_eval_loader``): the
+    confusion matrices, top-5 counts, image counts and unreadable files are summed over the processes, so every
+    process returns exactly the one-process figures. ``lockstep`` (FSDP-sharded models): every process runs the
+    same number of forwards (``dist.in_lockstep``), a process without images this step a dummy batch."""
     from tqdm import tqdm
 
+    info = info or D.DistInfo()
     for m in models.values():
         m.eval()
     device = device or next(next(iter(models.values())).parameters()).device
     conf = {name: torch.zeros(num_classes, num_classes, dtype=torch.long) for name in models}
-    top5 = dict.fromkeys(models, 0)
-    n, unreadable = 0, {}
+    top5 = {name: torch.zeros((), dtype=torch.long) for name in models}
+    n, unreadable, error = 0, {}, None
     k = 5 if num_classes > 5 else 0  # top-5 of 5 or fewer classes is always 100%: not reported
     # disable=None: tqdm shows the bar on a terminal only, never floods a log file
-    for images, labels, bad in tqdm(loader, desc="eval", unit="batch", leave=False, disable=(not progress) or None):
+    batches = tqdm(loader, desc="eval", unit="batch", leave=False, disable=(not progress or not info.is_main) or None)
+    if lockstep and info.world > 1:
+        steps = D.in_lockstep(batches, info, lambda b: tuple(b[0].shape[1:]) if b[0] is not None else None)
+    else:
+        steps = ((b, tuple(b[0].shape[1:]) if b[0] is not None else None) for b in batches)
+    for batch, shape in steps:
+        images, labels, bad = batch if batch is not None else (None, None, {})
         unreadable.update(bad)
-        if images is None:  # every file of this batch was unreadable
+        if shape is None:  # every file of this step's batches was unreadable: no process runs the model
+            continue
+        if images is None or error is not None:  # lockstep: a forward all the same, its output discarded
+            for m in models.values():
+                m(torch.zeros(1, *shape, device=device))
             continue
         if labels.max() >= num_classes or labels.min() < 0:
-            raise ValueError(f"labels {labels.min().item()}..{labels.max().item()} outside the model's "
-                             f"{num_classes} classes")
+            # raised below on every process together (a lone raise would leave the others waiting)
+            error = (f"labels {labels.min().item()}..{labels.max().item()} outside the model's "
+                     f"{num_classes} classes")
         x = images.to(device)
         for name, m in models.items():
             logits = m(x).float().cpu()
+            if error is not None:
+                continue
             if not torch.isfinite(logits).all():  # an argmax of NaN is a number we would not defend
-                raise ValueError(f"{name + ' ' if name else ''}model gives non-finite outputs (batch of images "
-                                 f"{n}..{n + len(labels) - 1}): the weights are broken or overflow")
+                error = (f"{name + ' ' if name else ''}model gives non-finite outputs (a batch of "
+                         f"{len(labels)} images): the weights are broken or overflow")
+                continue
             pred = logits.argmax(1)
             conf[name] += torch.bincount(labels * num_classes + pred,
                                          minlength=num_classes**2).view(num_classes, num_classes)
             if k:
-                top5[name] += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum().item()
+                top5[name] += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
         n += len(labels)
     folder = image_folder_of(loader.dataset)
-    unreadable.update({u.path: u.reason for u in (folder.skipped if folder else [])})  # e.g. FIFOs, never listed
+    if info.is_main:  # the folder's own skipped files (e.g. FIFOs, never listed): the same on every process
+        unreadable.update({u.path: u.reason for u in (folder.skipped if folder else [])})
+    if info.world > 1:
+        parts = D.all_gather_object((error, unreadable), info)
+        error = next((e for e, _ in parts if e is not None), None)
+        unreadable = {p: r for _, part in parts for p, r in part.items()}
+        names = list(models)
+        # one all-reduce of every count: images, top-5 hits, confusion matrices
+        flat = torch.cat([torch.tensor([n])] + [top5[x].view(1) for x in names] + [conf[x].flatten() for x in names])
+        flat = D.sum_across(flat, info)
+        n = int(flat[0])
+        for i, x in enumerate(names):
+            top5[x] = flat[1 + i]
+            off = 1 + len(names) + i * num_classes**2
+            conf[x] = flat[off:off + num_classes**2].view(num_classes, num_classes)
+    if error is not None:
+        raise ValueError(error)
     if n == 0:
         from ..data.datasets import describe_unreadable
 
@@ -83,7 +126,8 @@ def evaluate_classifiers(models: dict[str, nn.Module], loader: DataLoader, num_c
                                                                if unreadable else ""))
     out = {}
     for name, c in conf.items():
-        out[name] = dict(val_top1=c.diag().sum().item() / n * 100, **({"val_top5": top5[name] / n * 100} if k else {}),
+        out[name] = dict(val_top1=c.diag().sum().item() / n * 100,
+                         **({"val_top5": top5[name].item() / n * 100} if k else {}),
                          # a class with no image here has no accuracy: None (n/a), never 0.0
                          val_per_class=[None if int(t) == 0 else float(d) / int(t) * 100
                                         for d, t in zip(c.diag().tolist(), c.sum(1).tolist())],
@@ -129,7 +173,9 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
                   ([v2.CutMix(alpha=d.cutmix, num_classes=n)] if d.cutmix > 0 else [])
         batch_tf = v2.RandomChoice(choices)
     tf = build_transform(d, cfg.model.in_chans, train=not linprobe)  # the probe sees eval-style crops
-    val = _eval_loader(cfg, inputs.val) if info.is_main and inputs.val is not None else None
+    # every process scores its share of the validation set (FSDP: all must run each forward together)
+    val = _eval_loader(cfg, inputs.val, info=info) if inputs.val is not None else None
+    lockstep = cfg.run.fsdp and info.world > 1
 
     def loss_fn(m, x, y):
         return F.cross_entropy(m(x), y, label_smoothing=d.label_smoothing)
@@ -137,7 +183,7 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     def evaluate(m):
         if val is None:
             return {}
-        r = evaluate_classifier(m, val, n, info.device, progress=cfg.run.progress)
+        r = evaluate_classifier(m, val, n, info.device, progress=cfg.run.progress, info=info, lockstep=lockstep)
         (train_mode or nn.Module.train)(m)
         return {k: v for k, v in r.items() if k in ("val_top1", "val_top5")}
 
@@ -149,8 +195,9 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
         meta = {"num_classes": str(n), "classes": json.dumps(classes)}
         save_weights(res.state_dict if res.state_dict is not None else model, res.out / RunDir.MODEL,
                      metadata={"architecture": cfg.model.name, **meta})
-        if res.ema is not None:
-            save_weights(res.ema, res.out / RunDir.MODEL_EMA, metadata=meta)
+        ema = res.ema_state_dict if res.ema_state_dict is not None else res.ema  # FSDP: gathered by fit
+        if ema is not None:
+            save_weights(ema, res.out / RunDir.MODEL_EMA, metadata=meta)
     return res
 
 
@@ -288,7 +335,8 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
     """Evaluate a fine-tune / linear-probe run or weights file (see ``load_eval_source``) on ``data`` (default: the
     run's own validation data): top-1 (top-5 with more than 5 classes), per-class accuracy and the confusion
     matrix of the trained (``raw``) and/or EMA weights, printed and written (eval.json + confusion PNGs) to
-    ``out`` (default ``<run>/eval/<split>``)."""
+    ``out`` (default ``<run>/eval/<split>``). Under torchrun every process scores its share of the images and the
+    counts are summed (the same figures as one process); the main process writes and returns the report."""
     if weights not in WEIGHTS:
         raise ValueError(f"--weights {weights!r}: choose {', '.join(WEIGHTS)}")
     src = load_eval_source(checkpoint, model, **{"model.in_chans": in_chans, "model.stem_stride": stem_stride,
@@ -312,7 +360,7 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
             raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
         split = "all"  # --data is a plain labeled folder
         ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True, classes=src.classes)
-    val = _eval_loader(cfg, ds, batch_size)
+    val = _eval_loader(cfg, ds, batch_size, info=info)  # under torchrun: this process's share
     with torch.device("meta"):  # the family's classifier name, without building real weights
         num_classes = checkpoint_num_classes(next(iter(chosen.values())),
                                              create_model(cfg.model.name, **model_kwargs(cfg, True)))
@@ -335,7 +383,9 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
                                   f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
                                   "check --model / --in-chans / --stem-stride") from None
         models[kind] = net.to(info.device)
-    res = evaluate_classifiers(models, val, num_classes, info.device)
+    res = evaluate_classifiers(models, val, num_classes, info.device, info=info)
+    if not info.is_main:  # the figures are the same on every process: the main one reports them
+        return {}
     out = Path(out) if out else _eval_folder(src.home, data, split)
     report = _eval_report(src, res, classes, data or cfg.data.path, split, checkpoint)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,226 @@
+"""Distributed evaluation (each rank its share, counts summed: the one-process figures, DDP and FSDP alike),
+EMA of FSDP shards (== AveragedModel), and run.keep_best (the best epoch's weights, kept across a resume)."""
+import json
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from maskconv.config import load_config
+from maskconv.engine import dist as D
+
+NUM_CLASSES, BATCH = 7, 3
+
+
+@pytest.mark.parametrize("n", range(0, 12))
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_eval_share_takes_every_item_once_in_order(n, world):
+    shares = [D.eval_share(n, D.DistInfo(rank=r, world=world)) for r in range(world)]
+    assert [i for s in shares for i in s] == list(range(n))  # nothing padded, nothing dropped, one-process order
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def _folder(root):
+    """13 files of 7 classes; class c3's 3 files are not images (unreadable): 10 images are scored. In file order
+    they are items 6-8, so with batch 3 the second rank's first batch (items 6..8 of its 6..12) is all unreadable
+    while the first rank has images, and the first rank (2 batches) ends a step before the second (3)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c, count in enumerate([2, 2, 2, 3, 2, 1, 1]):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(count):
+            f = root / f"c{c}" / f"{i}.png"
+            if c == 3:
+                f.write_bytes(b"not an image")
+            else:  # a colour per class, with noise
+                base = torch.tensor([c * 36, 255 - c * 36, (c * 97) % 256])
+                px = (base + torch.randint(-20, 20, (40, 40, 3), generator=g)).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(px.numpy()).save(f)
+
+
+def _cfg(root):
+    return load_config(overrides=["task=finetune", "model.name=test_convnextv2", f"data.path={root}",
+                                  "data.img_size=32", "data.num_workers=0", "data.val_fraction=0",
+                                  f"data.batch_size={BATCH}"])
+
+
+def _model():
+    """A small classifier whose predictions follow the images' colours (spread over several classes)."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, NUM_CLASSES))
+
+
+def _evaluate(root, info=None, model=None, lockstep=False):
+    from maskconv.data.build import build_dataset
+    from maskconv.tasks.classify import _eval_loader, evaluate_classifier
+
+    cfg = _cfg(root)
+    ds = build_dataset(cfg.data, 3, "train", labeled=True)
+    return evaluate_classifier(model or _model(), _eval_loader(cfg, ds, info=info), NUM_CLASSES, torch.device("cpu"),
+                               progress=False, info=info, lockstep=lockstep)
+
+
+def _worker(rank, port, root, out):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.optim.swa_utils import AveragedModel
+
+    from maskconv.engine.ema import ShardedEMA
+    from maskconv.engine.loop import ema_warmup_fn
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a short collective timeout: a rank left waiting (a forward the other rank skipped under FSDP) fails the test
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        info = D.DistInfo(rank=rank, world=2)
+        res = {"ddp": _evaluate(root, info)}  # the plain model on each rank (as the loop's unwrapped DDP model)
+        model = _model()
+        fully_shard(model[0])  # two units, as a model's fsdp_units() and root
+        fully_shard(model)
+        res["fsdp"] = _evaluate(root, info, model, lockstep=True)
+
+        # EMA of the shards vs AveragedModel of the whole model, through the same (sharded) weight changes
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+        whole = AveragedModel(net, multi_avg_fn=ema_warmup_fn(0.9, True), use_buffers=True)
+        fully_shard(net[0])
+        fully_shard(net)
+        ema = ShardedEMA(net, ema_warmup_fn(0.9, True))
+        ref = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+        ref.load_state_dict(whole.module.state_dict())  # the same start, unsharded
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+        for step in range(4):
+            g = torch.Generator().manual_seed(10 + step)
+            deltas = [torch.randn(p.shape, generator=g) for p in ref.parameters()]
+            with torch.no_grad():
+                for p, d in zip(ref.parameters(), deltas):
+                    p.add_(d)
+                for p, d in zip(net.parameters(), deltas):  # this rank's rows of the same change (FSDP2: Shard(0),
+                    p.to_local().add_(torch.chunk(d, 2)[rank])  # torch.chunk's split)
+            whole.update_parameters(ref)
+            ema.update_parameters(net)
+        sd = ema.state_dict()  # collective
+        with torch.no_grad():
+            own = net(x).detach()
+            with ema.applied() as m:
+                ema_out = m(x).detach()
+            after = net(x).detach()
+        res["ema"] = dict(state=sd, ref=whole.state_dict(), ema_out=ema_out, ref_out=whole.module(x).detach(),
+                          own=own, after=after, ref_own=ref(x).detach())
+        torch.save(res, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root, out = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("out")
+    _folder(root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(root), str(out)), nprocs=2, join=True)
+    return root, [torch.load(out / f"{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.slow  # two spawned processes each import torch + maskconv (~10 s idle, longer on a busy 2-core box)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_eval_equals_one_process(two_ranks, mode):
+    root, ranks = two_ranks
+    one = _evaluate(root)
+    assert one["val_images"] == 10 and len(one["val_unreadable"]) == 3
+    assert sum(1 for col in zip(*one["val_confusion"]) if sum(col)) >= 2  # the comparison means something
+    for r in ranks:
+        two = r[mode]
+        assert two["val_confusion"] == one["val_confusion"]  # exact: integer counts summed over the ranks
+        assert two["val_images"] == 10  # the uneven split neither padded (11, 12) nor dropped an image
+        assert two["val_top1"] == one["val_top1"] and two["val_top5"] == one["val_top5"]
+        assert two["val_per_class"] == one["val_per_class"]
+        assert two["val_unreadable"] == one["val_unreadable"]
+
+
+@pytest.mark.slow
+def test_ema_of_fsdp_shards_equals_averaged_model(two_ranks):
+    _, ranks = two_ranks
+    for r in ranks:
+        e = r["ema"]
+        if r is ranks[0]:  # the gathered state: AveragedModel's layout and values
+            assert e["state"].keys() == e["ref"].keys()
+            for k in e["ref"]:
+                torch.testing.assert_close(e["state"][k], e["ref"][k], msg=k)
+        torch.testing.assert_close(e["ema_out"], e["ref_out"])  # the sharded model ran with the EMA weights
+        torch.testing.assert_close(e["own"], e["ref_own"])
+        torch.testing.assert_close(e["after"], e["own"])  # ... and has its own weights back after
+        assert not torch.allclose(e["ema_out"], e["own"])
+
+
+# ---- run.keep_best ---------------------------------------------------------------------------------------
+
+class _Crash(Exception):
+    pass
+
+
+def _fit(out, values, extra=()):
+    """A 3-epoch finetune whose evaluation returns ``values`` in turn (an exception instance is raised)."""
+    from maskconv import create_model
+    from maskconv.data.build import build_dataset, build_transform
+    from maskconv.engine.loop import fit
+
+    cfg = load_config(overrides=["task=finetune", "model.name=test_convnextv2", "data.path=synthetic",
+                                 "data.img_size=32", "data.batch_size=16", "data.num_workers=0", "run.progress=false",
+                                 "optim.epochs=3", "optim.blr=1e-2", f"run.out={out}", "run.keep_best=val_acc",
+                                 *extra])
+    torch.manual_seed(0)
+    model = create_model("test_convnextv2", num_classes=4)
+    values = list(values)
+
+    def evaluate(m):
+        v = values.pop(0)
+        if isinstance(v, Exception):
+            raise v
+        return {"val_acc": v}
+
+    res = fit(cfg, model, build_dataset(cfg.data, 3, "train"), build_transform(cfg.data, 3, train=True),
+              lambda m, x, y: F.cross_entropy(m(x), y), task="finetune", evaluate=evaluate)
+    res.run.release()
+    return res
+
+
+def test_keep_best_writes_the_best_epoch_and_a_resume_keeps_it(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):  # epochs 1 and 2 evaluated and checkpointed; the 3rd evaluation crashes
+        _fit(out, [1.0, 3.0, _Crash()])
+    best = json.loads((out / "best.json").read_text())
+    assert (best["epoch"], best["value"], best["mode"], best["weights"]) == (2, 3.0, "max", "raw")
+    at_2 = torch.load(out / "last.pt", weights_only=True)["model"]  # the weights of epoch 2
+    w = load_file(out / "best.safetensors")
+    assert w.keys() == at_2.keys() and all(torch.equal(w[k], at_2[k]) for k in w)
+    # resumed: epoch 3 is worse than the best so far (kept in the checkpoint) -> best.* stay epoch 2's
+    res = _fit(out, [2.0])
+    assert res.state.epoch == 3 and res.state.best["epoch"] == 2
+    assert json.loads((out / "best.json").read_text()) == best
+    w = load_file(out / "best.safetensors")
+    assert all(torch.equal(w[k], at_2[k]) for k in w)
+    final = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert not all(torch.equal(final[k], at_2[k]) for k in final)  # the kept weights are not the last ones
+
+
+def test_keep_best_min_mode_nan_and_unknown_metric(tmp_path):
+    _fit(tmp_path / "min", [2.0, float("nan"), 1.0], ["run.keep_best_mode=min"])
+    best = json.loads((tmp_path / "min" / "best.json").read_text())
+    assert (best["epoch"], best["value"], best["mode"]) == (3, 1.0, "min")  # the NaN epoch was never a best
+    with pytest.raises(ValueError, match=r"run.keep_best='val_top1' is not a metric of this run; it logs: "
+                                         r"train_loss, val_acc"):
+        _fit(tmp_path / "unknown", [1.0], ["run.keep_best=val_top1"])
+    with pytest.raises(ValueError, match="names an EMA metric, but the run keeps no EMA"):
+        _fit(tmp_path / "ema", [1.0], ["run.keep_best=ema_val_acc"])
+    assert not (tmp_path / "ema").exists()  # refused before any work

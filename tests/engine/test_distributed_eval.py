@@ -68,7 +68,64 @@ def _evaluate(root, info=None, model=None, lockstep=False):
                                progress=False, info=info, lockstep=lockstep)
 
 
-def _worker(rank, port, root, out):
+class _FakeDetector(nn.Module):
+    """Two fixed boxes per image (a partial match of write_coco's objects): AP strictly between 0 and 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, images):
+        box = torch.tensor([[2.0, 3.0, 14.0, 12.0], [12.0, 8.0, 25.0, 17.0]])
+        return [{"boxes": box * self.w[0], "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.6])}
+                for _ in images]
+
+
+class _FakeSegmenter(nn.Module):
+    """Class k predicted in the k-th vertical band of the input: a partial IoU."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.w = k, nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        col = torch.linspace(0, self.k - 1, x.shape[-1])
+        logits = -(col[None, :] - torch.arange(self.k)[:, None]).abs() * self.w[0]  # (K, W)
+        return logits[None, :, None, :].expand(len(x), self.k, x.shape[-2], x.shape[-1])
+
+
+def _coco(root):
+    """write_coco's 3 images (split 1 + 2 over two ranks), box-shaped polygons for the segmentation maps."""
+    from tests.data.test_coco import write_coco
+
+    root = write_coco(root, size=(60, 45))
+    raw = json.loads((root / "annotations.json").read_text())
+    for a in raw["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    (root / "annotations.json").write_text(json.dumps(raw))
+    return root
+
+
+def _dense(coco_root, info=None, fsdp=False):
+    """Box AP of _FakeDetector and mIoU of _FakeSegmenter on the COCO folder (batch 1: uneven batch counts)."""
+    from maskconv.data.coco import load_coco
+    from maskconv.heads.task import SemanticMaps, evaluate_instances, evaluate_segmentation
+
+    seg_data = SemanticMaps(coco_root)
+    det, seg = _FakeDetector(), _FakeSegmenter(len(seg_data.classes))
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(det)
+        fully_shard(seg)
+    box, _ = evaluate_instances(det, load_coco(coco_root), batch_size=1, device=torch.device("cpu"), info=info,
+                                lockstep=fsdp)
+    miou = evaluate_segmentation(seg, seg_data, 32, torch.device("cpu"), info=info, lockstep=fsdp)
+    return box, miou
+
+
+def _worker(rank, port, root, out):  # root: the image folder; its sibling coco/ the COCO folder
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.optim.swa_utils import AveragedModel
@@ -87,6 +144,9 @@ def _worker(rank, port, root, out):
         fully_shard(model[0])  # two units, as a model's fsdp_units() and root
         fully_shard(model)
         res["fsdp"] = _evaluate(root, info, model, lockstep=True)
+        coco = os.path.join(os.path.dirname(root), "coco")
+        res["dense_ddp"] = _dense(coco, info)
+        res["dense_fsdp"] = _dense(coco, info, fsdp=True)
 
         # EMA of the shards vs AveragedModel of the whole model, through the same (sharded) weight changes
         torch.manual_seed(0)
@@ -124,12 +184,13 @@ def _worker(rank, port, root, out):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root, out = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("out")
-    _folder(root)
+    _folder(root / "images")
+    _coco(root / "coco")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(root), str(out)), nprocs=2, join=True)
-    return root, [torch.load(out / f"{r}.pt", weights_only=False) for r in range(2)]
+    mp.spawn(_worker, args=(port, str(root / "images"), str(out)), nprocs=2, join=True)
+    return root / "images", [torch.load(out / f"{r}.pt", weights_only=False) for r in range(2)]
 
 
 @pytest.mark.slow  # two spawned processes each import torch + maskconv (~10 s idle, longer on a busy 2-core box)
@@ -146,6 +207,18 @@ def test_two_process_eval_equals_one_process(two_ranks, mode):
         assert two["val_top1"] == one["val_top1"] and two["val_top5"] == one["val_top5"]
         assert two["val_per_class"] == one["val_per_class"]
         assert two["val_unreadable"] == one["val_unreadable"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dense_ddp", "dense_fsdp"])
+def test_two_process_detection_and_segmentation_eval_equal_one_process(two_ranks, mode):
+    root, ranks = two_ranks
+    box, miou = _dense(root.parent / "coco")
+    assert 0 < box["AP50"] < 1 and 0 < miou["mIoU"] < 1  # partial scores: the comparison means something
+    assert ranks[0][mode][0] == box  # detections gathered to rank 0, scored there
+    assert ranks[1][mode][0] == {}  # ... and only there
+    for r in ranks:
+        assert r[mode][1] == miou  # pixel confusions summed on every rank
 
 
 @pytest.mark.slow

@@ -26,6 +26,13 @@ LayerDecayScheme = typing.Literal["single", "group"]  # layer ids: one per block
 Logger = typing.Literal["none", "tensorboard", "wandb", "mlflow"]  # run.logger: the tracker beside metrics.jsonl
 KeepBestMode = typing.Literal["auto", "max", "min"]  # run.keep_best_mode; auto: min for a loss, max otherwise
 CompileMode = typing.Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile
+# Training augmentations of finetune: torchvision v2 (built in) or timm's create_transform + Mixup (the official
+# ConvNeXt / ConvNeXt V2 / MAE fine-tuning code; extra `augment`); timm's RandomErasing fill and Mixup modes
+AugmentLib = typing.Literal["torchvision", "timm"]
+ErasingMode = typing.Literal["const", "rand", "pixel"]
+MixupMode = typing.Literal["batch", "pair", "elem"]
+Interpolation = typing.Literal["bicubic", "bilinear", "nearest", "random"]  # timm's train resize ('random': either)
+OptimizerName = typing.Literal["adamw", "lars"]  # lars: MAE's linear probe (engine/optim.LARS)
 # The commands a config runs as (``commands.UNUSED`` says which keys each reads); a recipe names its task.
 Task = typing.Literal["pretrain", "finetune", "linprobe", "pix2seq", "detect", "segment"]
 # Pix2Seq input class corruption (official class_label_corruption, pix2seq/tokenizer.py) and v2 tasks, in their
@@ -90,10 +97,19 @@ class DataCfg:
     val_fraction: float = 0.0  # labeled folder without train/ + val/: hold out this fraction of each class as val
     crop_scale_min: float = 0.2  # RandomResizedCrop lower scale (pretraining 0.2, fine-tuning 0.08)
     hflip: bool = True  # random horizontal flips in training
+    augment_lib: AugmentLib = "torchvision"  # finetune augmentations: torchvision (v2) | timm (official recipes; extra augment)
     rand_augment: str = ""  # torchvision RandAugment "m9" style: "" (off) or "n2-m9"
+    auto_augment: str = ""  # timm only: timm's policy string, e.g. rand-m9-mstd0.5-inc1 (official --aa); "" = off
+    color_jitter: float | None = None  # timm only: colour jitter strength (none = off; timm turns it off under auto_augment)
+    interpolation: Interpolation = "bicubic"  # timm only: RandomResizedCrop / auto-augment resampling
     reprob: float = 0.0  # RandomErasing probability
+    remode: ErasingMode = "const"  # RandomErasing fill: const (zeros) | rand, pixel (timm only: normal noise per channel / pixel)
+    recount: int = 1  # timm only: RandomErasing regions per image
     mixup: float = 0.0  # MixUp alpha (0 = off)
     cutmix: float = 0.0  # CutMix alpha (0 = off)
+    mixup_prob: float = 1.0  # timm only: probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # timm only: probability of CutMix rather than MixUp when both are on
+    mixup_mode: MixupMode = "batch"  # timm only: one draw per batch | pair | elem
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     max_pixels: int = 50_000_000  # images decoding to more pixels are skipped (after JPEG reduce-on-decode); 0 = off
     mean: tuple[float, ...] | None = None  # per-channel normalisation mean; none = ImageNet's (RGB) or 0.5; `maskconv data stats`
@@ -102,13 +118,14 @@ class DataCfg:
 
 @dataclass
 class OptimCfg:
+    name: OptimizerName = "adamw"  # adamw | lars (MAE linear probe: SGD momentum 0.9 scaled per weight matrix)
     epochs: int = 10  # training epochs (the lr schedule spans them, or run.max_steps)
     warmup_epochs: float = 1.0  # linear lr warm-up, in epochs (fractions allowed)
     blr: float = 1.5e-4  # base lr for an effective batch of 256
     lr: float | None = None  # absolute lr; derived from blr when None
     min_lr: float = 0.0  # lr at the end of the cosine schedule
-    weight_decay: float = 0.05  # AdamW weight decay (never on biases, norms, GRN, tokens)
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    weight_decay: float = 0.05  # weight decay (never on biases, norms, GRN, tokens)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (lars: unused)
     layer_decay: float = 1.0  # layer-wise lr decay factor (1.0 = off)
     layer_decay_scheme: LayerDecayScheme = "single"  # single | group (official ConvNeXt V2)
     clip_grad: float | None = None  # clip the gradient norm to this (none = off)
@@ -428,6 +445,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | 
     return validate(cfg)
 
 
+# data keys only timm's pipeline reads (data.augment_lib=timm), with what torchvision's pipeline does instead
+TIMM_ONLY = {"auto_augment": "", "color_jitter": None, "interpolation": "bicubic", "remode": "const", "recount": 1,
+             "mixup_prob": 1.0, "mixup_switch_prob": 0.5, "mixup_mode": "batch"}
 # (key, check, requirement) for values whose type is right but whose range is not
 _RANGES = [
     ("data.batch_size", lambda v: v >= 1, ">= 1"), ("data.img_size", lambda v: v >= 1, ">= 1"),
@@ -436,6 +456,12 @@ _RANGES = [
     ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
     ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("data.max_pixels", lambda v: v >= 0, ">= 0"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.color_jitter", lambda v: v is None or v >= 0, ">= 0 (or none)"), ("data.recount", lambda v: v >= 1, ">= 1"),
+    ("data.mixup_prob", lambda v: 0 <= v <= 1, "in [0, 1]"), ("data.mixup_switch_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("data", lambda d: d.augment_lib != "timm" or not d.rand_augment,
+     "data.auto_augment (timm's policy string, e.g. rand-m9-mstd0.5-inc1), not data.rand_augment, with data.augment_lib=timm"),
+    *[("data", lambda d, k=k, v=v: d.augment_lib == "timm" or getattr(d, k) == v,
+       f"data.augment_lib=timm to set data.{k} (torchvision's pipeline has {k}={v!r})") for k, v in TIMM_ONLY.items()],
     ("data.std", lambda v: v is None or min(v) > 0, "> 0 for every channel (or none)"),
     ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.stem_stride", lambda v: v is None or v >= 1, ">= 1"),
     ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -32,12 +32,15 @@ class _Photos(Dataset):
 
 
 def build_transform(cfg, in_chans: int, train: bool, pretrain: bool = False):
-    """Train: RandomResizedCrop (+ flip, RandAugment, RandomErasing when asked). Eval: resize by 1/0.875 and
-    centre-crop below 384 px, warp-resize at >= 384 (official ConvNeXt eval)."""
+    """Train: RandomResizedCrop (+ flip, RandAugment, RandomErasing when asked); with ``data.augment_lib=timm``
+    (fine-tuning only) timm's pipeline instead (``timm_train_transform``). Eval: resize by 1/0.875 and centre-crop
+    below 384 px, warp-resize at >= 384 (official ConvNeXt eval)."""
     from torchvision.transforms import v2
 
     size = cfg.img_size
     mean, std = normalization(cfg, in_chans)
+    if train and not pretrain and cfg.augment_lib == "timm":
+        return timm_train_transform(cfg, in_chans)
     if train:
         t = [v2.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0),
                                   interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
@@ -56,6 +59,116 @@ def build_transform(cfg, in_chans: int, train: bool, pretrain: bool = False):
     else:
         resize = [v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
     return v2.Compose(resize + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def _timm(what: str):
+    """``import timm`` for ``what``, or one line naming the extra that installs it."""
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{what} needs timm: pip install 'maskconv[augment]'") from None
+
+
+def timm_train_transform(cfg, in_chans: int):
+    """The official fine-tuning train transform: ``build_transform(is_train=True)`` of ConvNeXt(-V2) /
+    MAE ``datasets.py`` (facebookresearch/ConvNeXt-V2 datasets.py, main_finetune.py), i.e. timm's
+    ``create_transform(is_training=True, ...)`` with our ``data.*`` values (``auto_augment`` = official ``--aa``,
+    ``interpolation`` = ``--train_interpolation``, ``reprob`` / ``remode`` / ``recount`` = ``--reprob`` / ``--remode``
+    / ``--recount``; ``crop_scale_min`` and ``hflip`` give timm's defaults 0.08 and 0.5 in the official recipes) and
+    the official swap of RandomResizedCrop for ``RandomCrop(size, padding=4)`` at ``img_size <= 32`` (CIFAR-size).
+    timm works on PIL images: our uint8 (C, H, W) sample goes through ``to_pil_image`` first (1 channel -> 'L',
+    3 -> 'RGB'; a 16-bit grayscale sample is reduced to 8 bits, as PIL's augmentations need). Output: normalised
+    float (C, img_size, img_size), as the torchvision pipeline's."""
+    _timm("data.augment_lib=timm")
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    if in_chans not in (1, 3):
+        raise ValueError(f"data.augment_lib=timm takes 1- or 3-channel images (PIL); model.in_chans={in_chans}")
+    mean, std = normalization(cfg, in_chans)
+    try:
+        tf = create_transform(input_size=cfg.img_size, is_training=True, scale=(cfg.crop_scale_min, 1.0),
+                              hflip=0.5 if cfg.hflip else 0.0, color_jitter=cfg.color_jitter,
+                              auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation,
+                              re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount, mean=mean, std=std)
+    except (AssertionError, KeyError, ValueError) as e:  # timm asserts on a policy string it cannot parse
+        raise ValueError(f"data.auto_augment={cfg.auto_augment!r}: timm cannot build it ({type(e).__name__}: {e}); "
+                         "e.g. rand-m9-mstd0.5-inc1") from None
+    if cfg.img_size <= 32:  # official build_transform: resize_im = input_size > 32
+        tf.transforms[0] = transforms.RandomCrop(cfg.img_size, padding=4)
+    for t in tf.transforms:  # this pipeline's own auto-augment ops (instance attributes; timm's module untouched)
+        ops = list(getattr(t, "ops", [])) + [op for sub in getattr(t, "policy", []) for op in sub]
+        for op in ops:
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = posterize
+    return transforms.Compose([ToPIL(), tf])
+
+
+def posterize(img, bits_to_keep: int, **_):
+    """timm's auto-augment posterize (keep the ``bits_to_keep`` most significant bits) under any Pillow. timm's
+    ``PosterizeIncreasing`` asks for 0 bits at magnitude 10, which rand-m9-mstd0.5 draws ~2% of the time (about 1
+    image in 700); Pillow >= 13 refuses 0 bits (a crash mid-epoch), older Pillow (the official runs') returned a
+    black image, as here."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+class ToPIL:
+    """uint8 / uint16 (C, H, W) tensor -> PIL image (timm's transforms take PIL); 16 bits are rounded to 8."""
+
+    def __call__(self, img: torch.Tensor):
+        from torchvision.transforms.v2.functional import to_pil_image
+
+        if img.dtype != torch.uint8:
+            img = (img.float() * (255 / 65535) if img.dtype == torch.uint16 else img.float()).round().to(torch.uint8)
+        return to_pil_image(img)
+
+    def __repr__(self) -> str:
+        return "ToPIL()"
+
+
+class TimmMixup:
+    """timm's ``Mixup`` (the official fine-tuning's MixUp / CutMix, with label smoothing folded into its soft
+    targets) as a batch transform ``(images (B, C, H, W), labels (B,)) -> (mixed images, soft targets (B, K))``.
+    timm draws from NumPy's global RNG; here NumPy is seeded from one draw of torch's, which a checkpoint saves,
+    so a resumed run mixes exactly as an uninterrupted one. timm mixes each image with its mirror in the batch:
+    the batch size must be even."""
+
+    def __init__(self, cfg, num_classes: int):
+        _timm("data.augment_lib=timm with data.mixup / data.cutmix")
+        from timm.data import Mixup
+
+        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                           switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                           label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from .datasets import seeded
+
+        if len(images) % 2:
+            raise ValueError(f"timm's Mixup needs an even batch, got {len(images)} images (data.batch_size)")
+        with seeded(int(torch.randint(2**62, ()))):
+            return self.mixup(images, labels)
+
+
+def build_mixup(cfg, num_classes: int):
+    """The batch transform of fine-tuning, or None: MixUp / CutMix when ``data.mixup`` or ``data.cutmix`` > 0,
+    timm's (``TimmMixup``: soft targets with the label smoothing in them) with ``data.augment_lib=timm``, else
+    torchvision v2's (one of the two, uniformly, per batch)."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    if cfg.augment_lib == "timm":
+        return TimmMixup(cfg, num_classes)
+    from torchvision.transforms import v2
+
+    choices = ([v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup > 0 else []) + \
+              ([v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix > 0 else [])
+    return v2.RandomChoice(choices)
 
 
 def normalization(cfg, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

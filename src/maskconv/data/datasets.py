@@ -9,8 +9,10 @@ attempts, and can name them.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import random
 import stat
 import struct
 import warnings
@@ -297,8 +299,28 @@ class SyntheticImages(Dataset):
         return (img.clamp(0, 1) * 255).to(torch.uint8), k
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with torch's CPU RNG, Python's ``random`` and NumPy's global RNG all seeded from ``seed``, and
+    restore all three afterwards. Augmentations draw from any of them (torchvision: torch; timm's transforms:
+    ``random`` and torch; timm's Mixup: NumPy), so seeding only torch would leave timm's unreproducible."""
+    py, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator only (the one fork_rng restores; transforms run on the CPU): torch.manual_seed would
+            # also reseed every CUDA device, and costs ~100x more per sample
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)  # NumPy takes 32-bit seeds
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+
+
 class SeededDataset(Dataset):
-    """Applies ``transform`` with the global RNG seeded from (seed, epoch, index); indices come from
+    """Applies ``transform`` with the global RNGs (torch, ``random``, NumPy: ``seeded``) seeded from (seed, epoch,
+    index); indices come from
     ``ResumableSampler`` as ``(index, epoch)`` pairs. Returns ``(sample or None, unreadable records)``. A
     transform with ``joint = True`` is called as ``transform(image, label) -> (image, label)`` (detection:
     boxes move with the pixels).
@@ -333,8 +355,7 @@ class SeededDataset(Dataset):
                                  f"({bad[0].reason}): is this an image dataset?")
             sample = self._get((i + len(bad)) % len(self.base))
         img, label = sample
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
+        with seeded((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63)):
             if getattr(self.transform, "joint", False):  # box-aware transforms change image and label together
                 return self.transform(img, label), tuple(bad)
             return (self.transform(img), label), tuple(bad)

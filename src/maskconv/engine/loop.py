@@ -343,7 +343,7 @@ def _setup(model: nn.Module, o, r, sparse_cfg, plan: Resolved, info: D.DistInfo,
     if fsdp:
         _shard(model)
     optimizer = build_optimizer(model, plan.lr, o.weight_decay, o.betas, o.layer_decay, o.layer_decay_scheme,
-                                backbone)
+                                backbone, name=o.name)
     amp_ctx, scaler = autocast_ctx(r.amp, info.device)
     # dynamic_sparsity.sparsity > 0: masks drawn before the EMA copy is taken (a resumed run loads them in _resume)
     sparse = build_sparsity(sparse_cfg, model, plan.total_steps, seed=r.seed, task=task, fsdp=fsdp, world=info.world,

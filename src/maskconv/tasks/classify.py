@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..commands import Command, training_command
 from ..config import Config, DataCfg, flatten
-from ..data.build import build_dataset, build_transform
+from ..data.build import TimmMixup, build_dataset, build_mixup, build_transform
 from ..data.datasets import collate_skip, image_folder_of
 from ..engine import dist as D
 from ..engine.loop import FitResult, fit
@@ -150,11 +150,18 @@ def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Mod
 
 def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     inputs = check_inputs(cfg, "linprobe" if linprobe else "finetune")  # before any work or file
+    d = cfg.data
+    if not linprobe and d.augment_lib == "timm" and (d.mixup > 0 or d.cutmix > 0) and d.batch_size % 2:
+        raise ValueError(f"data.batch_size={d.batch_size}: timm's Mixup (data.augment_lib=timm with data.mixup / "
+                         "data.cutmix) mixes each image with its mirror in the batch and needs an even batch")
+    ds, classes = inputs.train, inputs.classes
+    n = len(classes)
+    # built before any work: a missing timm or a policy string timm cannot parse is one line here
+    batch_tf = None if linprobe else build_mixup(d, n)
+    tf = build_transform(d, cfg.model.in_chans, train=not linprobe)  # the probe sees eval-style crops
     info = D.setup(cfg.run.device, cfg.run.dist_timeout_minutes)
     inputs.print_notes(info.is_main)
     torch.manual_seed(cfg.run.seed)
-    ds, classes = inputs.train, inputs.classes
-    n = len(classes)
     model = _classifier(cfg, n, linprobe)
     train_mode = None
     if linprobe:  # MAE protocol: frozen backbone, BatchNorm (no affine) + linear head
@@ -164,21 +171,15 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
         def train_mode(m: nn.Module) -> None:  # frozen means frozen: backbone BatchNorm stats / dropout stay eval
             m.eval()
             probe.train()
-    batch_tf = None
-    d = cfg.data
-    if (d.mixup > 0 or d.cutmix > 0) and not linprobe:
-        from torchvision.transforms import v2
-
-        choices = ([v2.MixUp(alpha=d.mixup, num_classes=n)] if d.mixup > 0 else []) + \
-                  ([v2.CutMix(alpha=d.cutmix, num_classes=n)] if d.cutmix > 0 else [])
-        batch_tf = v2.RandomChoice(choices)
-    tf = build_transform(d, cfg.model.in_chans, train=not linprobe)  # the probe sees eval-style crops
     # every process scores its share of the validation set (FSDP: all must run each forward together)
     val = _eval_loader(cfg, inputs.val, info=info) if inputs.val is not None else None
     lockstep = cfg.run.fsdp and info.world > 1
+    # timm's Mixup folds the label smoothing into its soft targets: cross-entropy on them is the official
+    # SoftTargetCrossEntropy (sum of -target * log_softmax, batch mean), with no smoothing on top
+    smoothing = 0.0 if isinstance(batch_tf, TimmMixup) else d.label_smoothing
 
     def loss_fn(m, x, y):
-        return F.cross_entropy(m(x), y, label_smoothing=d.label_smoothing)
+        return F.cross_entropy(m(x), y, label_smoothing=smoothing)
 
     def evaluate(m):
         if val is None:

@@ -97,4 +97,18 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
         from ..config import OptimizerName, one_of
 
         raise ValueError(f"optim.name={name!r}: must be {one_of(OptimizerName)}")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             fused=can_fuse([p for g in groups for p in g["params"]]))
+
+
+def can_fuse(params: list[torch.Tensor]) -> bool:
+    """Whether AdamW's fused kernel takes these parameters: plain float tensors on the CPU or one CUDA device (not
+    FSDP's DTensors). On the CPU it is ~5x faster than the default for-each form (convnextv2_atto FCMAE's 7.3 M
+    parameters: 6.7 vs 33.6 ms a step, one thread), a fixed cost of every step; the update is the same rule,
+    equal to the for-each form to float rounding (tests/engine/test_optim_schedule.py)."""
+    from torch.distributed.tensor import DTensor
+
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+            and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+                    and not isinstance(p, DTensor) for p in params))

@@ -334,7 +334,11 @@ class SeededDataset(Dataset):
             sample = self._get((i + len(bad)) % len(self.base))
         img, label = sample
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
+            # the CPU generator only: it is what the transforms draw from and what fork_rng restores.
+            # torch.manual_seed would also reseed every GPU's generator (left changed: in a num_workers=0
+            # run, the model's drop path on the GPU) and, before CUDA is initialised, record a stack trace
+            # per call for its lazy seeding (~1-2 ms a sample, measured by bench/engine_overhead.py --profile)
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
             if getattr(self.transform, "joint", False):  # box-aware transforms change image and label together
                 return self.transform(img, label), tuple(bad)
             return (self.transform(img), label), tuple(bad)

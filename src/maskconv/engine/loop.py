@@ -170,10 +170,11 @@ def _ignore_sigint(_worker_id: int) -> None:
 def train_loader(dataset: Dataset, transform, seed: int, batch_size: int, info: D.DistInfo, max_batches: int, *,
                  num_workers: int, prefetch_factor: int = 2) -> DataLoader:
     """The training DataLoader of a whole ``fit``: built once, so its worker processes (when ``num_workers`` > 0)
-    persist from epoch to epoch instead of being re-spawned (re-importing torch, re-pickling the dataset) every
-    epoch. Its ``ResumableSampler`` (``loader.sampler``) runs in the main process: ``train_one_epoch`` sets its
-    ``epoch`` and ``start_batch`` before iterating, and each sample's randomness is keyed by (index, epoch), so
-    which process prepares a sample changes nothing. Batches are pinned on CUDA (asynchronous host-to-device copy)."""
+    persist from epoch to epoch instead of being started again every epoch (a fork, or under ``spawn`` a fresh
+    interpreter and the pickled dataset). Its ``ResumableSampler`` (``loader.sampler``) runs in the main process:
+    ``train_one_epoch`` sets its ``epoch`` and ``start_batch`` before iterating, and each sample's randomness is
+    keyed by (index, epoch), so which process prepares a sample changes nothing. Batches are pinned on CUDA
+    (asynchronous host-to-device copy)."""
     sampler = ResumableSampler(len(dataset), batch_size, seed, 0, info.rank, info.world, max_batches=max_batches)
     return DataLoader(_Keyed(SeededDataset(dataset, transform, seed)), batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, collate_fn=_collate_keyed,

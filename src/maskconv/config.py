@@ -92,7 +92,8 @@ class DataCfg:
     path: str = ""  # required: an image folder, or a named dataset: synthetic | fashion-mnist | photos
     img_size: int = 224  # square training / validation crop size (a multiple of the model's total stride)
     batch_size: int = 64  # images per step per process
-    num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
+    num_workers: int = 2  # DataLoader worker processes (0 = load in the main process); kept for the whole run
+    prefetch_factor: int = 2  # training batches each worker prepares ahead (num_workers > 0)
     labels_per_class: int = 0  # fine-tuning: keep this many labels per class (0 = all)
     val_fraction: float = 0.0  # labeled folder without train/ + val/: hold out this fraction of each class as val
     crop_scale_min: float = 0.2  # RandomResizedCrop lower scale (pretraining 0.2, fine-tuning 0.08)
@@ -452,6 +453,7 @@ TIMM_ONLY = {"auto_augment": "", "color_jitter": None, "interpolation": "bicubic
 _RANGES = [
     ("data.batch_size", lambda v: v >= 1, ">= 1"), ("data.img_size", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"), ("data.labels_per_class", lambda v: v >= 0, ">= 0"),
+    ("data.prefetch_factor", lambda v: v >= 1, ">= 1"),
     ("data.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"), ("data.reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
     ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("data.max_pixels", lambda v: v >= 0, ">= 0"),

@@ -90,10 +90,16 @@ def test_sampler_shards_global_batches_and_resumes():
 
 def test_seeded_augmentation_is_a_function_of_seed_epoch_index():
     cfg = DataCfg(img_size=32)
-    ds = SeededDataset(SyntheticImages(8, size=48), build_transform(cfg, 3, train=True), seed=5)
+    tf = build_transform(cfg, 3, train=True)
+    ds = SeededDataset(SyntheticImages(8, size=48), tf, seed=5)
+    rng = torch.get_rng_state()
     (a, _), bad = ds[(3, 1)]
+    assert torch.equal(rng, torch.get_rng_state())  # the run's own RNG (drop path) is left as it was
     assert bad == () and torch.equal(a, ds[(3, 1)][0][0])
     assert not torch.equal(a, ds[(3, 2)][0][0])
+    # the stream is pinned: runs started by earlier versions resume onto the same augmentations
+    torch.manual_seed(5 * 1_000_003 + 1 * 100_003 + 3)
+    assert torch.equal(a, tf(SyntheticImages(8, size=48)[3][0]))
 
 
 def test_labels_subset_per_class():

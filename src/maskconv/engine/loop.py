@@ -169,6 +169,22 @@ def _ignore_sigint(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def train_loader(dataset: Dataset, transform, seed: int, batch_size: int, info: D.DistInfo, max_batches: int, *,
+                 num_workers: int, prefetch_factor: int = 2) -> DataLoader:
+    """The training DataLoader of a whole ``fit``: built once, so its worker processes (when ``num_workers`` > 0)
+    persist from epoch to epoch instead of being started again every epoch (a fork, or under ``spawn`` a fresh
+    interpreter and the pickled dataset). Its ``ResumableSampler`` (``loader.sampler``) runs in the main process:
+    ``train_one_epoch`` sets its ``epoch`` and ``start_batch`` before iterating, and each sample's randomness is
+    keyed by (index, epoch), so which process prepares a sample changes nothing. Batches are pinned on CUDA
+    (asynchronous host-to-device copy)."""
+    sampler = ResumableSampler(len(dataset), batch_size, seed, 0, info.rank, info.world, max_batches=max_batches)
+    return DataLoader(_Keyed(SeededDataset(dataset, transform, seed)), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, collate_fn=_collate_keyed,
+                      generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
+                      worker_init_fn=_ignore_sigint, pin_memory=info.device.type == "cuda",
+                      persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor if num_workers > 0 else None)
+
+
 class _StopSignals:
     """First SIGINT / SIGTERM: ask the loop to stop at the next step boundary; a second SIGINT stops at once."""
 
@@ -566,13 +582,14 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
     if finished and info.is_main:
         print(f"{out} is already at step {state.step} of {plan.total_steps}: nothing to train", flush=True)
     signals = _StopSignals()
+    loader = train_loader(dataset, transform, r.seed, cfg.data.batch_size, info, per_epoch_batches,
+                          num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor)
     with signals:
         for epoch in range(state.epoch, state.epoch if finished else o.epochs):
             stop, cur_lr = train_one_epoch(
-                t, state, epoch, dataset, transform, loss_fn, o, r, info, plan, batch_size=cfg.data.batch_size,
-                num_workers=cfg.data.num_workers, task=task, batch_transform=batch_transform, train_mode=train_mode,
-                keyed_loss=keyed_loss, log=log, checkpoint=checkpoint, signals=signals, t_start=t_start,
-                cur_lr=cur_lr)
+                t, state, epoch, loader, loss_fn, o, r, info, plan, task=task, batch_transform=batch_transform,
+                train_mode=train_mode, keyed_loss=keyed_loss, log=log, checkpoint=checkpoint, signals=signals,
+                t_start=t_start, cur_lr=cur_lr)
             state.loss_sum += checkpoint.watch.take_sum()
             epoch_loss = D.mean_across(state.loss_sum / max(1, state.loss_count), info)
             if stop:  # run.max_steps: summarise the partial epoch, keep a resumable checkpoint
@@ -605,26 +622,22 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                      full if info.is_main else None, run=run, ema_state_dict=ema_full if info.is_main else None)
 
 
-def train_one_epoch(t: Training, state: TrainState, epoch: int, dataset: Dataset, transform, loss_fn: Callable, o, r,
-                    info: D.DistInfo, plan: Resolved, *, batch_size: int, num_workers: int, task: str,
+def train_one_epoch(t: Training, state: TrainState, epoch: int, loader: DataLoader, loss_fn: Callable, o, r,
+                    info: D.DistInfo, plan: Resolved, *, task: str,
                     batch_transform: Callable | None, train_mode: Callable | None, keyed_loss: bool,
                     log: MetricsLog, checkpoint: _Checkpointer, signals: _StopSignals, t_start: float,
                     cur_lr: float) -> tuple[bool, float]:
-    """The optimizer steps of one epoch (from ``state.batch_in_epoch`` on a resumed one), logging every
-    ``r.log_every_steps``, checkpointing when due; raises ``Interrupted`` on a stop signal, FloatingPointError on
-    a non-finite loss. Returns (``run.max_steps`` reached, the last lr)."""
+    """The optimizer steps of one epoch (from ``state.batch_in_epoch`` on a resumed one) over ``loader``
+    (``train_loader``), logging every ``r.log_every_steps``, checkpointing when due; raises ``Interrupted`` on a
+    stop signal, FloatingPointError on a non-finite loss. Returns (``run.max_steps`` reached, the last lr)."""
     model, ddp, optimizer, scaler, amp_ctx, sparse, ema, fsdp = (t.model, t.ddp, t.optimizer, t.scaler, t.amp_ctx,
                                                                  t.sparse, t.ema, t.fsdp)
     accum = max(1, o.accum_steps)
     total_steps, warmup, lr = plan.total_steps, plan.warmup_steps, plan.lr
     per_epoch_batches = plan.steps_per_epoch * accum  # whole accumulation cycles only: no gradient spills over
     stop = False
-    sampler = ResumableSampler(len(dataset), batch_size, r.seed, epoch, info.rank, info.world,
-                               start_batch=state.batch_in_epoch, max_batches=per_epoch_batches)
-    loader = DataLoader(_Keyed(SeededDataset(dataset, transform, r.seed)), batch_size=batch_size,
-                        sampler=sampler, num_workers=num_workers, collate_fn=_collate_keyed,
-                        generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
-                        worker_init_fn=_ignore_sigint, pin_memory=info.device.type == "cuda")
+    # set before iter(loader): the persistent workers' first prefetches already draw from this epoch's order
+    loader.sampler.epoch, loader.sampler.start_batch = epoch, state.batch_in_epoch
     (train_mode or nn.Module.train)(model)
     bar = None
     if info.is_main and r.progress:

@@ -21,8 +21,8 @@ from ..config import flatten as config_flatten, renamed_key
 NOT_TRAINING_RELEVANT = frozenset({
     "run.out", "run.device", "run.progress", "run.tensorboard", "run.logger", "run.log_every_steps", "run.save_every_epochs",
     "run.save_every_steps", "run.save_every_minutes", "run.eval_every_epochs", "run.allow_config_change",
-    "run.dist_timeout_minutes", "run.keep_best", "run.keep_best_mode", "data.num_workers", "resolved.world_size",
-    "resolved.device",
+    "run.dist_timeout_minutes", "run.keep_best", "run.keep_best_mode", "data.num_workers", "data.prefetch_factor",
+    "resolved.world_size", "resolved.device",
     "task"})  # the checkpoint's own task is compared (loop._open_run); config.json's was 'pretrain' for every
 # non-classification command before it named the command that ran
 

@@ -1,6 +1,7 @@
 """FCMAE training step, gathered sparse encoder vs dense-masked reference, interleaved in one run.
 
-A step = forward (encoder + decoder + loss) + backward + AdamW as the engine builds it (fused, decay groups). Same weights, same masks for both paths.
+A step = forward (encoder + decoder + loss) + backward + AdamW as the engine builds it (fused, decay groups).
+Same weights, same masks for both paths.
 Prints median step times, the ratio dense/gather (> 1: gather faster) and the peak memory allocated during a
 step (PyTorch CPU allocator, from the profiler's allocation trace), ratio gather/dense.
 

@@ -46,6 +46,8 @@ def test_image_size_not_a_multiple_of_the_stride_fails_before_the_run_folder(tmp
     assert "data.img_size=60 does not suit test_convnextv2" in err and "stride 32" in err
     err = _refused(tmp_path, capsys, "pretrain", "--data", "synthetic", "data.img_size=60")
     assert "data.img_size=60 is not a multiple of the patch size 32" in err
+    err = _refused(tmp_path, capsys, "pretrain", "--data", "synthetic", "data.img_size=32")  # a 1x1 patch grid
+    assert "leaves no patch visible" in err and "1x1 grid" in err
 
 
 def test_folder_of_only_broken_files_is_one_line(tmp_path, capsys):

@@ -114,12 +114,18 @@ def _check_size(cfg: Config, task: str) -> None:
         warnings.simplefilter("ignore")  # construction notes are printed when the real model is built
         if task == "pretrain":
             from .pretrain import create_objective
+            from .pretrain.masking import num_visible
 
             obj = create_objective(cfg.objective.name, model=cfg.model.name, model_kwargs=model_kwargs(cfg))
             if s % obj.patch_size:
                 p = obj.patch_size
                 raise ConfigError(f"data.img_size={s} is not a multiple of the patch size {p} that {cfg.objective.name} "
                                   f"masks ({cfg.model.name}'s total stride): use e.g. {max(1, round(s / p)) * p}")
+            g = s // obj.patch_size
+            if num_visible(g * g, obj.mask_ratio) < 1:  # found here, before the run folder is written
+                raise ConfigError(f"data.img_size={s}: a {g}x{g} grid of {obj.patch_size}-px patches at mask ratio "
+                                  f"{obj.mask_ratio} leaves no patch visible; use larger images or a lower "
+                                  "objective.mask_ratio")
             return
         net = create_model(cfg.model.name, num_classes=2, **model_kwargs(cfg, classifier=True))
         try:
@@ -133,8 +139,8 @@ def _check_readable(ds: Dataset, name: str) -> None:
     sure the data is not unreadable from its very start (e.g. a folder of only broken files)."""
     bad: list[Unreadable] = []
     n = min(len(ds), SeededDataset.MAX_CONSECUTIVE_BAD + 1)
-    for i in range(n):
-        sample = ds[i]
+    head = ds.head(n) if hasattr(ds, "head") else (ds[i] for i in range(n))  # a stream: its first samples
+    for i, sample in enumerate(head):
         if not isinstance(sample, Unreadable) and sample is not None:
             return
         bad.append(sample or Unreadable(f"#{i}", "unreadable"))

@@ -115,6 +115,8 @@ class DataCfg:
     max_pixels: int = 50_000_000  # images decoding to more pixels are skipped (after JPEG reduce-on-decode); 0 = off
     mean: tuple[float, ...] | None = None  # per-channel normalisation mean; none = ImageNet's (RGB) or 0.5; `maskconv data stats`
     std: tuple[float, ...] | None = None  # per-channel normalisation std; none = ImageNet's (RGB) or 0.5
+    stream_length: int = 0  # wds: / hf-stream: sources: samples per epoch (0 = the stream's own count, when it has one)
+    shuffle_buffer: int = 1000  # wds: / hf-stream: sources: shuffle buffer per sub-stream (1 = stream order)
 
 
 @dataclass
@@ -457,6 +459,7 @@ _RANGES = [
     ("data.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"), ("data.reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("data.mixup", lambda v: v >= 0, ">= 0"), ("data.cutmix", lambda v: v >= 0, ">= 0"),
     ("data.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("data.max_pixels", lambda v: v >= 0, ">= 0"),
+    ("data.stream_length", lambda v: v >= 0, ">= 0"), ("data.shuffle_buffer", lambda v: v >= 1, ">= 1"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data.color_jitter", lambda v: v is None or v >= 0, ">= 0 (or none)"), ("data.recount", lambda v: v >= 1, ">= 1"),
     ("data.mixup_prob", lambda v: 0 <= v <= 1, "in [0, 1]"), ("data.mixup_switch_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -10,6 +10,7 @@ from .datasets import FashionMNIST, ImageFolderDataset, SyntheticImages, decode_
 from .photos import bundled_photos, default_norm
 from .hf import is_hf
 from .shards import is_shards
+from .stream import is_stream
 
 NAMED = ("synthetic", "fashion-mnist", "photos")
 
@@ -198,7 +199,8 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
                   classes: list[str] | None = None) -> Dataset:
     """``cfg.path``: a named dataset (synthetic | fashion-mnist | photos), a folder, or WebDataset shards
     (``shards:<folder>`` / ``shards:/p/shard-{000000..000009}.tar``, ``data/shards.py``), or a Hugging Face
-    ``save_to_disk`` folder (``hf:<folder>``, ``data/hf.py``). A folder with ``train/``
+    ``save_to_disk`` folder (``hf:<folder>``, ``data/hf.py``), or a stream for training (``wds:<tar urls>``,
+    ``hf-stream:<dataset>``, ``data/stream.py``). A folder with ``train/``
     and ``val/`` sub-folders is split by them; otherwise the folder itself is the training set (and holds class
     sub-folders when ``labeled``), less the ``cfg.val_fraction`` of each class held out as ``val``. ``classes``
     fixes the class numbering (validation / eval of a trained model)."""
@@ -214,6 +216,21 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
         if labeled:
             raise ValueError("data.path=photos has no labels: use it for pretraining only")
         ds = _Photos(in_chans)
+    elif is_stream(name):
+        from .stream import StreamDataset
+
+        if split != "train":
+            raise ValueError(f"data.path={name} is a stream: it can be a training source only (give the "
+                             "validation images as a folder, shards: or hf: source)")
+        if labeled and cfg.val_fraction > 0:
+            raise ValueError(f"data.val_fraction holds out part of a folder; {name} is a stream (no index)")
+        ds = StreamDataset(name, in_chans, labeled=labeled, length=cfg.stream_length,
+                           shuffle_buffer=cfg.shuffle_buffer, classes=classes if labeled else None,
+                           max_pixels=cfg.max_pixels, min_side=decode_min_side(cfg.img_size, cfg.crop_scale_min),
+                           keep_16bit=in_chans == 1)
+        if labeled and cfg.labels_per_class > 0:
+            raise ValueError("data.labels_per_class picks images by index; a stream has none")
+        return ds
     else:
         decode = dict(max_pixels=cfg.max_pixels, min_side=decode_min_side(cfg.img_size, cfg.crop_scale_min),
                       keep_16bit=in_chans == 1)  # a 16-bit grayscale file reaches a 1-channel model losslessly
@@ -244,6 +261,8 @@ def build_dataset(cfg, in_chans: int, split: str = "train", labeled: bool = True
 
 def has_splits(path: str) -> bool:
     """Whether a folder (or ``shards:`` folder) holds ``train/`` and ``val/``; a missing folder is an error."""
+    if is_stream(path):  # a stream is a training source only
+        return False
     if is_shards(path):
         from .shards import shard_splits
 

@@ -354,11 +354,18 @@ class SeededDataset(Dataset):
                 raise ValueError(f"{len(bad)} consecutive files from {bad[0].path} cannot be read "
                                  f"({bad[0].reason}): is this an image dataset?")
             sample = self._get((i + len(bad)) % len(self.base))
-        img, label = sample
-        with seeded((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63)):
-            if getattr(self.transform, "joint", False):  # box-aware transforms change image and label together
-                return self.transform(img, label), tuple(bad)
-            return (self.transform(img), label), tuple(bad)
+        return seeded_apply(self.transform, sample, self.seed, epoch, i), tuple(bad)
+
+
+def seeded_apply(transform, sample: tuple, seed: int, epoch: int, key: int) -> tuple:
+    """``(transform(image), label)`` (or ``transform(image, label)`` for a ``joint`` transform) with the global
+    RNGs seeded from (seed, epoch, key) (``seeded``) and restored after: a sample's augmentation depends on its
+    key alone, not on which worker or process drew it (exact resume, any worker count)."""
+    img, label = sample
+    with seeded((seed * 1_000_003 + epoch * 100_003 + key) % (2**63)):
+        if getattr(transform, "joint", False):  # box-aware transforms change image and label together
+            return transform(img, label)
+        return transform(img), label
 
 
 def collate_skip(batch):

@@ -6,8 +6,8 @@ The image column is the first ``datasets.Image`` feature, the label the first ``
 classes). Images are read undecoded (``Image(decode=False)``: the stored file bytes) and decoded by
 ``decode_stream``, the decoder every other source uses (16-bit kept, pixel limit, JPEG reduce-on-decode). A
 ``DatasetDict`` with ``train`` and ``validation`` (or ``val``) is split by them, as a folder with train/ + val/.
-Rows are read by index, so the engine's sampler, per-sample seeds and exact resume apply unchanged; streaming
-``IterableDataset`` s have no index and are refused.
+Rows are read by index, so the engine's sampler, per-sample seeds and exact resume apply unchanged. A streaming
+``IterableDataset`` has no index: it is read as a stream (``data.path=hf-stream:...``, ``data/stream.py``).
 """
 from __future__ import annotations
 

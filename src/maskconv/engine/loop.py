@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
 from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, describe_unreadable
+from ..data.stream import StreamDataset
 from . import dist as D
 from ..models import CheckpointError
 from .checkpoint import load_training_checkpoint, save_training_checkpoint
@@ -177,12 +178,45 @@ def train_loader(dataset: Dataset, transform, seed: int, batch_size: int, info: 
     ``train_one_epoch`` sets its ``epoch`` and ``start_batch`` before iterating, and each sample's randomness is
     keyed by (index, epoch), so which process prepares a sample changes nothing. Batches are pinned on CUDA
     (asynchronous host-to-device copy)."""
+    if isinstance(dataset, StreamDataset):
+        return StreamLoader(dataset, transform, seed, batch_size, info, max_batches, num_workers=num_workers,
+                            prefetch_factor=prefetch_factor)
     sampler = ResumableSampler(len(dataset), batch_size, seed, 0, info.rank, info.world, max_batches=max_batches)
     return DataLoader(_Keyed(SeededDataset(dataset, transform, seed)), batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, collate_fn=_collate_keyed,
                       generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
                       worker_init_fn=_ignore_sigint, pin_memory=info.device.type == "cuda",
                       persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor if num_workers > 0 else None)
+
+
+@dataclass
+class _EpochCursor:
+    """Where an epoch starts: what ``train_one_epoch`` sets on ``loader.sampler`` (a ``ResumableSampler`` has the
+    same two fields)."""
+    epoch: int = 0
+    start_batch: int = 0
+
+
+class StreamLoader:
+    """``train_loader`` for a stream (``data/stream.py``): a DataLoader per epoch over that epoch's
+    ``StreamDataset.epoch_iterable`` (an iterable is cut for one epoch and start, so its workers cannot outlive
+    it; a stream's epoch is long enough that starting them is no cost worth keeping). ``sampler`` holds the
+    epoch and start batch the next iteration reads."""
+
+    def __init__(self, dataset, transform, seed: int, batch_size: int, info: D.DistInfo, max_batches: int, *,
+                 num_workers: int, prefetch_factor: int = 2):
+        self.dataset, self.transform, self.seed, self.batch_size, self.info = dataset, transform, seed, batch_size, info
+        self.num_batches = min(len(dataset) // (batch_size * info.world), max_batches)
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.sampler = _EpochCursor()
+
+    def __iter__(self):
+        c, info, w = self.sampler, self.info, self.num_workers
+        epoch = self.dataset.epoch_iterable(self.transform, self.seed, c.epoch, info.rank, info.world, self.batch_size,
+                                            self.num_batches, start_batch=c.start_batch, num_workers=w)
+        return iter(DataLoader(epoch, batch_size=self.batch_size, num_workers=w, collate_fn=_collate_keyed,
+                               worker_init_fn=_ignore_sigint, pin_memory=info.device.type == "cuda",
+                               prefetch_factor=self.prefetch_factor if w > 0 else None))
 
 
 class _StopSignals:
@@ -329,6 +363,8 @@ def fit(cfg, model: nn.Module, dataset: Dataset, transform, loss_fn: Callable, *
     resolved = dict(world_size=plan.world_size, effective_batch=plan.effective_batch, lr=plan.lr,
                     steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
                     images=len(dataset), device=str(info.device), data_fingerprint=data_fingerprint(dataset))
+    if isinstance(dataset, StreamDataset):  # the sub-stream cut: a resume with another one is refused
+        resolved["stream_readers"] = dataset.readers(info.world, cfg.data.num_workers)
     try:
         ck, changes = _open_run(cfg, run, info, task, {**cfg.to_dict(), "resolved": resolved}, files)
         return _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evaluate, backbone, info,

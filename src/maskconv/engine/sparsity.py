@@ -357,9 +357,13 @@ def first_batch(batch_size: int, seed: int, dataset, transform, batch_transform,
     from ..data.datasets import ResumableSampler, SeededDataset, collate_skip
     from .dist import to_device
 
-    sampler = ResumableSampler(len(dataset), batch_size, seed, 0, info.rank, info.world, max_batches=1)
-    loader = DataLoader(SeededDataset(dataset, transform, seed), batch_size=batch_size,
-                        sampler=sampler, num_workers=0, collate_fn=collate_skip)
+    if hasattr(dataset, "epoch_iterable"):  # a stream (data/stream.py): its first batch of epoch 0
+        items = dataset.epoch_iterable(transform, seed, 0, info.rank, info.world, batch_size, num_batches=1)
+        loader = DataLoader(items, batch_size=batch_size, collate_fn=lambda b: collate_skip([s for s, _ in b]))
+    else:
+        sampler = ResumableSampler(len(dataset), batch_size, seed, 0, info.rank, info.world, max_batches=1)
+        loader = DataLoader(SeededDataset(dataset, transform, seed), batch_size=batch_size,
+                            sampler=sampler, num_workers=0, collate_fn=collate_skip)
     with torch.random.fork_rng(devices=[]):  # augmentation reseeds the global RNG: keep the run's own
         images, labels, _ = next(iter(loader))
         images, labels = images.to(info.device), to_device(labels, info.device)

@@ -75,7 +75,7 @@ def engine_batches(cfg, obj):
     """Every step's (images (B, 3, H, W), masks (B, h, w)) as the engine makes them, in its order: its
     ``train_loader`` in this process and ``indexed_masks`` (``obj``: the objective, for its mask grid and ratio)."""
     ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=False)
-    tf = build_transform(cfg.data, cfg.model.in_chans, train=True, pretrain=True)
+    tf = build_transform(cfg.data, cfg.model.in_chans, train=True, weak=True)
     loader = train_loader(ds, tf, cfg.run.seed, cfg.data.batch_size, D.DistInfo(), len(ds) // cfg.data.batch_size,
                           num_workers=0)
     for epoch in range(cfg.optim.epochs):

@@ -29,7 +29,8 @@ TRAINING = ("pretrain", "finetune", "linprobe")  # the commands whose recipe nam
 _TIMM_AUGMENT = ("data.augment_lib", "data.auto_augment", "data.color_jitter", "data.interpolation", "data.remode",
                  "data.recount", "data.mixup_prob", "data.mixup_switch_prob", "data.mixup_mode")
 # Config keys a task never reads (a section name = all its keys); a new key is listed for every task until named
-# here. Pretraining has no labels or classifier; linear probing trains only the probe on eval-style crops. A
+# here. Pretraining has no labels or classifier; linear probing trains only the probe, on
+# crops + flips (MAE's weak augmentation). A
 # section named as a task (pix2seq) holds that task's own settings: no other task reads it.
 UNUSED = {
     "pretrain": ("pix2seq", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.rand_augment",
@@ -37,7 +38,7 @@ UNUSED = {
                  "optim.layer_decay_scheme", *_TIMM_AUGMENT),
     "finetune": ("objective", "pix2seq"),
     "linprobe": ("objective", "pix2seq", "dynamic_sparsity", "model.drop_path_rate", "model.head_init_scale",
-                 "data.crop_scale_min", "data.hflip", "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix",
+                 "data.rand_augment", "data.reprob", "data.mixup", "data.cutmix",
                  "optim.layer_decay", "optim.layer_decay_scheme", *_TIMM_AUGMENT),
     # pix2seq: its own transform (scale jitter and flips from pix2seq.*), no classifier, no masking
     "pix2seq": ("objective", "model.global_pool", "model.head_init_scale", "data.labels_per_class", "data.val_fraction",

@@ -78,3 +78,27 @@ def test_linprobe_cli_trains_the_probe_with_lars_and_resumes(tmp_path):
     assert main([*args, "run.max_steps=3", "--allow-config-change"]) == 0  # resumes with LARS's state
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and torch.isfinite(torch.tensor(rows[-1]["train_loss"]))
+
+
+def test_mae_linprobe_recipe_is_main_linprobes_protocol():
+    """The packaged recipe against main_linprobe.py read by hand: LARS, wd 0, blr 0.1, 90 epochs, warm-up 10,
+    512 a GPU, class token; the probe's augmentation is RandomResizedCrop(224, bicubic, 0.08-1) + flip and
+    nothing stronger (RandAugment / erasing settings do not reach it), its eval resize 256 + centre crop 224."""
+    from torchvision.transforms import v2
+
+    from maskconv.config import resolve
+    from maskconv.data.build import build_transform
+    from maskconv.tasks.classify import train_transform
+
+    cfg = load_config(recipe="mae_linprobe_official", overrides=["data.rand_augment=n2-m9", "data.reprob=0.25"])
+    assert cfg.task == "linprobe" and cfg.model.name == "vit_base_patch16_224" and cfg.model.global_pool == "token"
+    o = cfg.optim
+    assert (o.name, o.epochs, o.warmup_epochs, o.blr, o.min_lr, o.weight_decay) == ("lars", 90, 10, 0.1, 0.0, 0.0)
+    assert resolve(cfg, 32, 1000).lr == pytest.approx(0.1 * 16384 / 256)  # 512 x 32 GPUs
+    train = train_transform(cfg, linprobe=True).transforms
+    assert [type(t) for t in train] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.ToDtype, v2.Normalize]
+    assert tuple(train[0].size) == (224, 224) and train[0].scale == (0.08, 1.0)
+    assert train[0].interpolation == v2.InterpolationMode.BICUBIC
+    val = build_transform(cfg.data, 3, train=False).transforms
+    assert list(val[0].size) == [256] and tuple(val[1].size) == (224, 224)
+    assert v2.RandAugment in [type(t) for t in train_transform(cfg, linprobe=False).transforms]  # fine-tuning's

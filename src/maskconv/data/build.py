@@ -32,26 +32,27 @@ class _Photos(Dataset):
         return self.images[i % len(self.images)], -1
 
 
-def build_transform(cfg, in_chans: int, train: bool, pretrain: bool = False):
+def build_transform(cfg, in_chans: int, train: bool, weak: bool = False):
     """Train: RandomResizedCrop (+ flip, RandAugment, RandomErasing when asked); with ``data.augment_lib=timm``
-    (fine-tuning only) timm's pipeline instead (``timm_train_transform``). Eval: resize by 1/0.875 and centre-crop
-    below 384 px, warp-resize at >= 384 (official ConvNeXt eval)."""
+    (fine-tuning only) timm's pipeline instead (``timm_train_transform``). ``weak``: crop + flip only, the
+    augmentation of pretraining and of MAE's linear probe (main_pretrain.py, main_linprobe.py). Eval: resize by
+    1/0.875 and centre-crop below 384 px, warp-resize at >= 384 (official ConvNeXt eval)."""
     from torchvision.transforms import v2
 
     size = cfg.img_size
     mean, std = normalization(cfg, in_chans)
-    if train and not pretrain and cfg.augment_lib == "timm":
+    if train and not weak and cfg.augment_lib == "timm":
         return timm_train_transform(cfg, in_chans)
     if train:
         t = [v2.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0),
                                   interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
         if cfg.hflip:
             t.append(v2.RandomHorizontalFlip())
-        if cfg.rand_augment and not pretrain:
+        if cfg.rand_augment and not weak:
             n, m = _parse_randaug(cfg.rand_augment)
             t.append(v2.RandAugment(num_ops=n, magnitude=m))
         t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-        if cfg.reprob > 0 and not pretrain:
+        if cfg.reprob > 0 and not weak:
             t.append(v2.RandomErasing(p=cfg.reprob, value=0))
         return v2.Compose(t)
     if size < 384:

@@ -148,6 +148,12 @@ def _classifier(cfg: Config, num_classes: int, linprobe: bool = False) -> nn.Mod
     return model
 
 
+def train_transform(cfg: Config, linprobe: bool):
+    """Fine-tuning's augmentation as configured; the linear probe's is MAE's (main_linprobe.py): random resized
+    crop + flip, nothing stronger."""
+    return build_transform(cfg.data, cfg.model.in_chans, train=True, weak=linprobe)
+
+
 def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     inputs = check_inputs(cfg, "linprobe" if linprobe else "finetune")  # before any work or file
     d = cfg.data
@@ -158,7 +164,7 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
     n = len(classes)
     # built before any work: a missing timm or a policy string timm cannot parse is one line here
     batch_tf = None if linprobe else build_mixup(d, n)
-    tf = build_transform(d, cfg.model.in_chans, train=not linprobe)  # the probe sees eval-style crops
+    tf = train_transform(cfg, linprobe)
     info = D.setup(cfg.run.device, cfg.run.dist_timeout_minutes)
     inputs.print_notes(info.is_main)
     torch.manual_seed(cfg.run.seed)

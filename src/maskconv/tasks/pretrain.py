@@ -38,7 +38,7 @@ def run_pretrain(cfg: Config) -> FitResult:
                 raise ValueError(f"{cfg.model.init} loads neither as a whole {ob.name} objective ({whole_err}) nor as "
                                  f"encoder weights ({enc_err})") from enc_err
     ds = inputs.train
-    tf = build_transform(cfg.data, cfg.model.in_chans, train=True, pretrain=True)
+    tf = build_transform(cfg.data, cfg.model.in_chans, train=True, weak=True)
 
     def loss_fn(m, x, y, keys=None):
         """Masks from each sample's (seed, epoch, global index): N processes draw exactly one process's masks."""

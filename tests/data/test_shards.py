@@ -15,6 +15,7 @@ from maskconv.data.datasets import ResumableSampler, SeededDataset, Unreadable, 
 
 pytest.importorskip("webdataset")
 from maskconv.data.shards import ShardDataset, _scan_tar, shard_splits, tar_index, write_shards  # noqa: E402
+from tests.conftest import TinyProbe
 
 
 def _image(rng, path, mode):
@@ -173,15 +174,6 @@ def test_16bit_png_values_survive_to_the_tensor(tmp_path):
         assert build_dataset(_cfg(path), 3, labeled=False)[0][0].dtype == torch.uint8  # RGB models: 8-bit as before
 
 
-class _Probe(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
-        self.fc = torch.nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3)))
-
 
 def _fit(data_path, out, seen, stop_at=None):
     """A tiny supervised run through the engine's one loop; ``seen`` records the global indices of every batch;
@@ -194,7 +186,7 @@ def _fit(data_path, out, seen, stop_at=None):
     cfg.run.out, cfg.run.device, cfg.run.progress, cfg.run.seed, cfg.run.save_every_minutes = str(out), "cpu", False, 4, 0
     ds = build_dataset(cfg.data, 3, labeled=True)
     torch.manual_seed(0)
-    model = _Probe()
+    model = TinyProbe(3)
 
     def loss_fn(m, x, y, keys):
         seen.append((keys[1], keys[0].tolist()))

@@ -149,7 +149,7 @@ def _fit(data_path, out, seen, stop_at=None, workers=2, **data):
 
     from maskconv.config import Config
     from maskconv.engine.loop import fit
-    from tests.data.test_shards import _Probe
+    from tests.conftest import TinyProbe
 
     cfg = Config()
     cfg.data = _cfg(data_path, batch_size=2, num_workers=workers, shuffle_buffer=3, **data)
@@ -164,7 +164,7 @@ def _fit(data_path, out, seen, stop_at=None, workers=2, **data):
             signal.raise_signal(signal.SIGINT)
         return torch.nn.functional.cross_entropy(m(x), y)
 
-    res = fit(cfg, _Probe(), ds, build_transform(cfg.data, 3, train=True), loss_fn, task="finetune", keyed_loss=True)
+    res = fit(cfg, TinyProbe(2), ds, build_transform(cfg.data, 3, train=True), loss_fn, task="finetune", keyed_loss=True)
     res.run.release()
     return res.model.state_dict()
 

@@ -12,6 +12,7 @@ from maskconv.cli import main
 from maskconv.config import ConfigError, load_config
 from maskconv.data.build import TimmMixup, build_mixup, build_transform
 from maskconv.data.datasets import SeededDataset, seeded
+from tests.conftest import TinyProbe
 
 timm = pytest.importorskip("timm")
 
@@ -202,15 +203,6 @@ def test_finetune_cli_with_the_official_timm_augmentations(tmp_path, capsys):
     assert "needs an even batch" in capsys.readouterr().err and not (tmp_path / "odd").exists()
 
 
-class _Probe(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
-        self.fc = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3)))
-
 
 def _fit_timm(out, inputs, stop_at=None):
     """A tiny run through the engine's loop with timm's pipeline and Mixup; ``inputs`` records every batch the loss
@@ -233,7 +225,7 @@ def _fit_timm(out, inputs, stop_at=None):
             signal.raise_signal(signal.SIGINT)
         return F.cross_entropy(m(x), y)
 
-    res = fit(cfg, _Probe(), ds, build_transform(cfg.data, 3, train=True), loss_fn, task="finetune",
+    res = fit(cfg, TinyProbe(4), ds, build_transform(cfg.data, 3, train=True), loss_fn, task="finetune",
               batch_transform=build_mixup(cfg.data, 4))
     res.run.release()
     return res.model.state_dict()

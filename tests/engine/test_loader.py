@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from maskconv.config import Config, DataCfg
 from maskconv.data.build import build_transform
 from maskconv.data.datasets import SyntheticImages
+from tests.conftest import TinyProbe
 
 
 class _PidLogged(Dataset):
@@ -26,15 +27,6 @@ class _PidLogged(Dataset):
             f.write(f"{os.getpid()}\n")
         return self.ds[i]
 
-
-class _Probe(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
-        self.fc = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).mean((2, 3)))
 
 
 def _fit(out, workers: int, pids, stop_at=None):
@@ -57,7 +49,7 @@ def _fit(out, workers: int, pids, stop_at=None):
             signal.raise_signal(signal.SIGINT)
         return loss
 
-    res = fit(cfg, _Probe(), ds, build_transform(cfg.data, 3, train=True), loss_fn, task="finetune", keyed_loss=True)
+    res = fit(cfg, TinyProbe(4), ds, build_transform(cfg.data, 3, train=True), loss_fn, task="finetune", keyed_loss=True)
     res.run.release()
     return res.model.state_dict(), seen
 

@@ -11,8 +11,8 @@ autocast, backward, gradient clipping, AdamW, the loss recorded in a device-side
 
 1. **sync-free**: three steps under ``torch.cuda.set_sync_debug_mode("error")``: any device->host sync in the step
    (an ``.item()``, a ``nonzero``, a blocking copy) raises and is reported with its message (CUDA only). Expected:
-   ``ok`` for every compiled step; in eager the masked objectives validate a given mask's values (equal visible
-   counts: one read of the mask per micro-batch, ``masking.check_mask``), which this reports as a sync;
+   ``ok`` for every step, eager and compiled: the masks are passed as the engine passes them (``drawn=True``: made
+   by ``indexed_masks`` at the objective's ratio, so their values are not read back to be validated);
 2. **images/s** eager and ``torch.compile(fullgraph=True)`` (compile time apart), peak memory per step;
 3. ratios: compiled over eager, gather over dense (both forms).
 
@@ -66,7 +66,7 @@ class Trainer:
     def loss(self, x, target):
         if self.name == "finetune":
             return F.cross_entropy(self.m(x), target, label_smoothing=0.1)
-        return self.m(x, mask=target).loss
+        return self.m(x, mask=target, drawn=True).loss  # as the engine's pretrain loss (no read-back)
 
     def compile(self, backend: str | None) -> None:
         torch._dynamo.reset()

@@ -35,7 +35,7 @@ def _step(name):
         return m, (lambda x, y: F.cross_entropy(m(x), y, label_smoothing=0.1)), (x, torch.tensor([0, 2]))
     h, w = m.grid(x)
     mask = indexed_masks(torch.tensor([3, 8]), 0, 0, h, w, m.mask_ratio)
-    return m, (lambda x, mask: m(x, mask=mask).loss), (x, mask)
+    return m, (lambda x, mask: m(x, mask=mask, drawn=True).loss), (x, mask)  # as the engine's pretrain loss
 
 
 @pytest.mark.parametrize("name", list(STEPS))
@@ -77,6 +77,48 @@ def test_traced_step_equals_eager(name):
 def test_inductor_step_equals_eager(name):
     """``run.compile=true``'s backend (inductor, C++ codegen on CPU): eager's loss and gradients."""
     _compiled_equals_eager(name, "inductor")
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a tensor's values back to the host (``.item()``, ``int()``, ``bool()``,
+    ``.tolist()`` all go through ``_local_scalar_dense``; ``nonzero`` sizes its output from the values): on a
+    GPU each is a device->host sync. Visible on the CPU, so the eager step's syncs are tested here."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", [n for n in STEPS if n != "classifier"])
+def test_eager_step_with_drawn_masks_reads_nothing_back(name):
+    """The engine passes its masks as drawn: an eager forward + backward reads no value back to the host (no
+    sync per micro-batch on a GPU) and gives the loss and gradients of the validated path, which does read the
+    mask (the counter sees that read, so it would see one in the drawn path too)."""
+    m, fn, (x, mask) = _step(name)
+    with _HostReads() as drawn:
+        loss = fn(x, mask)
+        loss.backward()
+    grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    m.zero_grad()
+    with _HostReads() as checked:
+        ref = m(x, mask=mask).loss
+        ref.backward()
+    assert drawn.reads == [], drawn.reads
+    assert checked.reads, "the validated path reads the mask back: the counter must see it"
+    assert torch.equal(loss, ref)
+    for g, p in zip(grads, [p for p in m.parameters() if p.grad is not None]):
+        assert torch.equal(g, p.grad)
+    bad = mask.clone()
+    bad[0].fill_(True)  # hides every patch of sample 0: refused when the mask is not declared drawn
+    with pytest.raises(ValueError, match="same number of visible patches"):
+        m(x, mask=bad)
 
 
 def test_indexed_masks_count_seed_and_world_size_invariance():

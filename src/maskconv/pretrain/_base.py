@@ -61,12 +61,13 @@ class MaskedImageObjective(nn.Module):
                              f"{p} (the encoder's total stride); got {tuple(images.shape)}")
         return h // p, w // p
 
-    def visible_count(self, images: torch.Tensor, mask: torch.Tensor) -> int:
+    def visible_count(self, images: torch.Tensor, mask: torch.Tensor, drawn: bool = False) -> int:
         """Check ``mask`` against the patch grid of ``images``; the visible patches per sample. Eager: read from
-        the mask (validated); under ``torch.compile``: the objective's own count for ``mask_ratio`` (the count the
-        masks it and the engine draw always keep), so the traced step has static shapes and no host sync."""
+        the mask (validated); under ``torch.compile``, or for a mask ``drawn`` by ``make_mask`` / ``indexed_masks``
+        at this objective's ratio: the objective's own count for ``mask_ratio`` (what those masks always keep),
+        with only the shape checked, so the step has static shapes and no host sync."""
         h, w = self.grid(images)
-        return check_mask(mask, images.shape[0], h, w, keep=num_visible(h * w, self.mask_ratio))
+        return check_mask(mask, images.shape[0], h, w, keep=num_visible(h * w, self.mask_ratio), read=not drawn)
 
     def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A random (B, h, w) bool mask, True = masked, the same number hidden in every sample."""
@@ -86,10 +87,14 @@ class MaskedImageObjective(nn.Module):
         m = mask.flatten(1).to(per_patch.dtype)
         return (per_patch * m).sum() / m.sum().clamp_min(1)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedOutput:
-        """``mask`` None: drawn here; given: the forward is deterministic (the mask is made outside the model)."""
-        mask = self.make_mask(images) if mask is None else mask.to(images.device)
-        latent = self.forward_encoder(images, mask)
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None, *, drawn: bool = False) -> MaskedOutput:
+        """``mask`` None: drawn here; given: the forward is deterministic (the mask is made outside the model).
+        ``drawn``: the caller's mask comes from ``make_mask`` / ``indexed_masks`` at this objective's
+        ``mask_ratio`` (the engine's masks), so its values are not read back to be validated: on a GPU that read is
+        a device->host sync per micro-batch."""
+        if mask is None:
+            mask, drawn = self.make_mask(images), True
+        latent = self.forward_encoder(images, mask.to(images.device), drawn=drawn)
         pred = self.forward_decoder(latent, mask)
         return MaskedOutput(loss=self.forward_loss(images, pred, mask), pred=pred, mask=mask)
 

@@ -137,11 +137,11 @@ class ConvMAE(MaskedImageObjective):
             out.append((self.stage1_output_decode if i == 0 else self.stage2_output_decode)(x))
         return x, out[0], out[1]
 
-    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor, drawn: bool = False) -> torch.Tensor:
         """(B, C_in, H, W), mask (B, h, w) -> normed visible stage-3 tokens (B, L_vis, C3), in position order."""
         enc = self.encoder
         enc.check_input(images)
-        keep = self.visible_count(images, mask)
+        keep = self.visible_count(images, mask, drawn)  # drawn: not read back (no sync)
         h, w = self.grid(images)
         mask = mask.to(images.device)
         stages = self._stages12_gather if self.sparse == "gather" else self._stages12_dense

@@ -135,10 +135,10 @@ class FCMAE(MaskedImageObjective):
             m.apply(init_trunc_normal)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor, drawn: bool = False) -> torch.Tensor:
         """(B, C_in, H, W), mask (B, h, w) -> encoder map (B, C, h, w), exactly zero at masked positions."""
         self.encoder.check_input(images)
-        keep = self.visible_count(images, mask)
+        keep = self.visible_count(images, mask, drawn)  # drawn: not read back (no sync)
         mask = mask.to(images.device)
         if self.sparse == "gather":
             return encode_gather(self.encoder, images, mask, keep)

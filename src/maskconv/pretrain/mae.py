@@ -84,12 +84,12 @@ class MAE(MaskedImageObjective):
             m.apply(init_mae)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor, drawn: bool = False) -> torch.Tensor:
         """(B, C_in, H, W), mask (B, h, w) -> normed tokens (B, 1 + L_vis, D): cls, then the visible patches in
         position order (the official code keeps them in shuffled order; attention does not care)."""
         enc = self.encoder
         enc.check_input(images)
-        keep = self.visible_count(images, mask)
+        keep = self.visible_count(images, mask, drawn)  # drawn: not read back (no sync)
         mask = mask.to(images.device)
         # the encoder's own (frozen sin-cos) position table, resampled for a grid other than its stored one exactly
         # as fine-tuning / linear probing will see it; an fp32 parameter, so the residual stream stays fp32

@@ -40,11 +40,12 @@ def random_mask(batch: int, h: int, w: int, mask_ratio: float, device=None,
     return mask.view(batch, h, w)
 
 
-def check_mask(mask: torch.Tensor, batch: int, h: int, w: int, keep: int | None = None) -> int:
+def check_mask(mask: torch.Tensor, batch: int, h: int, w: int, keep: int | None = None, read: bool = True) -> int:
     """Validate a user mask against the expected (B, h, w) grid; returns the visible count per sample.
 
-    Under ``torch.compile`` only the shape (and dtype) is checked, with no host sync: the count is ``keep`` (the
-    objective's own count for its ``mask_ratio``), which the masks the objectives and the engine draw always have.
+    Under ``torch.compile``, or with ``read=False`` (a mask the objectives or the engine drew), only the shape (and
+    dtype) is checked, with no host sync: the count is ``keep`` (the objective's own count for its
+    ``mask_ratio``), which the masks the objectives and the engine draw always have.
     """
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True = masked), got {mask.dtype}; "
@@ -52,9 +53,10 @@ def check_mask(mask: torch.Tensor, batch: int, h: int, w: int, keep: int | None 
     if tuple(mask.shape) != (batch, h, w):
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected (B, h, w) = {(batch, h, w)} "
                          "(one entry per patch of the encoder's total stride)")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not read:
         if keep is None:
-            raise ValueError("check_mask under torch.compile needs keep= (the visible count cannot be read without "
+            raise ValueError("check_mask without reading the mask (torch.compile, read=False) needs keep= (the visible "
+                             "count cannot be read without "
                              "a device->host sync)")
         return keep
     vis = (~mask).flatten(1).sum(1)

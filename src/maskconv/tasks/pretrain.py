@@ -45,7 +45,8 @@ def run_pretrain(cfg: Config) -> FitResult:
         if keys is None:  # (SNIP's scoring batch) the objective draws its own
             return m(x).loss
         h, w = obj.grid(x)
-        return m(x, mask=indexed_masks(keys[0], keys[1], cfg.run.seed, h, w, obj.mask_ratio, x.device)).loss
+        return m(x, mask=indexed_masks(keys[0], keys[1], cfg.run.seed, h, w, obj.mask_ratio, x.device),
+                 drawn=True).loss  # drawn at the objective's ratio: not read back (no host sync per step)
 
     res = fit(cfg, obj, ds, tf, loss_fn, task="pretrain", info=info, keyed_loss=True)
     if info.is_main:

@@ -121,11 +121,26 @@ def test_an_unreadable_sample_is_replaced_the_same_way_after_a_resume(tmp_path):
     assert _epoch(ds, start=2) == whole[4:]  # batch 2 = positions 4, 5: the replacement is made again
 
 
+def test_uneven_shards_are_said_and_the_source_pickles(shards):
+    import pickle
+
+    ds = build_dataset(_cfg(f"wds:{shards}/shard-{{000000..000007}}.tar"), 3, labeled=False)
+    assert ds.uneven_note(2) is None and ds.uneven_note(4) is None and ds.uneven_note(16) is None
+    assert "8 shards over 3 readers" in ds.uneven_note(3)
+    clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers under spawn / forkserver get a pickled copy
+    assert _epoch(clone) == _epoch(ds)
+
+
 def test_stream_errors_are_one_line(shards, tmp_path):
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "t.tar").write_bytes((shards / "shard-000000.tar").read_bytes())
     with pytest.raises(ValueError, match="set data.stream_length"):
         build_dataset(_cfg(f"wds:{tmp_path}/bare/t.tar"), 3, labeled=False)
+    (tmp_path / "not_a_tar.tar").write_bytes(b"hello" * 200)
+    broken = build_dataset(_cfg(f"wds:{tmp_path}/not_a_tar.tar", stream_length=4), 3, labeled=False)
+    with pytest.raises(ValueError, match=r"not_a_tar.tar: not a readable tar shard") as e:
+        broken.head(2)
+    assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="training source only"):
         build_dataset(_cfg(f"wds:{shards}/shard-000000.tar"), 3, split="val", labeled=True)
 
@@ -140,6 +155,29 @@ def test_hugging_face_streaming_folder(tmp_path):
     assert _epoch(ds, batch=3, start=2) == a[6:]
     r0, r1 = _epoch(ds, batch=3, rank=0, world=2), _epoch(ds, batch=3, rank=1, world=2)
     assert sorted(i for _, i, _ in r0 + r1) == list(range(12))
+    w2 = _epoch(ds, batch=3, workers=2)  # in DataLoader workers datasets would split the shards again: it must not
+    assert sorted(i for _, i, _ in w2) == list(range(12)) and _epoch(ds, batch=3, workers=2, start=1) == w2[3:]
+
+
+def test_hugging_face_stream_of_several_files_with_workers(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    root = _folder(tmp_path / "pq_imgs", n=12)
+    files = sorted(root.rglob("*.png"))
+    (tmp_path / "pq").mkdir()
+    for k in range(3):  # 3 parquet files of 4 images: 3 shards
+        part = files[k::3]
+        rows = {"image": [{"bytes": f.read_bytes(), "path": f.name} for f in part]}
+        datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()})).to_parquet(
+            str(tmp_path / "pq" / f"part{k}.parquet"))
+    ds = build_dataset(_cfg(f"hf-stream:{tmp_path / 'pq'}", stream_length=12), 3, labeled=False)
+    assert ds.source.num_shards == 3
+    one = _epoch(ds, batch=2)
+    assert sorted(i for _, i, _ in one) == list(range(12))
+    got = _epoch(ds, batch=2, workers=3)  # a file per reader: every image once
+    assert sorted(i for _, i, _ in got) == list(range(12)) and _epoch(ds, batch=2, workers=3, start=3) == got[6:]
+    uneven = _epoch(ds, batch=2, workers=2)  # 3 files over 2 readers: said, and still exactly resumable
+    assert "3 shards over 2 readers" in ds.uneven_note(2) and len(uneven) == 12
+    assert _epoch(ds, batch=2, workers=2, start=3) == uneven[6:]
 
 
 def _fit(data_path, out, seen, stop_at=None, workers=2, **data):
@@ -159,7 +197,8 @@ def _fit(data_path, out, seen, stop_at=None, workers=2, **data):
     torch.manual_seed(0)
 
     def loss_fn(m, x, y, keys):
-        seen.append((keys[1], keys[0].tolist(), x[:, 0, 0, 0].tolist()))
+        # torch.rand: a draw from the global RNG (drop path, MixUp), which a resumed epoch must continue exactly
+        seen.append((keys[1], keys[0].tolist(), x[:, 0, 0, 0].tolist(), float(torch.rand(()))))
         if stop_at is not None and len(seen) == stop_at:
             signal.raise_signal(signal.SIGINT)
         return torch.nn.functional.cross_entropy(m(x), y)

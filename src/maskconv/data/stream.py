@@ -18,6 +18,9 @@ What an epoch and exact resume mean for a stream (docs/DECISIONS.md, "Streams"):
   sub-stream from the epoch's start and skips the samples its consumed batches took, undecoded — trains on
   exactly what the uninterrupted run would have. A resume with another world size or worker count would cut
   other sub-streams: it is refused (``StreamDataset.readers`` is recorded with the run's settings).
+- With a number of shards that is a multiple of ``world * W`` (of equal size), an epoch of the stream's size
+  sees every sample once; otherwise the readers with a shard more run dry later, an epoch repeats some samples
+  and leaves others out, and the run says so when it starts (``uneven_note``).
 - Each reader reads only its own sub-stream: the shards of a WebDataset (the data files of a Hugging Face stream)
   are split over ranks and workers. A source with fewer shards than readers is read whole by each reader, which
   keeps every ``world * W``-th sample (correct, but ``world * W`` times the reading: write more shards).
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import io
 import random
+import tarfile
 from collections import deque
 from itertools import islice
 from dataclasses import dataclass
@@ -58,11 +62,9 @@ class _WdsSource:
 
     def __init__(self, spec: str):
         try:
-            import webdataset
             from webdataset.shardlists import expand_urls
         except ImportError:
             raise ImportError(f"data.path={spec} needs the webdataset package: pip install 'maskconv[shards]'") from None
-        self.wds = webdataset
         self.urls = list(expand_urls(spec[len(WDS):]))
         if not self.urls:
             raise ValueError(f"data.path={spec} names no shards")
@@ -109,7 +111,7 @@ class _WdsSource:
         g = torch.Generator().manual_seed(seed * 7919 + epoch * 131 + rnd)
         order = torch.randperm(len(self.urls), generator=g).tolist()
         urls = [self.urls[k] for k in order[sub::num_subs]]
-        for s in tarfile_samples({"url": u} for u in urls):
+        for s in _named_errors(tarfile_samples({"url": u} for u in urls), urls):
             image = next((k for k in s if isinstance(k, str) and "." + k.rsplit(".", 1)[-1].lower()
                           in IMAGE_SUFFIXES), None)
             if image is None:
@@ -121,6 +123,22 @@ class _WdsSource:
                 except ValueError:
                     raise ValueError(f"{s.get('__url__')}: {s['__key__']}.cls is not a class index") from None
             yield RawSample(bytes(s[image]), label, f"{s.get('__url__')}:{s['__key__']}.{image}")
+
+
+def _named_errors(samples: Iterator[dict], urls: list[str]) -> Iterator[dict]:
+    """webdataset's samples, with a tar that cannot be read (not a tar, truncated, a failed ``pipe:``) as one
+    ``ValueError`` line naming it (webdataset tags its errors with the URL)."""
+    it = iter(samples)
+    while True:
+        try:
+            s = next(it)
+        except StopIteration:
+            return
+        except (tarfile.TarError, OSError, ValueError) as e:
+            name = next((u for u in urls if u in str(e)), urls[0] if len(urls) == 1 else f"one of {len(urls)} shards")
+            raise ValueError(f"{name}: not a readable tar shard ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from None
+        yield s
 
 
 class _HFStreamSource:
@@ -162,7 +180,10 @@ class _HFStreamSource:
         if part.num_shards > 1:
             part = part.shuffle(seed=seed, buffer_size=1)  # buffer 1: only the file order; the buffer is ours
             part.set_epoch(epoch * 1000 + rnd)
-        for k, row in enumerate(part):
+        # ``iter`` (not ``for row in part``): inside a DataLoader worker a datasets.IterableDataset would split its
+        # shards again by worker id, on top of this reader's own cut
+        rows = (row for batch in part.iter(batch_size=1) for row in _unbatch(batch))
+        for k, row in enumerate(rows):
             cell = row[self.image_col]
             name = cell.get("path") or f"{self.spec} part {sub} row {k}"
             label = int(row[self.label_col]) if self.label_col else -1
@@ -170,6 +191,12 @@ class _HFStreamSource:
                 with open(cell["path"], "rb") as f:
                     cell = {"bytes": f.read()}
             yield RawSample(cell["bytes"], label, name)
+
+
+def _unbatch(batch: dict) -> Iterator[dict]:
+    """A ``{column: [values]}`` batch of ``IterableDataset.iter`` as rows."""
+    cols = list(batch)
+    return (dict(zip(cols, vals)) for vals in zip(*(batch[c] for c in cols)))
 
 
 def _shuffled(items: Iterator[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
@@ -220,6 +247,16 @@ class StreamDataset:
 
     def fingerprint(self) -> str:
         return f"stream {self.spec}, {self.length} samples an epoch"
+
+    def uneven_note(self, readers: int) -> str | None:
+        """A note when ``readers`` sub-streams get unequal shares of the shards: the ones with a shard more run dry
+        later, so an epoch of the stream's size repeats some samples and leaves others out."""
+        n = self.source.num_shards
+        if n < readers or n % readers == 0:
+            return None  # fewer shards than readers: every reader reads the whole stream (even by construction)
+        return (f"{self.spec}: {n} shards over {readers} readers (processes x workers) do not divide evenly: an "
+                f"epoch repeats some samples and leaves others out; write a multiple of {readers} equal shards for "
+                "every sample once an epoch")
 
     def readers(self, world: int, num_workers: int) -> str:
         """The sub-stream cut, which a resume must match (the engine records it with the run's resolved

@@ -209,12 +209,16 @@ class StreamLoader:
         self.num_batches = min(len(dataset) // (batch_size * info.world), max_batches)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.sampler = _EpochCursor()
+        note = dataset.uneven_note(info.world * max(1, num_workers))
+        if note and info.is_main:
+            print(f"note: {note}", flush=True)
 
     def __iter__(self):
         c, info, w = self.sampler, self.info, self.num_workers
         epoch = self.dataset.epoch_iterable(self.transform, self.seed, c.epoch, info.rank, info.world, self.batch_size,
                                             self.num_batches, start_batch=c.start_batch, num_workers=w)
         return iter(DataLoader(epoch, batch_size=self.batch_size, num_workers=w, collate_fn=_collate_keyed,
+                               generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
                                worker_init_fn=_ignore_sigint, pin_memory=info.device.type == "cuda",
                                prefetch_factor=self.prefetch_factor if w > 0 else None))
 

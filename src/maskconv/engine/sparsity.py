@@ -351,7 +351,8 @@ def build_sparsity(s, model: nn.Module, total_steps: int, *, seed: int, task: st
 def first_batch(batch_size: int, seed: int, dataset, transform, batch_transform, info
                 ) -> tuple[torch.Tensor, torch.Tensor | list[dict]]:
     """This process's first training batch of epoch 0 (what SNIP scores), on the run's device; labels a tensor,
-    or detection targets (a list of dicts)."""
+    or detection targets (a list of dicts). For a stream: the first batch of epoch 0 as one reader per process
+    would cut it (with DataLoader workers the run's own first batch may hold other samples)."""
     from torch.utils.data import DataLoader
 
     from ..data.datasets import ResumableSampler, SeededDataset, collate_skip

@@ -144,3 +144,11 @@ def test_val_fraction_holds_out_the_same_images_for_training_and_eval(tmp_path, 
     assert main(["eval", "--checkpoint", str(out)]) == 0  # the run's own held-out images, not its training ones
     res = json.loads((out / "eval" / "val" / "eval.json").read_text())
     assert res["images"] == 4 and res["unreadable"]["count"] == 1  # the FIFO, named in eval too
+
+
+def test_keep_best_on_a_validation_metric_without_validation_data_is_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    _images(data / "a", 4)
+    _images(data / "b", 4, start=4)
+    err = _refused(tmp_path, capsys, "finetune", "--data", str(data), "run.keep_best=val_top1")
+    assert "run.keep_best='val_top1': this run has no evaluation" in err

@@ -60,11 +60,11 @@ def _model():
 
 def _evaluate(root, info=None, model=None, lockstep=False):
     from maskconv.data.build import build_dataset
-    from maskconv.tasks.classify import _eval_loader, evaluate_classifier
+    from maskconv.tasks.classify import eval_loader, evaluate_classifier
 
     cfg = _cfg(root)
     ds = build_dataset(cfg.data, 3, "train", labeled=True)
-    return evaluate_classifier(model or _model(), _eval_loader(cfg, ds, info=info), NUM_CLASSES, torch.device("cpu"),
+    return evaluate_classifier(model or _model(), eval_loader(cfg, ds, info=info), NUM_CLASSES, torch.device("cpu"),
                                progress=False, info=info, lockstep=lockstep)
 
 
@@ -294,6 +294,36 @@ def test_keep_best_min_mode_nan_and_unknown_metric(tmp_path):
     with pytest.raises(ValueError, match=r"run.keep_best='val_top1' is not a metric of this run; it logs: "
                                          r"train_loss, val_acc"):
         _fit(tmp_path / "unknown", [1.0], ["run.keep_best=val_top1"])
+    # the epoch was logged and saved before the error: a resume with the right name loses nothing
+    assert torch.load(tmp_path / "unknown" / "last.pt", weights_only=True)["state"]["epoch"] == 1
     with pytest.raises(ValueError, match="names an EMA metric, but the run keeps no EMA"):
         _fit(tmp_path / "ema", [1.0], ["run.keep_best=ema_val_acc"])
     assert not (tmp_path / "ema").exists()  # refused before any work
+
+
+def test_keep_best_compares_with_a_best_on_disk_newer_than_the_checkpoint(tmp_path):
+    """best.json written at an epoch whose checkpoint was not (a crash between the two writes, or
+    run.save_every_epochs > 1): the resumed run does not replace that better best by a worse one."""
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):
+        _fit(out, [1.0, _Crash()])
+    rec = json.loads((out / "best.json").read_text())
+    (out / "best.json").write_text(json.dumps({**rec, "value": 5.0, "epoch": 2}))  # as if epoch 2 had scored 5
+    _fit(out, [4.0, 4.5])  # epochs 2 and 3 again: both worse than the 5.0 on disk
+    assert json.loads((out / "best.json").read_text())["value"] == 5.0
+
+
+def test_eval_reads_which_weights_best_safetensors_kept(tmp_path):
+    """``maskconv eval --checkpoint RUN/best.safetensors`` names EMA weights EMA (from the file's keep_best record,
+    not its name) and the trained weights raw."""
+    from maskconv import create_model
+    from maskconv.models import save_weights
+    from maskconv.tasks.classify import load_eval_source
+
+    sd = create_model("test_convnextv2", num_classes=4).state_dict()
+    meta = {"architecture": "test_convnextv2", "num_classes": "4", "classes": json.dumps(list("abcd"))}
+    for kind in ("ema", "raw"):
+        f = tmp_path / kind / "best.safetensors"
+        f.parent.mkdir()
+        save_weights(sd, f, metadata={**meta, "keep_best": json.dumps({"metric": "x", "weights": kind})})
+        assert list(load_eval_source(f).weights) == [kind]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    wait_group: object = field(default=None, repr=False)  # ``long_wait_group``, made by ``setup`` under torchrun
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +45,9 @@ def setup(device: str = "auto", timeout_minutes: float = 5.0) -> DistInfo:
         from datetime import timedelta
 
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
-    return DistInfo(rank, world, local, dev)
+    info = DistInfo(rank, world, local, dev)
+    info.wait_group = long_wait_group(info)  # made once, by every rank in the same order (a collective)
+    return info
 
 
 def teardown(clean: bool = True) -> None:
@@ -94,9 +97,12 @@ def any_true(flags: list[bool], info: DistInfo) -> list[bool]:
 
 def long_wait_group(info: DistInfo, hours: float = 2.0):
     """A process group (gloo: no GPU needed) whose collectives may wait ``hours``: the loop's hand-over of the
-    validation figures, while rank 0 alone scores gathered predictions (COCOeval)."""
+    validation figures and the gathers of predictions, while rank 0 alone scores gathered predictions (COCOeval;
+    the other ranks go on to the next task's gather and wait there). ``setup`` makes it once (``info.wait_group``)."""
     if info.world == 1:
         return None
+    if info.wait_group is not None:
+        return info.wait_group
     from datetime import timedelta
 
     return dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
@@ -147,7 +153,8 @@ def gather_to_main(obj, info: DistInfo) -> list | None:
     if info.world == 1:
         return [obj]
     out = [None] * info.world if info.is_main else None
-    dist.gather_object(obj, out, dst=0)
+    # on the long-wait group: the next gather may wait while rank 0 scores this one (multi-task Pix2Seq)
+    dist.gather_object(obj, out, dst=0, group=long_wait_group(info))
     return out
 
 

@@ -544,6 +544,24 @@ class _KeepBest:
 
     def __init__(self, metric: str, mode: str, run: RunDir, t: Training, info: D.DistInfo):
         self.metric, self.mode, self.run, self.t, self.info = metric, best_mode(metric, mode), run, t, info
+        # best.json can be newer than the checkpoint (written at an epoch whose checkpoint was not: a crash between
+        # them, run.save_every_epochs > 1): a resumed run compares with the better of the two
+        self.on_disk = D.broadcast_from_main(self._read_disk() if info.is_main else None, info) or {}
+
+    def _read_disk(self) -> dict:
+        try:
+            rec = json.loads(self.run.file(RunDir.BEST_JSON).read_text())
+        except (OSError, ValueError):
+            return {}
+        return rec if (rec.get("metric"), rec.get("mode")) == (self.metric, self.mode) else {}
+
+    def missing(self, row: dict, evaluated: bool) -> str | None:
+        """The error for a metric an evaluated row does not hold (None: present, or not an evaluated epoch)."""
+        if self.metric in row or not evaluated:  # validation metrics come with evaluated epochs only
+            return None
+        have = [k for k, v in row.items() if k not in ("step", "epoch", "lr") and isinstance(v, (int, float))]
+        return (f"run.keep_best={self.metric!r} is not a metric of this run; it logs: {', '.join(have)}"
+                + ("" if len(have) > 1 else " (validation metrics need validation data)"))
 
     def _weights(self, ema: bool) -> dict:
         t = self.t
@@ -562,18 +580,15 @@ class _KeepBest:
         from ..models import save_weights
 
         if self.metric not in row:
-            if not evaluated:  # validation metrics come with evaluated epochs only (run.eval_every_epochs)
-                return
-            have = [k for k, v in row.items() if k not in ("step", "epoch", "lr") and isinstance(v, (int, float))]
-            raise ValueError(f"run.keep_best={self.metric!r} is not a metric of this run; it logs: {', '.join(have)}"
-                             + ("" if len(have) > 1 else " (validation metrics need validation data)"))
+            return
         value = float(row[self.metric])
         if not math.isfinite(value):
             if self.info.is_main:
                 print(f"warning: {self.metric}={value} at epoch {row['epoch']}: not a best", flush=True)
             return
-        prev = state.best if (state.best.get("metric"), state.best.get("mode")) == (self.metric, self.mode) else {}
-        if prev and not (value > prev["value"] if self.mode == "max" else value < prev["value"]):
+        better = (lambda a, b: a > b) if self.mode == "max" else (lambda a, b: a < b)
+        kept = [b for b in (state.best, self.on_disk) if (b.get("metric"), b.get("mode")) == (self.metric, self.mode)]
+        if any(not better(value, b["value"]) for b in kept):
             return
         ema = self.metric.startswith("ema_")
         record = dict(metric=self.metric, mode=self.mode, value=value, epoch=row["epoch"], step=row["step"],
@@ -584,7 +599,7 @@ class _KeepBest:
             save_weights(weights, path, metadata={"keep_best": json.dumps(record)})
             atomic_write(self.run.file(RunDir.BEST_JSON), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
             print(f"best {self.metric}={value:.4g} so far (epoch {row['epoch']}): {path}", flush=True)
-        state.best = record
+        state.best = self.on_disk = record
 
 
 def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evaluate, backbone, info, train_mode,
@@ -643,15 +658,18 @@ def _train(cfg, model, dataset, transform, loss_fn, task, batch_transform, evalu
                                                   or epoch + 1 == o.epochs)
             if evaluated:
                 row.update(evaluate_all(evaluate, t, info, eval_group))
-            if best is not None:
+            missing = best.missing(row, evaluated) if best is not None else None
+            if best is not None and missing is None:
                 best.update(row, evaluated, state)
             log.write(row)
             history.append(row)
             if info.is_main:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)
-            if (epoch + 1) % max(1, r.save_every_epochs) == 0 or epoch + 1 == o.epochs:
+            if missing or (epoch + 1) % max(1, r.save_every_epochs) == 0 or epoch + 1 == o.epochs:
                 checkpoint()
+            if missing:  # after the epoch is logged and saved: a resume with the right name loses nothing
+                raise ValueError(missing)
     unreadable = {k: v for part in D.all_gather_object(state.unreadable, info) for k, v in part.items()}
     if info.is_main and unreadable:
         print(f"{describe_unreadable(unreadable)}; each was replaced by the next readable image", flush=True)

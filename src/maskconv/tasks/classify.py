@@ -23,7 +23,7 @@ from ..models import checkpoint_num_classes, create_model, load_checkpoint, save
 from ..rebuild import model_kwargs, probe_head
 
 
-def _eval_loader(cfg: Config, ds, batch_size: int | None = None, info: D.DistInfo | None = None) -> DataLoader:
+def eval_loader(cfg: Config, ds, batch_size: int | None = None, info: D.DistInfo | None = None) -> DataLoader:
     """Eval-transformed loader of ``ds``; unreadable files are dropped, not replaced, so no image counts twice.
     ``info``: this process's share only (``dist.eval_share``: no image padded, none dropped)."""
     from torch.utils.data import Subset
@@ -53,7 +53,7 @@ def evaluate_classifiers(models: dict[str, nn.Module], loader: DataLoader, num_c
     """``evaluate_classifier`` of several models in one pass over the data (each image decoded once).
     Raises ValueError when no image could be read, or when a model's output is not finite.
 
-    Distributed (``info`` with several processes, every one calling this with its share, ``_eval_loader``): the
+    Distributed (``info`` with several processes, every one calling this with its share, ``eval_loader``): the
     confusion matrices, top-5 counts, image counts and unreadable files are summed over the processes, so every
     process returns exactly the one-process figures. ``lockstep`` (FSDP-sharded models): every process runs the
     same number of forwards (``dist.in_lockstep``), a process without images this step a dummy batch."""
@@ -178,7 +178,7 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
             m.eval()
             probe.train()
     # every process scores its share of the validation set (FSDP: all must run each forward together)
-    val = _eval_loader(cfg, inputs.val, info=info) if inputs.val is not None else None
+    val = eval_loader(cfg, inputs.val, info=info) if inputs.val is not None else None
     lockstep = cfg.run.fsdp and info.world > 1
     # timm's Mixup folds the label smoothing into its soft targets: cross-entropy on them is the official
     # SoftTargetCrossEntropy (sum of -target * log_softmax, batch mean), with no smoothing on top
@@ -195,7 +195,9 @@ def _supervised(cfg: Config, linprobe: bool) -> FitResult:
         return {k: v for k, v in r.items() if k in ("val_top1", "val_top5")}
 
     task = "linprobe" if linprobe else "finetune"
-    res = fit(cfg, model, ds, tf, loss_fn, task=task, batch_transform=batch_tf, evaluate=evaluate,
+    # no validation data: no evaluation (run.keep_best=val_* is refused before any work)
+    res = fit(cfg, model, ds, tf, loss_fn, task=task, batch_transform=batch_tf,
+              evaluate=evaluate if inputs.val is not None else None,
               backbone=model if cfg.optim.layer_decay != 1.0 else None, info=info, train_mode=train_mode,
               files={RunDir.CLASSES: json.dumps(classes)})  # eval numbers classes the same way
     if info.is_main:
@@ -223,6 +225,17 @@ def run_linprobe(cfg: Config) -> FitResult:
 
 
 WEIGHTS = ("both", "raw", "ema")
+
+
+def _kept_weights(f: Path) -> str | None:
+    """'ema' / 'raw' for a ``best.safetensors`` (run.keep_best records which weights it kept), else None."""
+    from safetensors import safe_open
+
+    if f.suffix != ".safetensors":
+        return None
+    with safe_open(str(f), "pt") as h:
+        rec = (h.metadata() or {}).get("keep_best")
+    return json.loads(rec).get("weights") if rec else None
 
 
 @dataclass
@@ -282,7 +295,7 @@ def load_eval_source(checkpoint: str | Path, model: str | None = None, **overrid
     else:
         chosen = [src / f for f in names if (src / f).is_file()] if src.is_dir() else [src]
         for f in chosen:
-            kind = "ema" if f.stem.endswith("_ema") else "raw"
+            kind = "ema" if f.stem.endswith("_ema") or _kept_weights(f) == "ema" else "raw"
             weights[kind], files[kind] = read_state_dict(f), str(f)
         run_cfg = home / RunDir.CONFIG
         if run_cfg.is_file():
@@ -367,7 +380,7 @@ def run_eval(checkpoint: str | Path, data: str | None = None, out: str | Path | 
             raise ValueError(f"the run's data ({cfg.data.path}) has no validation split: pass --data <labeled folder>")
         split = "all"  # --data is a plain labeled folder
         ds = build_dataset(cfg.data, cfg.model.in_chans, "train", labeled=True, classes=src.classes)
-    val = _eval_loader(cfg, ds, batch_size, info=info)  # under torchrun: this process's share
+    val = eval_loader(cfg, ds, batch_size, info=info)  # under torchrun: this process's share
     with torch.device("meta"):  # the family's classifier name, without building real weights
         num_classes = checkpoint_num_classes(next(iter(chosen.values())),
                                              create_model(cfg.model.name, **model_kwargs(cfg, True)))

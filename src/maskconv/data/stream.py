@@ -56,6 +56,11 @@ class RawSample:
     name: str
 
 
+def _local(url: str) -> bool:
+    """Whether a WebDataset URL names a local file (not http(s)://, s3://, ``pipe:`` ...)."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
 class _WdsSource:
     """WebDataset tars at ``urls`` (brace patterns expanded as webdataset does), read in order with webdataset's
     own tar reader (``tarfile_samples``: ``gopen``, members grouped by key)."""
@@ -77,7 +82,7 @@ class _WdsSource:
         from .shards import read_manifest
 
         first = self.urls[0]
-        if "://" in first or first.startswith("pipe:") or not Path(first).is_file():
+        if not _local(first) or not Path(first).is_file():
             return None
         return read_manifest(Path(first).parent).get("classes")
 
@@ -95,7 +100,7 @@ class _WdsSource:
         total = 0
         for u in self.urls:
             side = index_suffix(Path(u))
-            if "://" in u or u.startswith("pipe:") or not side.is_file():
+            if not _local(u) or not side.is_file():
                 return None
             try:
                 total += len(json.loads(side.read_text())["samples"])
@@ -231,7 +236,6 @@ class StreamDataset:
             raise ValueError(f"data.path={spec}: the stream does not say how many samples it holds; set "
                              "data.stream_length (samples per epoch)")
         self.length = length if length > 0 else known
-        self.labeled = labeled
         self.classes: list[str] = []
         if labeled:
             own = self.source.classes

@@ -51,6 +51,18 @@ def test_oracle_ap_is_one_after_remap_of_id0_file(tmp_path):
     assert data.orig_category_ids == [0, 1, 2] and data.num_classes == 3
 
 
+def test_class_agnostic_scoring_ignores_only_the_class(tmp_path):
+    data = load_coco(write_coco(tmp_path / "c"))
+    wrong = [{**d, "category_id": d["category_id"] % 3 + 1} for d in _oracle(data.gt)]  # right boxes, wrong classes
+    assert coco_evaluate(data.gt, wrong)["AP50"] == 0.0
+    assert coco_evaluate(data.gt, wrong, class_agnostic=True)["AP50"] == pytest.approx(1.0)
+    moved = [{**d, "bbox": [d["bbox"][0] + 40, *d["bbox"][1:]]} for d in wrong]  # boxes off their objects
+    assert coco_evaluate(data.gt, moved, class_agnostic=True)["AP50"] == 0.0
+    assert data.gt["categories"][0]["id"] == 1 and len(data.gt["categories"]) == 3  # the input is not changed
+    with pytest.raises(ValueError, match="class_agnostic"):
+        coco_evaluate(data.gt, wrong, iou_type="keypoints", class_agnostic=True)
+
+
 @pytest.mark.skipif(not LABELME.is_file(), reason="Debian package labelme-examples not installed")
 def test_labelme_coco_file_reads_and_scores_one():
     data = load_coco(LABELME)

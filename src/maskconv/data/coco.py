@@ -400,14 +400,21 @@ def check_evaluable(gt: dict, iou_type: str, where="ground truth") -> None:
 
 
 def coco_evaluate(gt: dict, detections: list[dict], quiet: bool = True, iou_type: str = "bbox",
-                  kpt_oks_sigmas=None) -> dict:
+                  kpt_oks_sigmas=None, class_agnostic: bool = False) -> dict:
     """COCO AP / AP50 / AP75 (pycocotools) of ``detections`` (COCO results format: image_id, category_id,
     score and bbox xywh, segmentation RLE or keypoints) against the remapped ground truth ``gt``; ``iou_type``
     bbox | segm | keypoints (``kpt_oks_sigmas``: one per keypoint, default COCO's 17 person sigmas).
     APs/APm/APl are not reported: COCO's area ranges mean nothing on small canvases. Ground truth it cannot
     score (``check_evaluable``) or an AP pycocotools leaves undefined (-1 / NaN) raises a one-line ValueError:
     0.0 means only "there is ground truth and nothing of it was found". Keypoint AP is over the categories
-    that declare keypoints."""
+    that declare keypoints. ``class_agnostic``: every object and detection one category - does the model find
+    the objects, whatever class it names (bbox / segm)."""
+    if class_agnostic:
+        if iou_type == "keypoints":
+            raise ValueError("class_agnostic scoring is for bbox / segm: keypoints belong to their category")
+        gt = {**gt, "categories": [{"id": 1, "name": "object"}],
+              "annotations": [{**a, "category_id": 1} for a in gt["annotations"]]}
+        detections = [{**d, "category_id": 1} for d in detections]
     if iou_type not in ("bbox", "segm", "keypoints"):
         raise ValueError(f"iou_type={iou_type!r}: use 'bbox', 'segm' or 'keypoints'")
     check_evaluable(gt, iou_type)

@@ -97,14 +97,18 @@ class TransformerDecoder(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, tokens: torch.Tensor, mem_kv: list, caches: list[dict] | None = None,
-                start: int = 0) -> torch.Tensor:
-        """``tokens`` (B, T) at positions start..start+T-1 -> logits (B, T, V)."""
+                start: int = 0, last: bool = False) -> torch.Tensor:
+        """``tokens`` (B, T) at positions start..start+T-1 -> logits (B, T, V); ``last``: only the last
+        position's (B, 1, V) - what sampling reads (the whole (B, T, V) at every uncached step of a batch-32,
+        500-token decode is ~250 MB of logits thrown away)."""
         T = tokens.shape[1]
         if start + T > self.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the decoder's {self.max_len} positions")
         x = self.token_embed(tokens) + self.pos_embed[:, start:start + T]
         for i, layer in enumerate(self.layers):
             x = layer(x, mem_kv[i], caches[i] if caches is not None else None)
+        if last:
+            x = x[:, -1:]
         return F.linear(self.norm(x), self.token_embed.weight, self.out_bias)
 
 
@@ -176,10 +180,10 @@ class Pix2Seq(nn.Module):
         step_in, start = prompt, 0
         for _ in range(max_len):
             if use_cache:
-                logits = self.decoder(step_in, mem_kv, caches, start)[:, -1]
+                logits = self.decoder(step_in, mem_kv, caches, start, last=True)[:, -1]
                 start += step_in.shape[1]
             else:
-                logits = self.decoder(seq, mem_kv)[:, -1]
+                logits = self.decoder(seq, mem_kv, last=True)[:, -1]
             if greedy:
                 nxt = logits.argmax(-1)
             else:

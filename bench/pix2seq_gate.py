@@ -3,7 +3,8 @@
 Per run: class-aware COCO AP / AP50 / AP75, the same detections scored class-agnostic (every box one category:
 does it find the items, whatever it calls them), and two controls on the first ``--controls`` val images with
 their ground truth kept: all-black canvases and each canvas's pixels shuffled (the same permutation over the
-channels). A model that reads pixels scores < 0.05 on both; one that writes its priors does not. Per row:
+channels). ``class_acc_found``: of the objects found (IoU >= 0.5), the share whose best detection names the
+right class (chance: 1 / classes). A model that reads pixels scores < 0.05 on both; one that writes its priors does not. Per row:
 mean ± std over its runs (seeds). Pix2Seq decodes with its run's sampling settings (top-p), seeded per run, so
 a re-run prints the same figures.
 
@@ -53,6 +54,32 @@ def controls(val: Path, out: Path, n: int) -> dict[str, Path]:
     return made
 
 
+def class_accuracy(gt: dict, dets: list[dict]) -> tuple[float, int]:
+    """Of the ground-truth objects some detection finds (IoU >= 0.5, classes ignored), the fraction whose
+    best-scoring such detection names the right class, and how many were found: localisation and
+    classification apart."""
+    from torchvision.ops import box_iou
+
+    def xyxy(b):
+        return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+
+    by_image: dict = {}
+    for d in dets:
+        by_image.setdefault(d["image_id"], []).append(d)
+    found = right = 0
+    for a in gt["annotations"]:
+        ds = by_image.get(a["image_id"], [])
+        if a.get("iscrowd", 0) or not ds:
+            continue
+        iou = box_iou(torch.tensor([xyxy(a["bbox"])], dtype=torch.float64),
+                      torch.tensor([xyxy(d["bbox"]) for d in ds], dtype=torch.float64))[0]
+        hits = [d for d, v in zip(ds, iou.tolist()) if v >= 0.5]
+        if hits:
+            found += 1
+            right += max(hits, key=lambda d: d["score"])["category_id"] == a["category_id"]
+    return (right / found if found else float("nan")), found
+
+
 def score(run: Path, data, seed: int = 0) -> tuple[dict, list[dict]]:
     """(COCO figures, detections) of a Pix2Seq or detect run on ``data`` (a CocoData)."""
     torch.manual_seed(seed)  # Pix2Seq samples its tokens (top-p): a fixed draw per run
@@ -91,6 +118,7 @@ def main() -> None:
             r, dets = score(run, val)
             rec = dict(row=name, run=str(run), AP=r["AP"], AP50=r["AP50"], AP75=r["AP75"],
                        AP50_agnostic=coco_evaluate(val.gt, dets, class_agnostic=True)["AP50"])
+            rec["class_acc_found"], rec["found"] = class_accuracy(val.gt, dets)
             for kind, data in ctl.items():
                 rc, dc = score(run, data)
                 rec[f"{kind}_AP50"] = rc["AP50"]
@@ -99,9 +127,10 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gate.json").write_text(json.dumps(results, indent=1))
-    keys = ["AP", "AP50", "AP75", "AP50_agnostic", "blank_AP50", "blank_AP50_agnostic", "shuffled_AP50",
+    keys = ["AP", "AP50", "AP75", "AP50_agnostic", "class_acc_found", "blank_AP50", "blank_AP50_agnostic", "shuffled_AP50",
             "shuffled_AP50_agnostic"]
-    print(f"\nval: {len(val.gt['images'])} images; controls: {a.controls} images each\n")
+    print(f"\nval: {len(val.gt['images'])} images, {len(val.gt['annotations'])} objects; controls: {a.controls} "
+          "images each\n")
     print("| row | runs | " + " | ".join(keys) + " |\n|---|---:|" + "---:|" * len(keys))
     for name in rows:
         rs = [r for r in results if r["row"] == name]

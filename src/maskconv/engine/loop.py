@@ -506,7 +506,23 @@ class _Checkpointer:
 def evaluate_all(evaluate: Callable, t: Training, info: D.DistInfo, group=None) -> dict:
     """``evaluate`` of the trained weights and, with EMA, of their EMA (keys ``ema_*``), run on every process
     (each scores its share); the figures are the main process's, sent to every process over ``group`` (one that
-    may wait long: rank 0 may score gathered COCO predictions alone), so keep-best decides the same everywhere."""
+    may wait long: rank 0 may score gathered COCO predictions alone), so keep-best decides the same everywhere.
+    Evaluation runs on forked RNGs (torch CPU / CUDA, ``random``, NumPy): an eval loader's base seed or Pix2Seq's
+    sampling draws from them, and how often a run validates must not change what it trains."""
+    import random
+
+    import numpy as np
+
+    py, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
+            return _evaluate_all(evaluate, t, info, group)
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+
+
+def _evaluate_all(evaluate: Callable, t: Training, info: D.DistInfo, group=None) -> dict:
     from .ema import reshard
 
     res = dict(D.broadcast_from_main(evaluate(t.model), info, group))  # the trained weights (model.safetensors)

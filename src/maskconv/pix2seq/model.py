@@ -99,8 +99,8 @@ class TransformerDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, mem_kv: list, caches: list[dict] | None = None,
                 start: int = 0, last: bool = False) -> torch.Tensor:
         """``tokens`` (B, T) at positions start..start+T-1 -> logits (B, T, V); ``last``: only the last
-        position's (B, 1, V) - what sampling reads (the whole (B, T, V) at every uncached step of a batch-32,
-        500-token decode is ~250 MB of logits thrown away)."""
+        position's (B, 1, V) - what sampling reads (an uncached decode would otherwise project all T positions at
+        every step and throw T - 1 of them away)."""
         T = tokens.shape[1]
         if start + T > self.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the decoder's {self.max_len} positions")

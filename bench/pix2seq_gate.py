@@ -58,10 +58,10 @@ def class_accuracy(gt: dict, dets: list[dict]) -> tuple[float, int]:
     """Of the ground-truth objects some detection finds (IoU >= 0.5, classes ignored), the fraction whose
     best-scoring such detection names the right class, and how many were found: localisation and
     classification apart."""
-    from torchvision.ops import box_iou
+    from torchvision.ops import box_convert, box_iou
 
-    def xyxy(b):
-        return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+    def xyxy(boxes):  # COCO xywh -> (N, 4) xyxy
+        return box_convert(torch.tensor(boxes, dtype=torch.float64), "xywh", "xyxy")
 
     by_image: dict = {}
     for d in dets:
@@ -71,8 +71,7 @@ def class_accuracy(gt: dict, dets: list[dict]) -> tuple[float, int]:
         ds = by_image.get(a["image_id"], [])
         if a.get("iscrowd", 0) or not ds:
             continue
-        iou = box_iou(torch.tensor([xyxy(a["bbox"])], dtype=torch.float64),
-                      torch.tensor([xyxy(d["bbox"]) for d in ds], dtype=torch.float64))[0]
+        iou = box_iou(xyxy([a["bbox"]]), xyxy([d["bbox"] for d in ds]))[0]
         hits = [d for d, v in zip(ds, iou.tolist()) if v >= 0.5]
         if hits:
             found += 1

@@ -300,22 +300,30 @@ class SyntheticImages(Dataset):
 
 
 @contextlib.contextmanager
-def seeded(seed: int):
-    """Run a block with torch's CPU RNG, Python's ``random`` and NumPy's global RNG all seeded from ``seed``, and
-    restore all three afterwards. Augmentations draw from any of them (torchvision: torch; timm's transforms:
-    ``random`` and torch; timm's Mixup: NumPy), so seeding only torch would leave timm's unreproducible."""
+def forked_rngs(devices=()):
+    """Run a block on copies of the global RNGs: torch's CPU generator (and those of the CUDA ``devices``),
+    Python's ``random`` and NumPy's; all are restored afterwards, whatever the block drew."""
     py, np_state = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator only (the one fork_rng restores; transforms run on the CPU): torch.manual_seed would
-            # also reseed every CUDA device, and costs ~100x more per sample
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)  # NumPy takes 32-bit seeds
+        with torch.random.fork_rng(devices=list(devices)):
             yield
     finally:
         random.setstate(py)
         np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with torch's CPU RNG, Python's ``random`` and NumPy's global RNG all seeded from ``seed``, and
+    restore all three afterwards. Augmentations draw from any of them (torchvision: torch; timm's transforms:
+    ``random`` and torch; timm's Mixup: NumPy), so seeding only torch would leave timm's unreproducible."""
+    with forked_rngs():
+        # the CPU generator only (the one forked; transforms run on the CPU): torch.manual_seed would also reseed
+        # every CUDA device, and costs ~100x more per sample
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # NumPy takes 32-bit seeds
+        yield
 
 
 class SeededDataset(Dataset):

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
-from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, describe_unreadable
+from ..data.datasets import ResumableSampler, SeededDataset, collate_skip, describe_unreadable, forked_rngs
 from ..data.stream import StreamDataset
 from . import dist as D
 from ..models import CheckpointError
@@ -509,17 +509,8 @@ def evaluate_all(evaluate: Callable, t: Training, info: D.DistInfo, group=None) 
     may wait long: rank 0 may score gathered COCO predictions alone), so keep-best decides the same everywhere.
     Evaluation runs on forked RNGs (torch CPU / CUDA, ``random``, NumPy): an eval loader's base seed or Pix2Seq's
     sampling draws from them, and how often a run validates must not change what it trains."""
-    import random
-
-    import numpy as np
-
-    py, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
-            return _evaluate_all(evaluate, t, info, group)
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
+    with forked_rngs([info.device] if info.device.type == "cuda" else []):
+        return _evaluate_all(evaluate, t, info, group)
 
 
 def _evaluate_all(evaluate: Callable, t: Training, info: D.DistInfo, group=None) -> dict:

@@ -107,6 +107,11 @@ def test_param_counts():
         base, small = maskconv.create_model("convmae_base"), maskconv.create_model("convmae_small")
     assert sum(p.numel() for p in base.parameters()) == 85_374_824
     assert [b.attn.num_heads for b in small.blocks3[:1]] == [6] and small.embed_dims == (128, 256, 384)
+    with torch.device("meta"):
+        tiny, vit_t = maskconv.create_model("convmae_tiny"), maskconv.create_model("vit_tiny_patch16_224")
+    # the tiny config's transformer stage is ViT-Ti's width and heads (what MAE vs ConvMAE compares at)
+    assert tiny.embed_dims[-1] == vit_t.embed_dim == 192 and tiny.blocks3[0].attn.num_heads == 3
+    assert len(tiny.blocks3) == 11 and tiny.embed_dims == (64, 128, 192)
 
 
 def test_layer_ids_match_official_rule():

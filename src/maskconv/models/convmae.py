@@ -338,7 +338,16 @@ _SIZES = {
     # not in Alpha-VL/ConvMAE: the small config of the FastConvMAE code line (moreh-dev/FastConvMAE
     # ``fastconvmae_convvit_small_patch16``), ViT-S widths; no official weights
     "small": dict(embed_dims=(128, 256, 384), depths=(2, 2, 11), num_heads=6),
+    # not in any official code line: the small config halved to ViT-Ti widths (192 wide, 3 heads in the
+    # transformer stage), so MAE on vit_tiny and ConvMAE compare at one width (bench/dense_transfer.py)
+    "tiny": dict(embed_dims=(64, 128, 192), depths=(2, 2, 11), num_heads=3),
 }
+
+
+@register_model
+def convmae_tiny(**kw) -> ConvViT:
+    """ConvMAE-T: widths 64/128/192, depths 2/2/11, 3 heads (the small config at ViT-Ti widths; see _SIZES)."""
+    return ConvViT(**{**_SIZES["tiny"], **kw})
 
 
 @register_model

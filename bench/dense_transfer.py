@@ -5,7 +5,7 @@ budget per row: Mask R-CNN (box / mask AP50 on held-out val scenes) and UperNet 
 FCMAE-pretrained V2 backbone. The claims:
 
   convnextv2 FCMAE vs scratch  -> Mask R-CNN box/mask AP50, UperNet mIoU
-  convnext (V1) vs convnextv2 (V2), both FCMAE-pretrained
+  convnext (V1) vs convnextv2 (V2), both FCMAE-pretrained (V1 from scratch: the control)
   MAE (vit_tiny) vs ConvMAE (convmae_tiny, the same transformer width), pretrained the same way
   Pix2Seq vs Mask R-CNN on the same pretrained backbone -> box AP50
 
@@ -45,7 +45,8 @@ QUICK = dict(size=64, max_items=6, train=16, val=8, pretrain_epochs=1, epochs=1,
 PROFILES = dict(full=FULL, mini=MINI, quick=QUICK)
 OBJECTIVE = dict(v2="fcmae", v1="fcmae", mae="mae", convmae="convmae")
 # (backbone key, init): the rows, in the order they run; Pix2Seq runs last, on the v2 FCMAE encoder
-ROWS = (("v2", None), ("v2", "fcmae"), ("v1", "fcmae"), ("mae", "mae"), ("convmae", "convmae"))
+# (v1 from scratch: the control that tells V2's FCMAE gain from V2's architecture alone)
+ROWS = (("v2", None), ("v2", "fcmae"), ("v1", "fcmae"), ("mae", "mae"), ("convmae", "convmae"), ("v1", None))
 COLS = ("box_AP50", "mask_AP50", "mIoU")
 
 

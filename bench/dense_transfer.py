@@ -33,7 +33,7 @@ FULL = dict(size=128, max_items=6, train=2000, val=500, pretrain_epochs=50, epoc
             backbones=dict(v2="convnextv2_atto", v1="convnext_atto", mae="vit_tiny_patch16_224", convmae="convmae_tiny"),
             opts=dict(anchor_size=16, fpn_dim=128, head_dim=128, proposals=300, roi_samples=128, channels=128),
             p2s=dict(dim=256, depth=4, heads=4))
-# What fits two cores in about 90 minutes per seed (one seed per core): 64-px canvases with 1-3 items, 8
+# What fits two cores in about 100 minutes per seed (one seed per core; measured 98 min): 64-px canvases with 1-3 items, 8
 # pretraining epochs (248 steps of 64), 320 fine-tuning steps of 16 per row (2.6 epochs), 300 val scenes.
 MINI = dict(FULL, size=64, max_items=3, val=300, pretrain_epochs=8, epochs=3, max_steps=320, lr=3e-4, pre_lr=2e-3,
             opts=dict(anchor_size=8, fpn_dim=64, head_dim=64, proposals=100, roi_samples=64, channels=64))
@@ -45,7 +45,7 @@ QUICK = dict(size=64, max_items=6, train=16, val=8, pretrain_epochs=1, epochs=1,
 PROFILES = dict(full=FULL, mini=MINI, quick=QUICK)
 OBJECTIVE = dict(v2="fcmae", v1="fcmae", mae="mae", convmae="convmae")
 # (backbone key, init): the rows, in the order they run; Pix2Seq runs last, on the v2 FCMAE encoder
-# (v1 from scratch: the control that tells V2's FCMAE gain from V2's architecture alone)
+# (v1 from scratch: the control that tells what FCMAE pretraining did to V1 from what V1's architecture does)
 ROWS = (("v2", None), ("v2", "fcmae"), ("v1", "fcmae"), ("mae", "mae"), ("convmae", "convmae"), ("v1", None))
 COLS = ("box_AP50", "mask_AP50", "mIoU")
 

@@ -12,7 +12,7 @@ FCMAE-pretrained V2 backbone. The claims:
 Each finished run is appended to ``OUT/runs_s{seed}.jsonl`` (a re-run skips it; pretrained encoders are reused),
 so one process per seed can run side by side; ``--report`` prints the table (mean ± std over seeds, then every
 run) of what ``OUT`` holds. Profiles: ``full`` (128 px, 50 + 24 epochs: hours per row on CPU), ``mini`` (64 px,
-what two cores run in ~90 min per seed), ``--quick`` (tiny models, 16 scenes, one seed: runs every row end to
+what two cores run in ~100 min per seed, one seed per core), ``--quick`` (tiny models, 16 scenes, one seed: runs every row end to
 end; its figures mean nothing).
 
     PYTHONPATH=src python bench/dense_transfer.py --quick --out bench_out/dense_quick
@@ -33,7 +33,7 @@ FULL = dict(size=128, max_items=6, train=2000, val=500, pretrain_epochs=50, epoc
             backbones=dict(v2="convnextv2_atto", v1="convnext_atto", mae="vit_tiny_patch16_224", convmae="convmae_tiny"),
             opts=dict(anchor_size=16, fpn_dim=128, head_dim=128, proposals=300, roi_samples=128, channels=128),
             p2s=dict(dim=256, depth=4, heads=4))
-# What fits two cores in about 100 minutes per seed (one seed per core; measured 98 min): 64-px canvases with 1-3 items, 8
+# Measured 98 min per seed, one seed per core: 64-px canvases with 1-3 items, 8
 # pretraining epochs (248 steps of 64), 320 fine-tuning steps of 16 per row (2.6 epochs), 300 val scenes.
 MINI = dict(FULL, size=64, max_items=3, val=300, pretrain_epochs=8, epochs=3, max_steps=320, lr=3e-4, pre_lr=2e-3,
             opts=dict(anchor_size=8, fpn_dim=64, head_dim=64, proposals=100, roi_samples=64, channels=64))

@@ -1,99 +1,150 @@
 """Pix2Seq v2 on the scenes benchmark: one multi-task model vs one model per task, same steps per task.
 
-    PYTHONPATH=src python bench/pix2seq_v2.py --out runs/v2bench            # issue 15's benchmark (hours of CPU)
-    PYTHONPATH=src python bench/pix2seq_v2.py --out /tmp/v2q --quick        # a smoke run of the script (minutes)
+    # issue 15's benchmark in miniature (64 px; one process per core, each run skipped once its result exists):
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/pix2seq_v2.py --profile mini --runs multi det --out bench_out/v2 &
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/pix2seq_v2.py --profile mini --runs seg kpt cap --out bench_out/v2
+    PYTHONPATH=src python bench/pix2seq_v2.py --profile mini --report --out bench_out/v2
+    PYTHONPATH=src python bench/pix2seq_v2.py --profile quick --out /tmp/v2q    # a smoke run of the script (minutes)
 
-Trains on ``--train`` scenes (Fashion-MNIST train items) and scores on ``--val`` held-out scenes (t10k items):
+Trains on ``train`` scenes (Fashion-MNIST train items) and scores on ``val`` held-out scenes (t10k items):
 bbox AP50, segm AP50 (prompted by ground-truth boxes, and by the model's detections when it has the detection
 task), keypoint AP, caption BLEU-4 / CIDEr-D. Each single-task model trains for the same number of steps, so it
 sees its task as often as the multi-task model does (the v2 paper's claim: sharing costs little). The same
-models are then scored on the val scenes with blank images (the model must read pixels: ~0 expected for
-everything prompted by its own detections; ground-truth-box prompts still place masks inside the given box).
+models are then scored on blank copies of the first ``blank`` val scenes (the model must read pixels: ~0 expected
+for everything prompted by its own detections; ground-truth-box prompts still place masks inside the given box).
+Profiles: ``full`` (128 px, 1-6 items, the official 6 x 256 decoder: hours per run on CPU), ``mini`` (64 px, 1-3
+items, a 4 x 256 decoder, 1,000 steps of 16 = 8 epochs: measured ~3.2 s a multi-task step and 1.2-1.7 s a
+single-task one on one loaded core, so the multi-task run takes about 55 minutes), ``quick`` (smoke).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
+FULL = dict(size=128, max_items=6, train=2000, val=1000, blank=300, steps=3000, batch=16, lr=1e-3,
+            backbone="convnextv2_atto", eval_batch=32,
+            opts=dict(max_objects=6, seg_max_instances=6, kpt_max_instances=6, seg_max_points=32, cap_max_len=64,
+                      hflip=False, jitter_min=0.8, jitter_max=1.2))
+MINI = dict(FULL, size=64, max_items=3, steps=1000, opts=dict(FULL["opts"], max_objects=4, seg_max_instances=3,
+                                                              kpt_max_instances=3, seg_max_points=16, dim=256,
+                                                              depth=4, heads=4))
+QUICK = dict(size=64, max_items=6, train=16, val=8, blank=8, steps=20, batch=4, lr=1e-3, backbone="test_convnextv2",
+             eval_batch=4, opts=dict(FULL["opts"], dim=32, depth=1, heads=4, max_objects=4, seg_max_instances=3,
+                                     kpt_max_instances=3, seg_max_points=16, seg_samples=2))
+PROFILES = dict(full=FULL, mini=MINI, quick=QUICK)
+RUNS = {"multi": "det,seg,kpt,cap", "det": "det", "seg": "seg", "kpt": "kpt", "cap": "cap"}
+KEYS = [("det", "AP50"), ("seg", "segm_AP50"), ("kpt", "kpt_AP"), ("cap", "BLEU4"), ("cap", "CIDEr")]
 
-def _blank_copy(src: Path, dst: Path) -> Path:
-    """The val scenes with every image replaced by a uniform grey one (same sizes, same annotations)."""
+
+def _blank_copy(src: Path, dst: Path, n: int) -> Path:
+    """The first ``n`` val scenes with every image replaced by a uniform grey one (same sizes, same annotations)."""
     import numpy as np
     from PIL import Image
 
-    if not (dst / "annotations.json").is_file():
+    js = dst / "annotations.json"
+    if not js.is_file():
         (dst / "images").mkdir(parents=True, exist_ok=True)
-        for f in (src / "images").iterdir():
-            w, h = Image.open(f).size
-            Image.fromarray(np.full((h, w), 128, np.uint8)).save(dst / "images" / f.name)
-        shutil.copy(src / "annotations.json", dst / "annotations.json")
+        ann = json.loads((src / "annotations.json").read_text())
+        ann["images"] = ann["images"][:n]
+        keep = {im["id"] for im in ann["images"]}
+        for key in ("annotations", "captions"):  # every list keyed by image
+            if key in ann:
+                ann[key] = [a for a in ann[key] if a["image_id"] in keep]
+        for im in ann["images"]:
+            w, h = Image.open(src / "images" / im["file_name"]).size
+            Image.fromarray(np.full((h, w), 128, np.uint8)).save(dst / "images" / im["file_name"])
+        tmp = js.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ann))
+        tmp.replace(js)
     return dst
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=2000)
-    p.add_argument("--val", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--backbone", default="convnextv2_atto")
-    p.add_argument("--img-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs end to end")
-    a = p.parse_args()
-    if a.quick:
-        a.train, a.val, a.steps, a.backbone, a.img_size, a.batch_size = 16, 8, 20, "test_convnextv2", 64, 4
-
+def _run(name: str, p: dict, out: Path, train: Path, val: Path, blank: Path, seed: int) -> dict:
+    """Train (unless its weights exist) and score one run; its result is written to ``result_{name}.json``."""
     from maskconv.config import load_config
     from maskconv.data.coco import load_coco
-    from maskconv.data.scenes import make_scenes
     from maskconv.pix2seq.task import Pix2SeqOptions, evaluate_tasks, load_pix2seq, run_pix2seq_train, \
         taskset_from_meta
 
-    out = Path(a.out)
-    train = make_scenes(out / "train", "train", a.train, a.seed, size=a.img_size).parent
-    val = make_scenes(out / "val", "val", a.val, a.seed, size=a.img_size).parent
-    blank = _blank_copy(val, out / "val_blank")
-    small = a.img_size <= 64
-    base = dict(max_objects=6, seg_max_instances=6, kpt_max_instances=6, seg_max_points=16 if small else 32,
-                cap_max_len=64, hflip=False, jitter_min=0.8, jitter_max=1.2)
-    if a.quick:
-        base.update(dim=32, depth=1, heads=4, max_objects=4, seg_max_instances=3, kpt_max_instances=3, seg_samples=2)
-    steps_per_epoch = max(1, a.train // a.batch_size)
-    epochs = max(1, -(-a.steps // steps_per_epoch))
-    runs = {"det,seg,kpt,cap": "multi", "det": "det", "seg": "seg", "kpt": "kpt", "cap": "cap"}
-    table = {}
-    for tasks, name in runs.items():
-        run = out / f"run_{name}"
-        cfg = load_config(overrides={
-            "model.name": a.backbone, "data.path": str(train), "data.img_size": a.img_size,
-            "data.batch_size": a.batch_size, "data.num_workers": 0, "optim.epochs": epochs,
-            "optim.warmup_epochs": 1, "optim.lr": 1e-3, "run.max_steps": a.steps, "run.out": str(run),
-            "run.device": "cpu", "run.progress": False, "run.log_every_steps": 100, "run.seed": a.seed})
-        t0 = time.perf_counter()
-        if not (run / "model.safetensors").is_file():
-            run_pix2seq_train(cfg, Pix2SeqOptions(tasks=tasks, **base))
-        train_s = time.perf_counter() - t0
-        model, meta, o = load_pix2seq(run)
-        ts = taskset_from_meta(meta, o)
-        r = evaluate_tasks(model, ts, load_coco(val), o, a.img_size, 3, a.batch_size)
-        rb = evaluate_tasks(model, ts, load_coco(blank), o, a.img_size, 3, a.batch_size)
-        table[name] = {"val": r, "blank": rb, "train_s": train_s}
-        print(name, json.dumps({k: round(v, 4) for k, v in r.items()}), flush=True)
-    (out / "results.json").write_text(json.dumps(table, indent=1))
-    keys = [("det", "AP50"), ("seg", "segm_AP50"), ("kpt", "kpt_AP"), ("cap", "BLEU4"), ("cap", "CIDEr")]
-    print(f"\n{a.train} train / {a.val} val scenes, {a.steps} steps, {a.backbone} at {a.img_size} px")
-    print(f"{'metric':<12}{'multi':>10}{'single':>10}{'multi/single':>14}{'multi blank':>13}")
-    for task, k in keys:
-        m, s = table["multi"]["val"][k], table[task]["val"][k]
-        print(f"{k:<12}{m:>10.4f}{s:>10.4f}{(m / s if s else float('nan')):>14.3f}"
-              f"{table['multi']['blank'][k]:>13.4f}")
+    done = out / f"result_{name}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run = out / f"run_{name}"
+    steps_per_epoch = max(1, p["train"] // p["batch"])
+    epochs = max(1, -(-p["steps"] // steps_per_epoch))
+    cfg = load_config(overrides={
+        "model.name": p["backbone"], "data.path": str(train), "data.img_size": p["size"],
+        "data.batch_size": p["batch"], "data.num_workers": 0, "optim.epochs": epochs,
+        "optim.warmup_epochs": min(1, epochs / 10), "optim.lr": p["lr"], "run.max_steps": p["steps"],
+        "run.out": str(run), "run.device": "cpu", "run.progress": False, "run.log_every_steps": 100,
+        "run.seed": seed})
+    t0 = time.perf_counter()
+    if not (run / "model.safetensors").is_file():
+        run_pix2seq_train(cfg, Pix2SeqOptions(tasks=RUNS[name], **p["opts"]))
+    train_s = time.perf_counter() - t0
+    model, meta, o = load_pix2seq(run)
+    ts = taskset_from_meta(meta, o)
+    t0 = time.perf_counter()
+    r = evaluate_tasks(model, ts, load_coco(val), o, p["size"], 3, p["eval_batch"])
+    eval_s = time.perf_counter() - t0
+    rb = evaluate_tasks(model, ts, load_coco(blank), o, p["size"], 3, p["eval_batch"])
+    res = dict(run=name, tasks=RUNS[name], val=r, blank=rb, train_s=round(train_s), eval_s=round(eval_s),
+               steps=p["steps"], seed=seed)
+    done.write_text(json.dumps(res, indent=1))
+    print(name, json.dumps({k: round(v, 4) for k, v in r.items()}), flush=True)
+    return res
+
+
+def report(out: Path, p: dict) -> None:
+    """The multi-task vs single-task table from whatever results ``out`` holds."""
+    table = {n: json.loads((out / f"result_{n}.json").read_text()) for n in RUNS if (out / f"result_{n}.json").is_file()}
+    if "multi" not in table:
+        raise SystemExit(f"{out}: no result_multi.json yet")
+    m = table["multi"]
+    print(f"\n{p['train']} train / {p['val']} val scenes ({p['blank']} blank), {m['steps']} steps of {p['batch']}, "
+          f"{p['backbone']} at {p['size']} px, seed {m['seed']}")
+    print("| metric | multi-task | single-task | multi / single | multi, blank | single, blank |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for task, k in KEYS:
+        s = table.get(task)
+        mv, sv = m["val"][k], (s["val"][k] if s else float("nan"))
+        ratio = mv / sv if s and sv else float("nan")
+        sb = f"{s['blank'][k]:.4f}" if s else "–"
+        print(f"| {k} | {mv:.4f} | {sv:.4f} | {ratio:.3f} | {m['blank'][k]:.4f} | {sb} |")
     for k in ("segm_det_AP50", "kpt_det_AP"):
-        print(f"{k:<12}{table['multi']['val'][k]:>10.4f}{'':>10}{'':>14}{table['multi']['blank'][k]:>13.4f}")
+        print(f"| {k} | {m['val'][k]:.4f} | – | – | {m['blank'][k]:.4f} | – |")
+    print("\n| run | train min | eval min (val) |\n|---|---:|---:|")
+    for n, r in table.items():
+        print(f"| {n} ({r['tasks']}) | {r['train_s'] / 60:.1f} | {r['eval_s'] / 60:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="mini")
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs this process does")
+    ap.add_argument("--steps", type=int, default=0, help="override the profile's steps per run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", action="store_true", help="print the table of the finished runs, train nothing")
+    a = ap.parse_args()
+    p = dict(PROFILES[a.profile])
+    if a.steps:
+        p["steps"] = a.steps
+    out = Path(a.out)
+    if a.report:
+        return report(out, p)
+
+    from maskconv.data.scenes import make_scenes
+
+    kw = dict(size=p["size"], max_items=p["max_items"])
+    train = make_scenes(out / "train", "train", p["train"], a.seed, **kw).parent
+    val = make_scenes(out / "val", "val", p["val"], a.seed, **kw).parent
+    blank = _blank_copy(val, out / "val_blank", p["blank"])
+    for name in a.runs:
+        _run(name, p, out, train, val, blank, a.seed)
+    report(out, p)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ modifies) agrees with the paper's, with the seeds' uncertainty. Every finished r
 
     .venv/bin/python bench/roadmap.py --out bench_out/roadmap --seeds 0 1 2 --steps 3000
     .venv/bin/python bench/roadmap.py --quick          # a few steps, one seed, 64 test images: shows it runs
+    # on a CPU: every step at a quarter of its width (16 / 24 instead of 64 / 96; each step's change kept)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/roadmap.py --width-mult 0.25 --seeds 0 --steps 300 --out bench_out/rm_q
 
 Fashion-MNIST at 32 px (28 px padded by the resize), one channel; ``--patch-size 2`` gives stage maps 16/8/4/2
 (the paper's stride-4 stem would leave 1×1 maps). The networks are the paper's widths and depths (15-34M params):
-use a GPU for the full run (``run.device=auto`` picks it). Needs Debian's dataset-fashion-mnist.
+use a GPU for the full run (``run.device=auto`` picks it), or ``--width-mult`` (``model.width_mult``: narrow copies)
+on a CPU. Needs Debian's dataset-fashion-mnist.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from maskconv.tasks.classify import evaluate_classifier, run_finetune
 from maskconv.config import DataCfg, load_config
 from maskconv.data.build import build_transform
 from maskconv.data.datasets import FashionMNIST, SeededDataset, collate_skip
-from maskconv.models import create_model, load_checkpoint
+from maskconv.rebuild import load_trained
 from maskconv.models.roadmap import ROADMAP, step_model_name
 from maskconv.viz.roadmap import plot_roadmap, roadmap_table
 
@@ -37,6 +40,7 @@ def _recipe(name: str, run: Path, seed: int, a) -> list[str]:
     epochs = max(1, math.ceil(a.steps * a.batch_size / TRAIN_IMAGES))
     warmup = min(0.5 * epochs, 0.1 * a.steps * a.batch_size / TRAIN_IMAGES)  # 10% of the steps
     return [f"model.name={name}", "model.in_chans=1", f"model.stem_stride={a.patch_size}", "model.drop_path_rate=0.1",
+            f"model.width_mult={a.width_mult}",
             "data.path=fashion-mnist", "data.img_size=32", f"data.batch_size={a.batch_size}", "data.num_workers=0",
             "data.crop_scale_min=0.5", "data.label_smoothing=0.1", f"optim.epochs={epochs}",
             f"optim.warmup_epochs={warmup}", f"optim.blr={a.blr}", "optim.weight_decay=0.05",
@@ -46,8 +50,7 @@ def _recipe(name: str, run: Path, seed: int, a) -> list[str]:
 
 
 def _test_top1(name: str, run: Path, a) -> tuple[float, int]:
-    model = create_model(name, num_classes=10, in_chans=1, patch_size=a.patch_size)
-    load_checkpoint(model, run / "model.safetensors")
+    model = load_trained(run).model  # the run's own architecture (stem stride, width) and weights
     ds = FashionMNIST(train=False, in_chans=1)
     if a.test_limit:
         ds = Subset(ds, range(min(a.test_limit, len(ds))))
@@ -63,12 +66,18 @@ def _train(index: int, seed: int, a) -> dict:
     run = Path(a.out) / f"{name}_s{seed}"
     done = run / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        r = json.loads(done.read_text())
+        have = {k: r.get(k, 1.0 if k == "width_mult" else None) for k in ("steps", "batch_size", "width_mult")}
+        want = dict(steps=a.steps, batch_size=a.batch_size, width_mult=a.width_mult)
+        if have != want:  # never mix budgets or widths in one table
+            raise SystemExit(f"{done} was measured with {have}, this run asks {want}: choose another --out")
+        return r
     cfg = load_config(None, _recipe(name, run, seed, a))
     cfg.task = "finetune"
     run_finetune(cfg)
     top1, n = _test_top1(name, run, a)
-    result = dict(model=name, step=index, seed=seed, steps=a.steps, batch_size=a.batch_size, test_top1=top1,
+    result = dict(model=name, step=index, seed=seed, steps=a.steps, batch_size=a.batch_size, width_mult=a.width_mult,
+                  test_top1=top1,
                   test_images=n)
     done.write_text(json.dumps(result))
     if not a.keep_weights:  # 17 steps x seeds x (weights + optimizer state) would be tens of GB
@@ -109,6 +118,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--blr", type=float, default=1e-3, help="base lr for a batch of 256 (AdamW)")
     p.add_argument("--patch-size", type=int, default=2, help="stem stride at 32 px (the paper's 4 suits 224 px)")
+    p.add_argument("--width-mult", type=float, default=1.0, help="every step's width times this (0.25: CPU-sized)")
     p.add_argument("--models", type=int, nargs="+", default=None, help="step indices (default: all)")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all 10k)")
     p.add_argument("--keep-weights", action="store_true", help="keep each run's weights and last.pt")
@@ -131,7 +141,8 @@ def main() -> None:
             print(f"{r['model']} seed {seed}: test top-1 {r['test_top1']:.2f}% ({r['test_images']} images)", flush=True)
     rows = roadmap_table(224)
     out = Path(a.out)
-    label = f"Fashion-MNIST 32 px, {a.steps} steps x {a.batch_size}, {len(a.seeds)} seed(s)"
+    width = "" if a.width_mult == 1 else f", width x{a.width_mult:g}"
+    label = f"Fashion-MNIST 32 px{width}, {a.steps} steps x {a.batch_size}, {len(a.seeds)} seed(s)"
     fig = plot_roadmap([r for r in rows if r.index in acc], out / "roadmap_fmnist.png", acc, measured_label=label)
     dirs = _directions(acc)
     (out / "results.json").write_text(json.dumps(dict(args=vars(a), runs=results, directions=dirs), indent=1))

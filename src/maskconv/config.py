@@ -81,6 +81,7 @@ class ModelCfg:
     name: str = "convnextv2_atto"  # registered architecture (`maskconv models` lists them)
     in_chans: int = 3  # input channels (1 = grayscale); pretrained weights are adapted
     stem_stride: int | None = None  # stem stride (ViT/ConvMAE: the patch); none = the model's own (4, ViT 16); 1-2 suit 28-32 px
+    width_mult: float = 1.0  # every stage's width times this (roadmap_* models: narrow copies of the paper's steps)
     drop_path_rate: float = 0.0  # stochastic depth rate at the last block (linear in depth)
     head_init_scale: float = 1.0  # scale of the classifier's initial weights (official fine-tuning 0.001)
     global_pool: str | None = None  # classifier pooling; none = the model's own (ViT 'token'; MAE fine-tuning 'avg')
@@ -469,6 +470,7 @@ _RANGES = [
        f"data.augment_lib=timm to set data.{k} (torchvision's pipeline has {k}={v!r})") for k, v in TIMM_ONLY.items()],
     ("data.std", lambda v: v is None or min(v) > 0, "> 0 for every channel (or none)"),
     ("model.in_chans", lambda v: v >= 1, ">= 1"), ("model.stem_stride", lambda v: v is None or v >= 1, ">= 1"),
+    ("model.width_mult", lambda v: v > 0, "> 0"),
     ("model.drop_path_rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.epochs", lambda v: v >= 1, ">= 1"), ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("optim.blr", lambda v: v > 0, "> 0"), ("optim.lr", lambda v: v is None or v > 0, "> 0"),

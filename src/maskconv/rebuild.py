@@ -23,13 +23,13 @@ RUN_WEIGHTS = {"raw": (RunDir.MODEL, RunDir.ENCODER), "ema": (RunDir.MODEL_EMA,)
 
 
 def model_kwargs(cfg: Config, classifier: bool = False) -> dict:
-    """``create_model`` keyword arguments of ``cfg.model`` (the stem stride under the family's own name)."""
-    from .models import stem_stride_kwarg
+    """``create_model`` keyword arguments of ``cfg.model`` (the stem stride under the family's own name, the width
+    multiplier)."""
+    from .models import architecture_kwargs
 
     m = cfg.model
-    kw = dict(in_chans=m.in_chans, drop_path_rate=m.drop_path_rate)
-    if m.stem_stride is not None:
-        kw[stem_stride_kwarg(m.name)] = m.stem_stride
+    kw = dict(in_chans=m.in_chans, drop_path_rate=m.drop_path_rate,
+              **architecture_kwargs(m.name, m.stem_stride, m.width_mult))
     if classifier:  # pooling belongs to the classifier; a pretraining encoder keeps its own
         kw["global_pool"] = m.global_pool
     return {k: v for k, v in kw.items() if v is not None}  # None: the model's own default

@@ -203,3 +203,33 @@ def test_contract_small_input_in_chans_and_patch_size():
     last = maskconv.create_model("roadmap_16_convnext_tiny")
     assert last.no_weight_decay() == {n for n, _ in last.named_parameters() if n.endswith("gamma")} != set()
     assert last.layer_id("stages.2.blocks.4.conv_dw.weight") == 3 + 3 + 4 + 1 and last.layer_id("head.fc.bias") == 19
+
+
+@pytest.mark.parametrize("index", range(len(ROADMAP)))
+def test_width_mult_narrows_every_step_alike(index):
+    """``width_mult`` (``model.width_mult``) scales the base width of each step, so a narrow roadmap keeps every
+    step's own change: ResNeXt-ify's 64 -> 96 stays a 1.5x widening, the others keep their parent's width."""
+    with torch.device("meta"):
+        full = maskconv.create_model(step_model_name(index))
+        narrow = maskconv.create_model(step_model_name(index), width_mult=0.25)
+    base = step_kwargs(index).get("width", 64)
+    assert narrow.dims == [d * round(base / 4) // base for d in full.dims]
+    assert type(narrow.stages[0].blocks[0]) is type(full.stages[0].blocks[0])
+    assert [n for n, _ in narrow.named_modules()] == [n for n, _ in full.named_modules()]
+
+
+def test_width_mult_reaches_the_model_through_the_config_and_is_refused_elsewhere():
+    from maskconv.config import load_config
+    from maskconv.models import architecture_kwargs
+    from maskconv.rebuild import model_kwargs
+
+    cfg = load_config(None, ["model.name=roadmap_04_width96", "model.width_mult=0.25", "model.stem_stride=2"])
+    kw = model_kwargs(cfg)
+    assert kw["width_mult"] == 0.25 and kw["patch_size"] == 2
+    with torch.device("meta"):
+        assert maskconv.create_model(cfg.model.name, **kw).dims[0] == 4 * 24  # bottleneck 96 / 4, output 4x (not inverted yet)
+    assert architecture_kwargs("convnextv2_atto") == {}
+    with pytest.raises(ValueError, match="model.width_mult=0.5: convnextv2_atto has no width multiplier"):
+        architecture_kwargs("convnextv2_atto", width_mult=0.5)
+    with pytest.raises(ValueError, match="model.width_mult.*> 0"):
+        load_config(None, ["model.name=roadmap_04_width96", "model.width_mult=0"])

@@ -181,10 +181,10 @@ def _build(meta: dict, o: DenseOptions, pretrained: str | None = None, **extra):
 
 
 def _start(cfg, task: str, o: DenseOptions, categories: list[str], category_ids: list | None):
-    from ..models import stem_stride_kwarg
+    from ..models import architecture_kwargs
 
     out = Path(cfg.run.out)
-    kw = {stem_stride_kwarg(cfg.model.name): cfg.model.stem_stride} if cfg.model.stem_stride else {}
+    kw = architecture_kwargs(cfg.model.name, cfg.model.stem_stride or None, cfg.model.width_mult)
     meta = {"task": task, "backbone": cfg.model.name, "backbone_kwargs": kw, "img_size": cfg.data.img_size,
             "in_chans": cfg.model.in_chans, "options": asdict(o), "categories": categories,
             "category_ids": category_ids}

@@ -17,7 +17,7 @@ __all__ = [
     "BackboneOnlyCheckpointError", "CheckpointError", "ConvNeXt", "LoadReport", "checkpoint_filter_for",
     "checkpoint_num_classes", "create_model", "from_pretrained",
     "is_model", "list_models", "load_checkpoint", "read_state_dict", "register_checkpoint_filter", "register_model",
-    "register_with_timm", "save_pretrained", "save_weights", "stem_stride_kwarg",
+    "register_with_timm", "save_pretrained", "save_weights", "stem_stride_kwarg", "architecture_kwargs",
 ]
 
 
@@ -29,3 +29,20 @@ def stem_stride_kwarg(name: str) -> str:
 
     with torch.device("meta"):  # the class only: no weights allocated
         return "stem_stride" if isinstance(create_model(name), ConvNeXt) else "patch_size"
+
+
+def architecture_kwargs(name: str, stem_stride: int | None = None, width_mult: float = 1.0) -> dict:
+    """The constructor arguments a run's ``model.stem_stride`` / ``model.width_mult`` give model ``name`` (the one
+    place every task turns them into keywords); a family without a width multiplier refuses one in a line."""
+    import torch
+
+    kw = {} if stem_stride is None else {stem_stride_kwarg(name): stem_stride}
+    if width_mult != 1.0:
+        try:
+            with torch.device("meta"):
+                create_model(name, width_mult=width_mult)
+        except TypeError:
+            raise ValueError(f"model.width_mult={width_mult}: {name} has no width multiplier (the roadmap_* models "
+                             "have one)") from None
+        kw["width_mult"] = width_mult
+    return kw

@@ -153,7 +153,8 @@ class RoadmapNet(nn.Module):
     ``act``, ``fewer_acts``, ``fewer_norms``, ``norm``, ``separate_downsample`` (2.6); ``ls_init_value``: layer scale
     (the training recipe's, Appendix A.1). ``patch_size``: the stem's stride (4 as in the paper; 2 or 1 for small
     images: the ResNet stem then drops its max pool, and at 1 its conv's stride). ``head_init_scale``, ``drop_rate``,
-    ``drop_path_rate``: as ConvNeXt's.
+    ``drop_path_rate``: as ConvNeXt's. ``width_mult``: every step's ``width`` (64, or 96 from ResNeXt-ify on) times
+    this, rounded: narrow copies that keep each step's change, for a CPU budget (1 = the paper's networks).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: tuple[int, ...] = (3, 4, 6, 3),
@@ -161,8 +162,11 @@ class RoadmapNet(nn.Module):
                  dw_first: bool = False, kernel_size: int = 3, act: str = "relu", fewer_acts: bool = False,
                  fewer_norms: bool = False, norm: str = "bn", separate_downsample: bool = False,
                  ls_init_value: float | None = None, patch_size: int = 4, head_init_scale: float = 1.0, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, global_pool: str = "avg"):
+                 drop_path_rate: float = 0.0, global_pool: str = "avg", width_mult: float = 1.0):
         super().__init__()
+        if not width_mult > 0:
+            raise ValueError(f"width_mult={width_mult}: must be > 0")
+        width = max(1, round(width * width_mult))
         if stem not in ("resnet", "patchify"):
             raise ValueError(f"stem={stem!r}: use 'resnet' or 'patchify'")
         if norm not in _NORMS or act not in _ACTS:

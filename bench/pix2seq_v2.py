@@ -61,6 +61,33 @@ def _blank_copy(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
+def prompt_only(val: Path, kpt_sigmas: str = "") -> dict:
+    """What a ground-truth box alone scores, without looking at pixels: the filled box as the mask (segm AP50) and
+    the box edges' midpoints as the scenes' top / left / bottom / right keypoints (keypoint AP). Segmentation and
+    keypoints prompted by ground-truth boxes must beat these to show they read the image."""
+    import numpy as np
+
+    from maskconv.data.coco import coco_evaluate, load_coco
+    from maskconv.pix2seq.metrics import keypoint_result, mask_result
+    from maskconv.pix2seq.multitask import keypoint_sigmas
+
+    data = load_coco(val)
+    gt = data.gt
+    size = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    masks, kpts = [], []
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        m = np.zeros(size[a["image_id"]], bool)
+        m[int(round(y)):int(round(y + h)), int(round(x)):int(round(x + w))] = True
+        masks.append(mask_result(m, a["image_id"], a["category_id"], 1.0))
+        pts = np.array([[x + w / 2, y], [x, y + h / 2], [x + w / 2, y + h], [x + w, y + h / 2]])  # t, l, b, r
+        kpts.append(keypoint_result(pts, a["image_id"], a["category_id"], 1.0))
+    k = len(data.keypoint_names or ())
+    segm = coco_evaluate(gt, masks, iou_type="segm")
+    return {"segm_AP": segm["AP"], "segm_AP50": segm["AP50"],
+            "kpt_AP": coco_evaluate(gt, kpts, iou_type="keypoints", kpt_oks_sigmas=keypoint_sigmas(kpt_sigmas, k))["AP"]}
+
+
 def _run(name: str, p: dict, out: Path, train: Path, val: Path, blank: Path, seed: int) -> dict:
     """Train (unless its weights exist) and score one run; its result is written to ``result_{name}.json``."""
     from maskconv.config import load_config
@@ -115,6 +142,10 @@ def report(out: Path, p: dict) -> None:
         print(f"| {k} | {mv:.4f} | {sv:.4f} | {ratio:.3f} | {m['blank'][k]:.4f} | {sb} |")
     for k in ("segm_det_AP50", "kpt_det_AP"):
         print(f"| {k} | {m['val'][k]:.4f} | – | – | {m['blank'][k]:.4f} | – |")
+    base = prompt_only(out / "val", p["opts"].get("kpt_sigmas", ""))
+    print(f"\nthe ground-truth box alone (no pixels): filled box as mask segm_AP50 {base['segm_AP50']:.4f} "
+          f"(segm_AP {base['segm_AP']:.4f}); "
+          f"edge midpoints as keypoints kpt_AP {base['kpt_AP']:.4f}")
     print("\n| run | train min | eval min (val) |\n|---|---:|---:|")
     for n, r in table.items():
         print(f"| {n} ({r['tasks']}) | {r['train_s'] / 60:.1f} | {r['eval_s'] / 60:.1f} |")

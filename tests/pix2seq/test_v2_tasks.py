@@ -305,3 +305,20 @@ def test_detection_alone_trains_on_the_detection_loss(val_scenes):
     ce = torch.nn.functional.cross_entropy(model(x, inp).flatten(0, 1), tgt.flatten(), reduction="none")
     w = ts.det.weights(tgt).flatten()
     assert torch.allclose(multitask_losses(model, ts, x, y)["det"], (ce * w).sum() / (w.sum() + 1e-9), atol=1e-6)
+
+
+def test_drawn_captions_keep_every_word(tmp_path):
+    """A caption picture must show the whole caption: the strip below each image grows with its lines (it used to
+    keep three lines of 42 characters and cut the rest)."""
+    from PIL import Image
+
+    from maskconv.pix2seq.task import _draw
+
+    img = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    short, long = "one item: a bag.", " ".join(["a large sneaker at the middle right,"] * 6)
+    heights = []
+    for i, cap in enumerate((short, long)):
+        _draw([(img, [], cap)], ["bag"], tmp_path / f"{i}.png")
+        heights.append(Image.open(tmp_path / f"{i}.png").height)
+    lines = -(-len(long) // 42)  # at least this many wrapped lines
+    assert heights[1] - heights[0] >= 13 * (lines - 1)

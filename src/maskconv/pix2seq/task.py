@@ -443,13 +443,13 @@ def _draw(items: list, names: list[str], path: Path, skeleton: list | None = Non
                         d.line([pts[i - 1], pts[j - 1]], fill=(0, 255, 0), width=2)
                 for px, py in pts:
                     d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(0, 255, 0), outline=(0, 0, 0))
-        if caption is not None:
-            canvas = Image.new("RGB", (im.width, im.height + 40), (255, 255, 255))
-            canvas.paste(im, (0, 0))
+        if caption is not None:  # every word: a caption cut short in the picture would misreport the model
             import textwrap
 
-            text = "\n".join(textwrap.wrap(caption or "(empty)", 42)[:3])
-            ImageDraw.Draw(canvas).multiline_text((3, im.height + 2), text, fill=(0, 0, 0))
+            lines = textwrap.wrap(caption or "(empty)", 42)
+            canvas = Image.new("RGB", (im.width, im.height + 13 * len(lines) + 6), (255, 255, 255))
+            canvas.paste(im, (0, 0))
+            ImageDraw.Draw(canvas).multiline_text((3, im.height + 2), "\n".join(lines), fill=(0, 0, 0), spacing=3)
             im = canvas
         tiles.append(im)
     cols = min(4, len(tiles))

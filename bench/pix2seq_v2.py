@@ -13,8 +13,8 @@ sees its task as often as the multi-task model does (the v2 paper's claim: shari
 models are then scored on blank copies of the first ``blank`` val scenes (the model must read pixels: ~0 expected
 for everything prompted by its own detections; ground-truth-box prompts still place masks inside the given box).
 Profiles: ``full`` (128 px, 1-6 items, the official 6 x 256 decoder: hours per run on CPU), ``mini`` (64 px, 1-3
-items, a 4 x 256 decoder, 1,000 steps of 16 = 8 epochs: measured ~3.2 s a multi-task step and 1.2-1.7 s a
-single-task one on one loaded core, so the multi-task run takes about 55 minutes), ``quick`` (smoke).
+items, a 4 x 256 decoder, 1,000 steps of 16 = 8 epochs; measured on one thread beside a second run: 54 min for
+the multi-task model, 10-30 min for each single-task one, 12 min to score the multi-task one), ``quick`` (smoke).
 """
 from __future__ import annotations
 
@@ -97,7 +97,11 @@ def _run(name: str, p: dict, out: Path, train: Path, val: Path, blank: Path, see
 
     done = out / f"result_{name}.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        r = json.loads(done.read_text())
+        if (r["steps"], r["seed"]) != (p["steps"], seed):  # never mix budgets in one table
+            raise SystemExit(f"{done} was measured with {r['steps']} steps, seed {r['seed']}; this run asks "
+                             f"{p['steps']}, seed {seed}: choose another --out")
+        return r
     run = out / f"run_{name}"
     steps_per_epoch = max(1, p["train"] // p["batch"])
     epochs = max(1, -(-p["steps"] // steps_per_epoch))
@@ -130,6 +134,8 @@ def report(out: Path, p: dict) -> None:
     if "multi" not in table:
         raise SystemExit(f"{out}: no result_multi.json yet")
     m = table["multi"]
+    if len({(r["steps"], r["seed"]) for r in table.values()}) > 1:
+        raise SystemExit(f"{out}: the runs differ in steps or seed: {[(n, r['steps'], r['seed']) for n, r in table.items()]}")
     print(f"\n{p['train']} train / {p['val']} val scenes ({p['blank']} blank), {m['steps']} steps of {p['batch']}, "
           f"{p['backbone']} at {p['size']} px, seed {m['seed']}")
     print("| metric | multi-task | single-task | multi / single | multi, blank | single, blank |")

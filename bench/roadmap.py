@@ -49,7 +49,7 @@ def _recipe(name: str, run: Path, seed: int, a) -> list[str]:
             f"run.save_every_epochs={epochs}"]
 
 
-def _test_top1(name: str, run: Path, a) -> tuple[float, int]:
+def _test_top1(run: Path, a) -> tuple[float, int]:
     model = load_trained(run).model  # the run's own architecture (stem stride, width) and weights
     ds = FashionMNIST(train=False, in_chans=1)
     if a.test_limit:
@@ -75,7 +75,7 @@ def _train(index: int, seed: int, a) -> dict:
     cfg = load_config(None, _recipe(name, run, seed, a))
     cfg.task = "finetune"
     run_finetune(cfg)
-    top1, n = _test_top1(name, run, a)
+    top1, n = _test_top1(run, a)
     result = dict(model=name, step=index, seed=seed, steps=a.steps, batch_size=a.batch_size, width_mult=a.width_mult,
                   test_top1=top1,
                   test_images=n)

@@ -111,17 +111,18 @@ def _run(name: str, p: dict, out: Path, train: Path, val: Path, blank: Path, see
         "optim.warmup_epochs": min(1, epochs / 10), "optim.lr": p["lr"], "run.max_steps": p["steps"],
         "run.out": str(run), "run.device": "cpu", "run.progress": False, "run.log_every_steps": 100,
         "run.seed": seed})
-    t0 = time.perf_counter()
+    train_s = None  # weights from an earlier process (stopped while scoring): its training time was not measured
     if not (run / "model.safetensors").is_file():
+        t0 = time.perf_counter()
         run_pix2seq_train(cfg, Pix2SeqOptions(tasks=RUNS[name], **p["opts"]))
-    train_s = time.perf_counter() - t0
+        train_s = round(time.perf_counter() - t0)
     model, meta, o = load_pix2seq(run)
     ts = taskset_from_meta(meta, o)
     t0 = time.perf_counter()
     r = evaluate_tasks(model, ts, load_coco(val), o, p["size"], 3, p["eval_batch"])
     eval_s = time.perf_counter() - t0
     rb = evaluate_tasks(model, ts, load_coco(blank), o, p["size"], 3, p["eval_batch"])
-    res = dict(run=name, tasks=RUNS[name], val=r, blank=rb, train_s=round(train_s), eval_s=round(eval_s),
+    res = dict(run=name, tasks=RUNS[name], val=r, blank=rb, train_s=train_s, eval_s=round(eval_s),
                steps=p["steps"], seed=seed)
     done.write_text(json.dumps(res, indent=1))
     print(name, json.dumps({k: round(v, 4) for k, v in r.items()}), flush=True)
@@ -154,7 +155,8 @@ def report(out: Path, p: dict) -> None:
           f"edge midpoints as keypoints kpt_AP {base['kpt_AP']:.4f}")
     print("\n| run | train min | eval min (val) |\n|---|---:|---:|")
     for n, r in table.items():
-        print(f"| {n} ({r['tasks']}) | {r['train_s'] / 60:.1f} | {r['eval_s'] / 60:.1f} |")
+        train = "–" if r["train_s"] is None else f"{r['train_s'] / 60:.1f}"
+        print(f"| {n} ({r['tasks']}) | {train} | {r['eval_s'] / 60:.1f} |")
 
 
 def main() -> None:

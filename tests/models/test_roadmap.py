@@ -214,7 +214,6 @@ def test_width_mult_narrows_every_step_alike(index):
         narrow = maskconv.create_model(step_model_name(index), width_mult=0.25)
     base = step_kwargs(index).get("width", 64)
     assert narrow.dims == [d * round(base / 4) // base for d in full.dims]
-    assert type(narrow.stages[0].blocks[0]) is type(full.stages[0].blocks[0])
     assert [n for n, _ in narrow.named_modules()] == [n for n, _ in full.named_modules()]
 
 

@@ -184,7 +184,7 @@ def _start(cfg, task: str, o: DenseOptions, categories: list[str], category_ids:
     from ..models import architecture_kwargs
 
     out = Path(cfg.run.out)
-    kw = architecture_kwargs(cfg.model.name, cfg.model.stem_stride or None, cfg.model.width_mult)
+    kw = architecture_kwargs(cfg.model.name, cfg.model.stem_stride, cfg.model.width_mult)
     meta = {"task": task, "backbone": cfg.model.name, "backbone_kwargs": kw, "img_size": cfg.data.img_size,
             "in_chans": cfg.model.in_chans, "options": asdict(o), "categories": categories,
             "category_ids": category_ids}

@@ -190,7 +190,7 @@ def run_pix2seq_train(cfg, o: Pix2SeqOptions | None = None, val: str | None = No
     ts = build_taskset(o, size, words, data.keypoint_names)
     weights = task_weights(tasks, o.task_weights)
     out = Path(cfg.run.out)
-    enc_kw = architecture_kwargs(cfg.model.name, cfg.model.stem_stride or None, cfg.model.width_mult)
+    enc_kw = architecture_kwargs(cfg.model.name, cfg.model.stem_stride, cfg.model.width_mult)
     meta = {"backbone": cfg.model.name, "backbone_kwargs": enc_kw, "img_size": size, "in_chans": in_chans,
             "options": asdict(o),
             "categories": data.category_names, "category_ids": data.orig_category_ids}

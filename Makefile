@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m maskconv demo --out demo_out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

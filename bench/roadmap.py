@@ -86,27 +86,36 @@ def _train(index: int, seed: int, a) -> dict:
     return result
 
 
+def _compare(acc: dict[int, list[float]], i: int, p: int, paper: float | None, change: str) -> dict:
+    """Step ``i`` against step ``p``: the paper's change in top-1, ours (mean over seeds) with its standard error,
+    and the verdict: 'agrees' / 'disagrees' when ours is beyond 2 standard errors, else 'within noise'."""
+    ours = statistics.fmean(acc[i]) - statistics.fmean(acc[p])
+    n_i, n_p = len(acc[i]), len(acc[p])
+    se = math.sqrt((statistics.variance(acc[i]) / n_i if n_i > 1 else 0.0)
+                   + (statistics.variance(acc[p]) / n_p if n_p > 1 else 0.0))
+    if paper is None or min(n_i, n_p) < 2:
+        verdict = "n/a" if paper is None else "one seed"
+    elif abs(ours) <= 2 * se:
+        verdict = "within noise"
+    else:
+        verdict = "agrees" if paper != 0 and (ours > 0) == (paper > 0) else "disagrees"
+    return dict(step=i, parent=p, change=change, paper_delta=paper, ours_delta=round(ours, 2), se=round(se, 2),
+                verdict=verdict)
+
+
 def _directions(acc: dict[int, list[float]]) -> list[dict]:
-    """Per step: the paper's change in top-1 against its parent step, ours (mean over seeds) with its standard
-    error, and the verdict: 'agrees' / 'disagrees' when ours is beyond 2 standard errors, else 'within noise'."""
+    """Per step, its comparison with the step it modifies (``_compare``); last, the whole road (step 0 -> the
+    last step) where both were trained."""
     out = []
     for i, step in enumerate(ROADMAP):
         p = step.parent
         if p is None or i not in acc or p not in acc:
             continue
         paper = None if step.top1 is None or ROADMAP[p].top1 is None else round(step.top1 - ROADMAP[p].top1, 1)
-        ours = statistics.fmean(acc[i]) - statistics.fmean(acc[p])
-        n_i, n_p = len(acc[i]), len(acc[p])
-        se = math.sqrt((statistics.variance(acc[i]) / n_i if n_i > 1 else 0.0)
-                       + (statistics.variance(acc[p]) / n_p if n_p > 1 else 0.0))
-        if paper is None or min(n_i, n_p) < 2:
-            verdict = "n/a" if paper is None else "one seed"
-        elif abs(ours) <= 2 * se:
-            verdict = "within noise"
-        else:
-            verdict = "agrees" if paper != 0 and (ours > 0) == (paper > 0) else "disagrees"
-        out.append(dict(step=i, change=step.change, paper_delta=paper, ours_delta=round(ours, 2), se=round(se, 2),
-                        verdict=verdict))
+        out.append(_compare(acc, i, p, paper, step.change))
+    last = len(ROADMAP) - 1
+    if 0 in acc and last in acc:
+        out.append(_compare(acc, last, 0, round(ROADMAP[last].top1 - ROADMAP[0].top1, 1), "the whole road"))
     return out
 
 
@@ -151,10 +160,10 @@ def main() -> None:
         m, s = statistics.fmean(acc[i]), (statistics.stdev(acc[i]) if len(acc[i]) > 1 else 0.0)
         paper = ROADMAP[i].top1
         print(f"| {i} | {ROADMAP[i].change} | {'' if paper is None else paper} | {m:.2f} ± {s:.2f} |")
-    print("\n| # | change | paper Δ | ours Δ ± s.e. | verdict |\n|---|---|---|---|---|")
+    print("\n| steps | change | paper Δ | ours Δ ± s.e. | verdict |\n|---|---|---|---|---|")
     for d in dirs:
         pd = "" if d["paper_delta"] is None else f"{d['paper_delta']:+.1f}"
-        print(f"| {d['step']} | {d['change']} | {pd} | {d['ours_delta']:+.2f} ± {d['se']:.2f} | {d['verdict']} |")
+        print(f"| {d['parent']} → {d['step']} | {d['change']} | {pd} | {d['ours_delta']:+.2f} ± {d['se']:.2f} | {d['verdict']} |")
     print(f"\nwrote {fig} and {out / 'results.json'}")
 
 
